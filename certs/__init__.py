@@ -1,0 +1,1 @@
+"""tlsproxy certificates: storage, local CA, ACME, selection by name. Never imports proxy/."""

@@ -1,0 +1,1 @@
+"""tlsproxy: the proxy side (listeners, TLS termination, HTTP forwarding, workers)."""
