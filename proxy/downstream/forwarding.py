@@ -1,0 +1,253 @@
+"""Pure header rewriting between client and upstream: hop-by-hop headers out, forwarding in.
+
+Hop-by-hop headers (RFC 9110 7.6.1) describe one connection and must not cross the proxy:
+Connection and every name it lists, Keep-Alive, Proxy-* (and the bare "Proxy" header, so an app
+never sees it as HTTP_PROXY: "httpoxy"), TE (only "trailers" is forwarded), Trailer (this proxy
+drops trailers in both directions), Upgrade outside an upgrade. Content-Length and
+Transfer-Encoding: chunked stay on the request: the data path re-sends the body with the framing
+h11 already validated.
+
+Forwarding headers are set from what this proxy saw. A client that is not a trusted proxy cannot
+inject them: X-Forwarded-For/-Proto/-Host and Forwarded are replaced. From a trusted proxy they
+are kept: X-Forwarded-For and Forwarded (lists by definition) get our hop appended, while
+X-Forwarded-Proto and X-Forwarded-Host keep the single value that proxy set (the original
+client's view; apps such as uvicorn read them as one value, a list would break them) and are
+only added when missing.
+
+The hot path is `request_head`: one dict lookup per header, one bytes join per request, and the
+per-client forwarding lines cached.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+from collections.abc import Iterable, Sequence
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# What to do with a request header by (lowercased) name; names not listed are forwarded.
+_DROP = 1
+_TE = 2
+_UPGRADE = 3
+_CONNECTION = 4
+_XFF = 5
+_XFPROTO = 6
+_XFHOST = 7
+_FORWARDED = 8
+_HOP_BY_HOP: dict[bytes, int] = {
+    b"connection": _CONNECTION,
+    b"keep-alive": _DROP,
+    b"proxy": _DROP,
+    b"proxy-connection": _DROP,
+    b"proxy-authenticate": _DROP,
+    b"proxy-authorization": _DROP,
+    b"te": _DROP,
+    b"trailer": _DROP,
+    b"upgrade": _UPGRADE,
+}
+_REQUEST_ACTIONS: dict[bytes, int] = {
+    **_HOP_BY_HOP,
+    b"te": _TE,
+    b"x-forwarded-for": _XFF,
+    b"x-forwarded-proto": _XFPROTO,
+    b"x-forwarded-host": _XFHOST,
+    b"forwarded": _FORWARDED,
+}
+# Transfer-Encoding leaves the response: the client side frames the body itself.
+_RESPONSE_ACTIONS: dict[bytes, int] = {**_HOP_BY_HOP, b"transfer-encoding": _DROP}
+# Connection options that never name another header (or name one already dropped): seeing
+# only these spares a second pass over the headers.
+_HARMLESS_OPTIONS = frozenset(
+    (b"", b"close", b"keep-alive", b"upgrade", b"te", b"trailer", b"proxy-connection")
+)
+# Names that must survive a Connection listing anyway: the framing the data path relies on, and
+# the Host h11 required. A client listing them is trying to smuggle; we keep the message intact.
+_PROTECTED = frozenset((b"host", b"content-length", b"transfer-encoding"))
+_TE_LINES = b"te: trailers\r\nconnection: te\r\n"
+_TE_UPGRADE_LINES = b"te: trailers\r\nconnection: te, upgrade\r\n"
+_TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+class TrustedProxies:
+    """The addresses whose forwarding headers are believed (config's `trusted_proxies`)."""
+
+    __slots__ = ("_networks", "contains")
+
+    def __init__(self, networks: Iterable[IPNetwork | str] = ()) -> None:
+        self._networks = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
+        if self._networks:
+            # Peers reconnect from the same few addresses: the answer is cached per address.
+            self.contains = functools.lru_cache(maxsize=4096)(self._contains)
+        else:
+            self.contains = _never
+
+    def __bool__(self) -> bool:
+        return bool(self._networks)
+
+    def _contains(self, addr: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:  # not an IP (a unix socket peer, an empty string): not trusted
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # a dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d
+        return any(ip in net for net in self._networks)
+
+
+def _never(addr: str) -> bool:
+    return False
+
+
+def _connection_options(values: list[bytes]) -> set[bytes]:
+    options: set[bytes] = set()
+    for value in values:
+        for option in value.split(b","):
+            options.add(option.strip().lower())
+    return options
+
+
+def _accepts_trailers(te: bytes) -> bool:
+    if b"trailers" not in te.lower():  # the usual TE is absent or "gzip": no parsing needed
+        return False
+    return any(c.split(b";")[0].strip().lower() == b"trailers" for c in te.split(b","))
+
+
+def _quote(value: bytes) -> bytes:
+    """An RFC 7239 value: a token as is, anything else as a quoted-string."""
+    if value and _TCHAR.issuperset(value):
+        return value
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+@functools.lru_cache(maxsize=4096)
+def _node(client_ip: str) -> tuple[bytes, bytes]:
+    """(X-Forwarded-For value, Forwarded `for=` value) for a client address."""
+    ip = client_ip.encode("ascii", "replace")
+    if b":" in ip:  # IPv6: RFC 7239 6 wants it bracketed and quoted
+        return ip, b'"[' + ip + b']"'
+    return ip, _quote(ip)
+
+
+@functools.lru_cache(maxsize=4096)
+def _replacement_lines(client_ip: str, host: bytes) -> bytes:
+    """The four forwarding header lines for an untrusted client (the common case)."""
+    xff, node = _node(client_ip)
+    return (
+        b"x-forwarded-for: " + xff + b"\r\n"
+        b"x-forwarded-proto: https\r\n"
+        b"x-forwarded-host: " + host + b"\r\n"
+        b"forwarded: for=" + node + b";proto=https;host=" + _quote(host) + b"\r\n"
+    )
+
+
+def request_head(
+    method: bytes,
+    target: bytes,
+    headers: Sequence[tuple[bytes, bytes]],
+    *,
+    client_ip: str,
+    host: bytes,
+    trusted: TrustedProxies,
+    upgrade: bool,
+) -> bytes:
+    """The complete HTTP/1.1 request head to write to the upstream, ending with CRLF CRLF.
+
+    `headers` are h11's (lowercased names, validated values); `host` is the request's Host
+    value (for X-Forwarded-Host and Forwarded host=); `upgrade` keeps Upgrade with
+    "Connection: upgrade".
+    """
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    append = parts.append
+    actions = _REQUEST_ACTIONS
+    connection: list[bytes] | None = None
+    forwarding: list[tuple[int, bytes]] | None = None
+    te_trailers = False
+    for name, value in headers:
+        action = actions.get(name)
+        if action is None:
+            if name.startswith(b"proxy-"):
+                continue
+            append(name + b": " + value + b"\r\n")
+        elif action == _CONNECTION:
+            if connection is None:
+                connection = []
+            connection.append(value)
+        elif action == _UPGRADE:
+            if upgrade:
+                append(b"upgrade: " + value + b"\r\n")
+        elif action == _TE:
+            te_trailers = te_trailers or _accepts_trailers(value)
+        elif action != _DROP:
+            if forwarding is None:
+                forwarding = []
+            forwarding.append((action, value))
+
+    if connection is not None:
+        options = _connection_options(connection)
+        listed = options - _HARMLESS_OPTIONS - _PROTECTED
+        if listed:
+            # Names the client declared hop-by-hop: drop them from what was kept. The lines
+            # start with the lowercased name, so a prefix test finds them.
+            prefixes = tuple(name + b":" for name in listed)
+            parts[4:] = [line for line in parts[4:] if not line.startswith(prefixes)]
+
+    if te_trailers:  # RFC 9110 10.1.4: a sender of TE also sends the "TE" connection option
+        append(_TE_UPGRADE_LINES if upgrade else _TE_LINES)
+    elif upgrade:
+        append(b"connection: upgrade\r\n")
+
+    if forwarding is not None and trusted.contains(client_ip):
+        append(_appended_lines(forwarding, client_ip, host))
+    else:
+        append(_replacement_lines(client_ip, host))
+    append(b"\r\n")
+    return b"".join(parts)
+
+
+def _appended_lines(forwarding: list[tuple[int, bytes]], client_ip: str, host: bytes) -> bytes:
+    """Forwarding lines for a trusted proxy: its chain kept, our hop appended."""
+    xff_in = [v for a, v in forwarding if a == _XFF]
+    fwd_in = [v for a, v in forwarding if a == _FORWARDED]
+    proto = next((v for a, v in forwarding if a == _XFPROTO), b"https")
+    fwd_host = next((v for a, v in forwarding if a == _XFHOST), host)
+    xff, node = _node(client_ip)
+    element = b"for=" + node + b";proto=https;host=" + _quote(host)
+    return (
+        b"x-forwarded-for: " + b", ".join([*xff_in, xff]) + b"\r\n"
+        b"x-forwarded-proto: " + proto + b"\r\n"
+        b"x-forwarded-host: " + fwd_host + b"\r\n"
+        b"forwarded: " + b", ".join([*fwd_in, element]) + b"\r\n"
+    )
+
+
+def response_headers(
+    headers: Sequence[tuple[bytes, bytes]], *, upgrade: bool = False
+) -> list[tuple[bytes, bytes]]:
+    """The upstream response's headers to pass to the client, hop-by-hop headers removed.
+
+    Transfer-Encoding goes too (the client side frames the body); Content-Length stays. With
+    `upgrade` (a 101 being relayed) Upgrade is kept and ("connection", "upgrade") is added, as
+    RFC 6455 clients require it on the 101.
+    """
+    out: list[tuple[bytes, bytes]] = []
+    actions = _RESPONSE_ACTIONS
+    connection: list[bytes] | None = None
+    for name, value in headers:
+        action = actions.get(name)
+        if action is None:
+            if not name.startswith(b"proxy-"):
+                out.append((name, value))
+        elif action == _CONNECTION:
+            if connection is None:
+                connection = []
+            connection.append(value)
+        elif action == _UPGRADE and upgrade:
+            out.append((name, value))
+    if connection is not None:
+        listed = _connection_options(connection) - _HARMLESS_OPTIONS - _PROTECTED
+        if listed:
+            out = [(n, v) for n, v in out if n not in listed]
+    if upgrade:
+        out.append((b"connection", b"upgrade"))
+    return out

@@ -1,0 +1,234 @@
+"""The protocol of every plain `http` listener: a 308 to https, and the ACME http-01 responder.
+
+h11 parses each request; the answers are the canned bytes of `responses`. After each answer the
+h11 connection is replaced by a fresh one fed with whatever the client already pipelined, which
+is all the keep-alive state a server that never reads a body needs. A request that carries a
+body gets its answer and the connection closes: nobody posts to a redirect on purpose, and not
+reading the body leaves the stream unusable.
+
+Timers (one at a time): the request head must arrive within `header_read_timeout` (from the
+connection start, or from its first byte on a kept-alive connection), and a kept-alive
+connection may sit idle for `idle_timeout`. A head that times out after some bytes gets a 408;
+a connection that never sent anything is closed silently (browsers pre-connect).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Protocol
+
+import h11
+
+from proxy.downstream.responses import (
+    error_response,
+    https_location,
+    plain_response,
+    redirect_response,
+)
+from proxy.logs import log
+
+ACME_PREFIX = b"/.well-known/acme-challenge/"
+_TOKEN_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+_STATUS_HINTS = frozenset((400, 413, 431))
+
+
+class RedirectLimits(Protocol):
+    header_read_timeout: float
+    idle_timeout: float
+    max_header_bytes: int
+
+
+AcmeResponder = Callable[[str], "str | None"]
+
+
+class RedirectProtocol(asyncio.Protocol):
+    def __init__(
+        self, https_port: int, acme_responder: AcmeResponder | None, limits: RedirectLimits
+    ) -> None:
+        self._https_port = https_port
+        self._acme = acme_responder
+        self._limits = limits
+        self._transport: asyncio.Transport | None = None
+        self._conn = self._new_conn()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_is_idle = False
+        self._receiving = False  # some bytes of the current request head have arrived
+        self._paused = False  # the transport's write buffer is full: stop answering
+        self._closing = False
+
+    def _new_conn(self) -> h11.Connection:
+        return h11.Connection(h11.SERVER, max_incomplete_event_size=self._limits.max_header_bytes)
+
+    # --- asyncio callbacks ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._arm(self._limits.header_read_timeout, self._on_header_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            self._conn.receive_data(data)
+            if not self._receiving:
+                self._receiving = True
+                if self._timer is not None and self._timer_is_idle:
+                    self._arm(self._limits.header_read_timeout, self._on_header_timeout)
+            self._process()
+        except Exception:
+            log.exception("http listener: unexpected error, closing the connection")
+            self._abort()
+
+    def eof_received(self) -> bool:
+        if self._closing:
+            return False
+        try:
+            self._conn.receive_data(b"")
+            self._process()
+        except Exception:
+            log.exception("http listener: unexpected error, closing the connection")
+            self._abort()
+        return False  # complete requests were answered already; the transport closes
+
+    def pause_writing(self) -> None:
+        # The client pipelines faster than it reads answers: stop reading until it catches up.
+        self._paused = True
+        if self._transport is not None and not self._closing:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._transport is None or self._closing:
+            return
+        self._transport.resume_reading()
+        try:
+            self._process()
+        except Exception:
+            log.exception("http listener: unexpected error, closing the connection")
+            self._abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._cancel_timer()
+        self._transport = None
+
+    # --- request handling -------------------------------------------------------------------
+
+    def _process(self) -> None:
+        while not self._closing and not self._paused:
+            try:
+                event = self._conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint if exc.error_status_hint in _STATUS_HINTS else 400
+                self._finish(error_response(status, close=True), close=True)
+                return
+            if event is h11.NEED_DATA:
+                return
+            if isinstance(event, h11.Request):
+                self._answer(event)
+            elif isinstance(event, h11.EndOfMessage):
+                self._next_cycle()
+            elif isinstance(event, h11.ConnectionClosed):
+                self._finish(b"", close=True)
+                return
+            # Data never arrives: requests with a body close the connection in _answer.
+
+    def _answer(self, request: h11.Request) -> None:
+        close = request.http_version != b"1.1"
+        has_body = False
+        host: bytes | None = None
+        for name, value in request.headers:
+            if name == b"host":
+                host = value
+            elif name == b"connection":
+                close = close or b"close" in value.lower()
+            elif name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+                has_body = True
+        close = close or has_body
+        head = request.method == b"HEAD"
+        if head or request.method == b"GET":
+            if request.target.startswith(ACME_PREFIX):
+                self._finish(self._challenge(request.target, head, close), close)
+                return
+        location = https_location(host, request.target, self._https_port)
+        if location is None:
+            self._finish(error_response(400, close=True, head=head), close=True)
+            return
+        self._finish(redirect_response(location, close=close), close)
+
+    def _challenge(self, target: bytes, head: bool, close: bool) -> bytes:
+        token = target[len(ACME_PREFIX) :]
+        if self._acme is None or not token or not _TOKEN_CHARS.issuperset(token):
+            return error_response(404, close=close, head=head)
+        try:
+            key_authorization = self._acme(token.decode("ascii"))
+        except Exception:
+            log.exception("http-01 responder failed for token %s", token.decode("ascii"))
+            return error_response(500, close=close, head=head)
+        if key_authorization is None:
+            return error_response(404, close=close, head=head)
+        return plain_response(200, key_authorization.encode("ascii"), close=close, head=head)
+
+    def _finish(self, response: bytes, close: bool) -> None:
+        """Write one answer; on `close`, end the connection after it."""
+        transport = self._transport
+        if transport is None:
+            return
+        if response:
+            transport.write(response)
+        if close:
+            self._closing = True
+            self._cancel_timer()
+            transport.close()
+
+    def _next_cycle(self) -> None:
+        """The request was answered: start afresh on what the client already pipelined."""
+        data, closed = self._conn.trailing_data
+        self._conn = self._new_conn()
+        if data:
+            self._conn.receive_data(data)
+        if closed:
+            self._conn.receive_data(b"")
+        self._receiving = bool(data)
+        if data:
+            self._arm(self._limits.header_read_timeout, self._on_header_timeout)
+        else:
+            self._arm(self._limits.idle_timeout, self._on_idle_timeout, idle=True)
+
+    # --- timers -----------------------------------------------------------------------------
+
+    def _arm(self, delay: float, callback: Callable[[], None], *, idle: bool = False) -> None:
+        self._cancel_timer()
+        self._timer_is_idle = idle
+        self._timer = asyncio.get_running_loop().call_later(delay, callback)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_header_timeout(self) -> None:
+        self._timer = None
+        if self._closing or self._transport is None:
+            return
+        if self._receiving and not self._paused:
+            self._finish(error_response(408, close=True), close=True)
+        else:
+            self._abort()
+
+    def _on_idle_timeout(self) -> None:
+        self._timer = None
+        if self._closing or self._transport is None:
+            return
+        if self._paused:  # a client that does not read would hold a graceful close open
+            self._abort()
+        else:
+            self._finish(b"", close=True)
+
+    def _abort(self) -> None:
+        self._closing = True
+        self._cancel_timer()
+        if self._transport is not None:
+            self._transport.abort()
