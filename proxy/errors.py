@@ -28,4 +28,9 @@ class UpstreamError(ProxyError):
 
 
 class StartupError(ProxyError):
-    """The proxy cannot start (a port in use, a prestart step failed); exit 2 with this line."""
+    """The proxy cannot start: a port already taken (exit 1), a prestart step that failed
+    (exit 2, like a bad config: the deployment itself is wrong). One line, said once."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

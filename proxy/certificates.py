@@ -1,0 +1,70 @@
+"""The proxy's side of certificates: what each site asks of `certs/`, in certs' own terms.
+
+`certs/` never imports the proxy's config, so this module translates sites and the [acme] table
+into `CertSpec`s and `AcmeSettings`, and builds the managers the server and the CLI use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from certs.models import CertSpec
+from proxy.config import AcmeConfig, Config, TlsFiles
+
+
+def cert_specs(config: Config) -> list[CertSpec]:
+    specs = []
+    for site in config.sites:
+        if isinstance(site.tls, TlsFiles):
+            specs.append(
+                CertSpec(
+                    name=site.name,
+                    hosts=site.hosts,
+                    source="files",
+                    cert_file=site.tls.cert,
+                    key_file=site.tls.key,
+                )
+            )
+        else:
+            specs.append(
+                CertSpec(
+                    name=site.name, hosts=site.hosts, source=site.tls, challenge=site.challenge
+                )
+            )
+    return specs
+
+
+def default_cert_name(config: Config) -> str | None:
+    """The spec whose certificate answers clients without SNI or with an unknown name."""
+    if config.server.default_site is None:
+        return None
+    site = config.site_by_host(config.server.default_site)
+    return site.name if site else None
+
+
+def uses_acme(config: Config) -> bool:
+    return any(site.tls == "acme" for site in config.sites)
+
+
+def acme_settings(acme: AcmeConfig):  # -> certs.issuers.acme.AcmeSettings
+    from certs.issuers.acme import AcmeSettings, DnsUpdateSettings
+
+    dns = None
+    if acme.dns is not None:
+        dns = DnsUpdateSettings(
+            server_host=acme.dns.server.host,
+            server_port=acme.dns.server.port,
+            tsig_key_file=Path(acme.dns.tsig_key),
+            zone=acme.dns.zone,
+            propagation_timeout=acme.dns.propagation_timeout,
+        )
+    return AcmeSettings(
+        directory=acme.directory,
+        email=acme.email,
+        default_challenge=acme.challenge,
+        ca_bundle=acme.ca_bundle,
+        eab_kid=acme.eab_kid,
+        eab_hmac_key=acme.eab_hmac_key,
+        profile=acme.profile,
+        dns=dns,
+    )

@@ -1,0 +1,181 @@
+"""`tlsproxy` / `python -m proxy`: run, check, ca, certs, status.
+
+Exit status: 0 on success; 2 on a bad config or a file it names, with one line on stderr that
+names the key or file; 1 when the proxy cannot start for another reason (a port already taken).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from proxy.config import Config, load_config
+from proxy.errors import ConfigError, StartupError
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+DESCRIPTION = """\
+A TLS-terminating reverse proxy for Python web apps. It owns the https port, picks each
+connection's certificate by SNI (from files, a built-in local CA or ACME), and forwards
+HTTP/1.1 to your app's workers over pooled keep-alive connections."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tlsproxy", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("-c", "--config", required=True, metavar="FILE", help="the TOML config file")
+        return p
+
+    run = add(
+        "run",
+        "run in the foreground until SIGTERM/SIGINT (graceful drain); SIGHUP reloads the config "
+        "and certificates without dropping open connections",
+    )
+    run.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="event loop (default: uvloop; asyncio is the standard library's)",
+    )
+    run.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        help="override server.log_level (debug shows one line per TLS handshake)",
+    )
+    add("check", "validate the config and every file it names; print what would run")
+    add("ca", "print the local CA's root certificate (PEM), creating the CA if missing")
+    add("certs", "one line per managed certificate: hosts, issuer, not-after, next renewal, error")
+    add(
+        "status", "the supervised app workers of a running proxy: pid, state, uptime, requests, RSS"
+    )
+    return parser
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"tlsproxy: error: {message}", file=sys.stderr)
+    return code
+
+
+def _load(path: str) -> Config:
+    return load_config(path)
+
+
+def cmd_check(config: Config) -> int:
+    from proxy.server import check_config
+
+    check_config(config)
+    s = config.server
+    print(f"config {config.source}: OK")
+    print(f"  https: {', '.join(str(a) for a in s.https)}")
+    plain = ", ".join(str(a) for a in s.http) or "(none)"
+    print(f"  http:  {plain} (redirect to https, ACME http-01)")
+    print(f"  data_dir: {s.data_dir}")
+    if s.default_site:
+        print(
+            f"  default_site: {s.default_site} (answers clients without SNI or with unknown names)"
+        )
+    for site in config.sites:
+        tls = site.tls if isinstance(site.tls, str) else f"files {site.tls.cert}"
+        print(f"  site {', '.join(site.hosts)}: tls={tls} -> upstream {site.upstream}")
+    for name, up in config.upstreams.items():
+        if up.command:
+            what = f"{up.workers} worker(s): {up.command}"
+            if up.prestart:
+                what += f"; prestart: {' && '.join(up.prestart)}"
+        else:
+            what = ", ".join(str(server) for server in up.servers)
+        print(f"  upstream {name}: {what} (balance {up.balance})")
+    return EXIT_OK
+
+
+def cmd_ca(config: Config) -> int:
+    from certs.manager import CertificateManager
+    from proxy.tls import server_context
+
+    manager = CertificateManager(config.server.data_dir, server_context)
+    sys.stdout.write(manager.local_ca_root_pem().decode("ascii"))
+    return EXIT_OK
+
+
+def _when(moment: datetime | None) -> str:
+    if moment is None:
+        return "-"
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def cmd_certs(config: Config) -> int:
+    from certs.manager import CertificateManager
+    from proxy.certificates import acme_settings, cert_specs
+    from proxy.tls import server_context
+
+    specs = cert_specs(config)
+    manager = CertificateManager(config.server.data_dir, server_context)
+    statuses = manager.status([s for s in specs if s.source != "acme"])
+    acme_specs = [s for s in specs if s.source == "acme"]
+    if acme_specs and config.acme is not None:
+        from certs.acme_manager import AcmeManager
+        from certs.challenges.http01 import Http01Responder
+
+        acme = AcmeManager(
+            config.server.data_dir, acme_settings(config.acme), server_context, Http01Responder()
+        )
+        statuses += acme.status(acme_specs)
+    for st in statuses:
+        print(
+            f"{','.join(st.hosts)}  source={st.source}  issuer={st.issuer or '-'}  "
+            f"not_after={_when(st.not_after)}  next_renewal={_when(st.next_renewal)}"
+            f" ({st.renewal_reason})  last_error={st.last_error or '-'}"
+        )
+    return EXIT_OK
+
+
+def cmd_status(config: Config) -> int:
+    from proxy.workers.status import format_status
+
+    print(format_status(config.server.data_dir / "status.json"))
+    return EXIT_OK
+
+
+def cmd_run(config: Config, loop_kind: str, log_level: str | None) -> int:
+    from dataclasses import replace
+
+    from proxy.server import run_server
+
+    if log_level:
+        config = replace(config, server=replace(config.server, log_level=log_level))  # type: ignore[arg-type]
+    if loop_kind == "uvloop":
+        import uvloop
+
+        return uvloop.run(run_server(config))
+    return asyncio.run(run_server(config))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = _load(args.config)
+        if args.command == "check":
+            return cmd_check(config)
+        if args.command == "ca":
+            return cmd_ca(config)
+        if args.command == "certs":
+            return cmd_certs(config)
+        if args.command == "status":
+            return cmd_status(config)
+        return cmd_run(config, args.loop, args.log_level)
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_CONFIG)
+    except StartupError as exc:
+        return _fail(str(exc), getattr(exc, "exit_code", EXIT_FAILURE))
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Listening sockets and the accept loop.
+
+The https listeners accept connections themselves (instead of `loop.create_server`) so that the
+`max_connections` limit applies at accept time: a connection over the limit is closed before any
+TLS work is spent on it, and handshakes in progress count as connections. Each accepted socket is
+then handed to `loop.connect_accepted_socket(..., ssl=...)`, which runs the handshake with the
+selector's SNI callback and, once it is done, starts the HTTP protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+
+from proxy.config import Address
+from proxy.errors import StartupError
+from proxy.logs import log, tls_log
+from proxy.tls import log_handshake
+
+# How many connections one wake-up of the accept loop takes before yielding to the event loop:
+# big enough to clear a burst, small enough that requests in flight are not starved.
+ACCEPT_BATCH = 64
+
+
+def bind_socket(address: Address) -> socket.socket:
+    """A listening, non-blocking TCP socket; errors become one clear StartupError line."""
+    try:
+        infos = socket.getaddrinfo(
+            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot listen on {address}: {exc.strerror}") from None
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # "[::]:443" should mean IPv6 only, so that "0.0.0.0:443" can be listed beside it.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        hint = (
+            " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+            if exc.errno == errno.EACCES
+            else ""
+        )
+        raise StartupError(f"cannot listen on {address}: {exc.strerror}{hint}") from None
+    return sock
+
+
+class ConnectionRegistry:
+    """Every live client connection, to enforce max_connections and to drain on shutdown.
+    `pending` counts handshakes in progress, `protocols` the connections that completed one."""
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.protocols: set = set()
+        self.idle_event = asyncio.Event()
+        self.idle_event.set()
+
+    @property
+    def count(self) -> int:
+        return self.pending + len(self.protocols)
+
+    def _update_idle(self) -> None:
+        if self.count == 0:
+            self.idle_event.set()
+        else:
+            self.idle_event.clear()
+
+    def handshake_started(self) -> None:
+        self.pending += 1
+        self.idle_event.clear()
+
+    def handshake_ended(self) -> None:
+        self.pending -= 1
+        self._update_idle()
+
+    def add(self, protocol: object) -> None:
+        self.protocols.add(protocol)
+        self.idle_event.clear()
+
+    def discard(self, protocol: object) -> None:
+        self.protocols.discard(protocol)
+        self._update_idle()
+
+
+class HttpsListener:
+    """One TLS listening socket with its own accept loop."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        ssl_context: ssl.SSLContext,
+        protocol_factory: Callable[[], asyncio.Protocol],
+        registry: ConnectionRegistry,
+        handshake_timeout: Callable[[], float],
+        max_connections: Callable[[], int],
+    ) -> None:
+        self.sock = sock
+        self.ssl_context = ssl_context
+        self.protocol_factory = protocol_factory
+        self.registry = registry
+        self.handshake_timeout = handshake_timeout
+        self.max_connections = max_connections
+        self.loop = asyncio.get_running_loop()
+        self.tasks: set[asyncio.Task] = set()
+        self.accepting = False
+        self.address = sock.getsockname()
+
+    def start(self) -> None:
+        self.loop.add_reader(self.sock.fileno(), self._on_readable)
+        self.accepting = True
+
+    def stop_accepting(self) -> None:
+        if self.accepting:
+            self.loop.remove_reader(self.sock.fileno())
+            self.accepting = False
+        self.sock.close()
+
+    def _pause_accepting(self, seconds: float) -> None:
+        # Out of file descriptors: accept() would fail again at once, spinning the loop.
+        self.loop.remove_reader(self.sock.fileno())
+        self.loop.call_later(seconds, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        if self.accepting:
+            self.loop.add_reader(self.sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        limit = self.max_connections()
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, peer = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("accept failed (%s): pausing this listener for 1 s", exc.strerror)
+                    self._pause_accepting(1.0)
+                # ECONNABORTED and friends: that one client gave up; keep going.
+                return
+            if self.registry.count >= limit:
+                # Closing at once costs almost nothing and keeps the process responsive.
+                conn.close()
+                if tls_log.isEnabledFor(logging.DEBUG):
+                    tls_log.debug("%s: refused, max_connections=%d reached", peer, limit)
+                continue
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.registry.handshake_started()
+            task = self.loop.create_task(self._handshake(conn, peer))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _handshake(self, conn: socket.socket, peer: object) -> None:
+        try:
+            transport, _ = await self.loop.connect_accepted_socket(
+                self.protocol_factory,
+                conn,
+                ssl=self.ssl_context,
+                ssl_handshake_timeout=self.handshake_timeout(),
+            )
+        except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
+            conn.close()
+            if tls_log.isEnabledFor(logging.DEBUG):
+                tls_log.debug("%s: handshake failed: %s", _peer_text(peer), _reason(exc, conn))
+        except Exception:
+            conn.close()
+            log.exception("%s: unexpected error during the TLS handshake", _peer_text(peer))
+        else:
+            log_handshake(transport.get_extra_info("ssl_object"), _peer_text(peer))
+        finally:
+            self.registry.handshake_ended()
+
+
+def _peer_text(peer: object) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peer)
+
+
+def _reason(exc: BaseException, _conn: socket.socket) -> str:
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return "timed out (handshake_timeout)"
+    text = str(exc) or type(exc).__name__
+    return text
+
+
+async def close_plain_server(server: asyncio.base_events.Server) -> None:
+    server.close()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(server.wait_closed(), 1.0)

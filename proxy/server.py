@@ -1,0 +1,319 @@
+"""The proxy's lifecycle: start-up, serving, SIGHUP reload, SIGTERM drain.
+
+start-up: config and every file it names are checked before any socket is bound; certificates
+are loaded (the local CA issues what is missing); listeners bound; background tasks started.
+SIGHUP: the config is read again. If it is good, new connections get the new sites, upstreams and
+certificates, while open connections finish with what they started with; if it is bad, the error
+is logged and the running config stays. SIGTERM/SIGINT: stop accepting, let in-flight requests
+finish within shutdown_grace, close the rest, exit 0. A second SIGINT exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from certs.errors import CertError
+from certs.manager import CertificateManager
+from proxy.certificates import acme_settings, cert_specs, default_cert_name, uses_acme
+from proxy.config import Config, load_config
+from proxy.downstream.connection import DownstreamProtocol
+from proxy.downstream.redirect import RedirectProtocol
+from proxy.errors import ConfigError, StartupError
+from proxy.listeners import ConnectionRegistry, HttpsListener, bind_socket, close_plain_server
+from proxy.logs import AccessLog, log, setup_logging
+from proxy.state import ProxyState
+from proxy.tls import CertificateSelector, server_context
+
+
+def check_config(config: Config) -> None:
+    """Everything `tlsproxy check` and start-up verify beyond the TOML itself: the files named,
+    the data directory, the ACME settings. Raises ConfigError naming the key at fault."""
+    manager = CertificateManager(config.server.data_dir, server_context)
+    specs = cert_specs(config)
+    try:
+        manager.validate(specs)
+    except CertError as exc:
+        raise ConfigError(_key_of_cert_error(config, exc), str(exc)) from None
+    if config.acme is not None and uses_acme(config):
+        from certs.issuers.acme import validate_settings
+
+        try:
+            validate_settings(acme_settings(config.acme))
+        except CertError as exc:
+            raise ConfigError("acme", str(exc)) from None
+
+
+def _key_of_cert_error(config: Config, exc: CertError) -> str:
+    path = getattr(exc, "path", None)
+    for i, site in enumerate(config.sites):
+        tls = site.tls
+        if path is not None and not isinstance(tls, str):
+            if Path(path) == tls.cert:
+                return f"site[{i}].tls.cert"
+            if Path(path) == tls.key:
+                return f"site[{i}].tls.key"
+    return "server.data_dir" if path is not None and Path(path) == config.server.data_dir else "tls"
+
+
+class ProxyServer:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.config_path = config.source
+        self.registry = ConnectionRegistry()
+        self.access_log = AccessLog(config.server.access_log)
+        self.certs = CertificateManager(config.server.data_dir, server_context)
+        self.selector: CertificateSelector | None = None
+        self.state: ProxyState | None = None
+        self.https_listeners: list[HttpsListener] = []
+        self.plain_servers: list[asyncio.base_events.Server] = []
+        self.background: dict[str, asyncio.Task] = {}
+        self.http01 = None
+        self.stopping = asyncio.Event()
+        self.draining = False
+        self._reload_lock = asyncio.Lock()
+        self._sigint_count = 0
+
+    # --- start-up -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        config = self.config
+        check_config(config)
+        cache = await asyncio.to_thread(
+            self.certs.load, cert_specs(config), default_cert_name(config)
+        )
+        self.selector = CertificateSelector(cache)
+        self.state = ProxyState.build(config, self.access_log)
+        if uses_acme(config):
+            from certs.challenges.http01 import Http01Responder
+
+            self.http01 = Http01Responder()
+        await self._bind(config)
+        self._start_background(config)
+        for listener in self.https_listeners:
+            log.info("listening https://%s", _sockname(listener.address))
+        for server in self.plain_servers:
+            for sock in server.sockets:
+                log.info("listening http://%s (redirects to https)", _sockname(sock.getsockname()))
+
+    async def _bind(self, config: Config) -> None:
+        loop = asyncio.get_running_loop()
+        socks = []
+        try:
+            for address in config.server.https:
+                socks.append(("https", bind_socket(address)))
+            for address in config.server.http:
+                socks.append(("http", bind_socket(address)))
+        except StartupError:
+            for _, sock in socks:
+                sock.close()
+            raise
+        assert self.selector is not None
+        for kind, sock in socks:
+            if kind == "https":
+                listener = HttpsListener(
+                    sock,
+                    self.selector.context,
+                    self._new_downstream,
+                    self.registry,
+                    handshake_timeout=lambda: self._limits().handshake_timeout,
+                    max_connections=lambda: self._limits().max_connections,
+                )
+                listener.start()
+                self.https_listeners.append(listener)
+        https_port = self.https_listeners[0].address[1]
+        for kind, sock in socks:
+            if kind == "http":
+                server = await loop.create_server(lambda: self._new_redirect(https_port), sock=sock)
+                self.plain_servers.append(server)
+
+    def _limits(self):
+        assert self.state is not None
+        return self.state.limits
+
+    def _new_downstream(self) -> DownstreamProtocol:
+        assert self.state is not None
+        return DownstreamProtocol(self.state, self.registry.discard)
+
+    def _new_redirect(self, https_port: int) -> RedirectProtocol:
+        lookup = self.http01.lookup if self.http01 is not None else None
+        return RedirectProtocol(https_port, lookup, self._limits())
+
+    def _start_background(self, config: Config) -> None:
+        specs = cert_specs(config)
+        self._restart_task("certs", lambda: self.certs.maintain(self._current_cache))
+        if uses_acme(config) and config.acme is not None:
+            from certs.acme_manager import AcmeManager
+
+            acme = AcmeManager(
+                config.server.data_dir, acme_settings(config.acme), server_context, self.http01
+            )
+            acme_specs = [s for s in specs if s.source == "acme"]
+            self._restart_task("acme", lambda: acme.maintain(acme_specs, self._current_cache))
+        else:
+            self._stop_task("acme")
+
+    def _current_cache(self):
+        assert self.selector is not None
+        return self.selector.cache
+
+    def _restart_task(self, name: str, make: Callable[[], object]) -> None:
+        self._stop_task(name)
+        task = asyncio.get_running_loop().create_task(self._guarded(name, make))
+        self.background[name] = task
+
+    def _stop_task(self, name: str) -> None:
+        task = self.background.pop(name, None)
+        if task is not None:
+            task.cancel()
+
+    async def _guarded(self, name: str, make: Callable[[], object]) -> None:
+        # A background task must never end silently: log and restart it after a pause.
+        while True:
+            try:
+                await make()  # type: ignore[misc]
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("background task %r failed; restarting it in 30 s", name)
+                await asyncio.sleep(30)
+
+    # --- SIGHUP ---------------------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        async with self._reload_lock:
+            if self.config_path is None:
+                log.warning("SIGHUP: no config file to re-read")
+                return False
+            try:
+                new = await asyncio.to_thread(load_config, self.config_path)
+                await asyncio.to_thread(check_config, new)
+                cache = await asyncio.to_thread(
+                    self.certs.load, cert_specs(new), default_cert_name(new)
+                )
+            except (ConfigError, CertError) as exc:
+                log.error("reload failed, still running the previous config: %s", exc)
+                return False
+            except Exception:
+                log.exception("reload failed, still running the previous config")
+                return False
+            old = self.config
+            if (new.server.https, new.server.http) != (old.server.https, old.server.http):
+                log.warning("reload: listener addresses changed; they take effect after a restart")
+            if new.server.data_dir != old.server.data_dir:
+                log.warning("reload: data_dir changed; it takes effect after a restart")
+                new = _with_data_dir(new, old)
+            old_state = self.state
+            assert old_state is not None and self.selector is not None
+            reused = {
+                name: pool
+                for name, pool in old_state.pools.items()
+                if old.upstreams.get(name) == new.upstreams.get(name)
+            }
+            self.state = ProxyState.build(new, AccessLog(new.server.access_log), pools=reused)
+            self.access_log = self.state.access_log
+            self.selector.cache = cache
+            self.config = new
+            if uses_acme(new) and self.http01 is None:
+                from certs.challenges.http01 import Http01Responder
+
+                self.http01 = Http01Responder()
+            self._start_background(new)
+            retired = [p for name, p in old_state.pools.items() if reused.get(name) is not p]
+            if retired:
+                asyncio.get_running_loop().create_task(self._retire_pools(retired, new))
+            log.info("reloaded %s: %d site(s)", self.config_path, len(new.sites))
+            return True
+
+    async def _retire_pools(self, pools: list, config: Config) -> None:
+        # Connections that started before the reload may still be using the old pools; give
+        # them as long as a request may take, then close what is left.
+        await asyncio.sleep(config.limits.upstream_read_timeout + config.server.shutdown_grace)
+        for pool in pools:
+            with contextlib.suppress(Exception):
+                await pool.close()
+
+    # --- SIGTERM --------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, self._on_sigint)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+
+    def _on_stop_signal(self, name: str) -> None:
+        if not self.stopping.is_set():
+            log.info("%s: draining (up to %s s), no new connections", name, self._grace())
+        self.stopping.set()
+
+    def _on_sigint(self) -> None:
+        self._sigint_count += 1
+        if self._sigint_count > 1:
+            log.warning("second SIGINT: exiting now without draining")
+            for protocol in list(self.registry.protocols):
+                _abort(protocol)
+            raise SystemExit(1)
+        self._on_stop_signal("SIGINT")
+
+    def _grace(self) -> float:
+        return self.config.server.shutdown_grace
+
+    async def drain(self) -> None:
+        self.draining = True
+        for listener in self.https_listeners:
+            listener.stop_accepting()
+            for task in list(listener.tasks):  # handshakes in progress carry no request yet
+                task.cancel()
+        for server in self.plain_servers:
+            await close_plain_server(server)
+        for protocol in list(self.registry.protocols):
+            protocol.shutdown()
+        try:
+            await asyncio.wait_for(self.registry.idle_event.wait(), self._grace())
+        except TimeoutError:
+            left = len(self.registry.protocols)
+            log.warning("shutdown_grace over: closing %d connection(s) still busy", left)
+            for protocol in list(self.registry.protocols):
+                _abort(protocol)
+        for name in list(self.background):
+            self._stop_task(name)
+        if self.state is not None:
+            with contextlib.suppress(Exception):
+                await self.state.close()
+        log.info("stopped")
+
+    async def serve(self) -> None:
+        self.install_signal_handlers()
+        await self.stopping.wait()
+        await self.drain()
+
+
+def _abort(protocol: object) -> None:
+    transport = getattr(protocol, "transport", None)
+    if transport is not None:
+        transport.abort()
+
+
+def _sockname(address: object) -> str:
+    if isinstance(address, tuple):
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address)
+
+
+def _with_data_dir(new: Config, old: Config) -> Config:
+    from dataclasses import replace
+
+    return replace(new, server=replace(new.server, data_dir=old.server.data_dir))
+
+
+async def run_server(config: Config) -> int:
+    setup_logging(config.server.log_level)
+    server = ProxyServer(config)
+    await server.start()
+    await server.serve()
+    return 0

@@ -1,0 +1,116 @@
+"""TLS termination: the server contexts and the SNI callback that picks a certificate.
+
+How a handshake finds its certificate: the listener's context has no certificate of its own. When
+the ClientHello arrives, OpenSSL calls `CertificateSelector.on_server_name` with the name the
+client asked for (or None for a bare-IP client). The callback looks the name up in the in-memory
+certificate cache (exact name, then a one-label wildcard, then the default site) and switches the
+connection to that certificate's own context, whose chain is then sent. The callback runs inside
+the handshake on the event loop, so it only reads a dict: no disk, no issuance, no locks.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from pathlib import Path
+from typing import Protocol
+
+from certs.models import Installed
+from proxy.logs import tls_log
+
+# Mozilla "intermediate": TLS 1.2 with forward-secret AEAD suites only; TLS 1.3's suites are all
+# AEAD and forward-secret already. No DHE: it needs custom parameters and adds nothing over ECDHE.
+TLS12_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+ALPN_PROTOCOLS = ["http/1.1"]
+
+
+def _harden(context: ssl.SSLContext) -> ssl.SSLContext:
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.maximum_version = ssl.TLSVersion.TLSv1_3
+    context.set_ciphers(TLS12_CIPHERS)
+    context.set_alpn_protocols(ALPN_PROTOCOLS)
+    # Compression invites CRIME; renegotiation is a DoS lever and HTTP/1.1 here never needs it.
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    # Session tickets stay on (OpenSSL's default): resumption saves a full handshake per reconnect.
+    return context
+
+
+def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    """A context serving one certificate chain; the certs package builds one per certificate."""
+    context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    context.load_cert_chain(str(cert_file), str(key_file))
+    return context
+
+
+class CertificateLookup(Protocol):
+    def lookup(self, server_name: str | None) -> Installed | None: ...
+
+
+def normalize_server_name(name: str | None) -> str | None:
+    if not name:
+        return None
+    return name.rstrip(".").lower() or None
+
+
+class CertificateSelector:
+    """Owns the listener context and its SNI callback. `cache` is swapped whole on SIGHUP or when
+    certificates change; a handshake reads whichever cache is current when its ClientHello comes."""
+
+    def __init__(self, cache: CertificateLookup) -> None:
+        self.cache = cache
+        self.context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+        self.context.sni_callback = self.on_server_name
+
+    def on_server_name(
+        self, ssl_object: ssl.SSLObject, server_name: str | None, _context: ssl.SSLContext
+    ) -> int | None:
+        installed = self.cache.lookup(server_name)
+        if installed is None:
+            # Python's asyncio and uvloop drop the alert we return here: the client sees the
+            # connection close. The listener logs the refusal with the peer address.
+            ssl_object.tlsproxy_refusal = (  # type: ignore[attr-defined]
+                f"no certificate for {server_name!r}"
+                if server_name
+                else "no SNI and no default_site"
+            )
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        ssl_object.context = installed.context
+        ssl_object.tlsproxy_sni = normalize_server_name(server_name)  # type: ignore[attr-defined]
+        ssl_object.tlsproxy_cert = installed  # type: ignore[attr-defined]
+        return None
+
+
+def describe_handshake(ssl_object: ssl.SSLObject | None, peer: object) -> str:
+    """The debug line per handshake: what the client asked for and what it got."""
+    if ssl_object is None:
+        return f"{peer}: no TLS"
+    installed: Installed | None = getattr(ssl_object, "tlsproxy_cert", None)
+    sni = getattr(ssl_object, "tlsproxy_sni", None)
+    cipher = ssl_object.cipher()
+    if installed is not None:
+        info = installed.info
+        cert = (
+            f"cert={installed.spec_name!r} subject={info.subject!r} serial={info.serial:x} "
+            f"not_after={info.not_after:%Y-%m-%dT%H:%M:%SZ}"
+        )
+    else:
+        cert = "cert=?"
+    return (
+        f"handshake {peer} sni={sni or '-'} {cert} version={ssl_object.version()} "
+        f"cipher={cipher[0] if cipher else '-'} alpn={ssl_object.selected_alpn_protocol() or '-'} "
+        f"resumed={'yes' if ssl_object.session_reused else 'no'}"
+    )
+
+
+def log_handshake(ssl_object: ssl.SSLObject | None, peer: object) -> None:
+    if tls_log.isEnabledFor(logging.DEBUG):
+        tls_log.debug(describe_handshake(ssl_object, peer))
