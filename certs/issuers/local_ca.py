@@ -1,0 +1,341 @@
+"""The built-in local CA (`tls = "internal"`): a root, an intermediate, short-lived leaves.
+
+The root (10 years) only ever signs intermediates (1 year, renewed here when a third of it is
+left); leaves are signed by the intermediate. So the root key is touched once a year at most,
+and a leaf, an intermediate or its key can leak or roll over without users re-trusting anything:
+they trust the root once (`tlsproxy ca`). The root carries no name constraints on purpose: the
+local CA serves whatever names the user configures (internal domains included), and a
+constraint list would have to be known before the root is made.
+Leaves live days (7 by default), so a copied leaf key is worth little, and renewal runs often
+enough that it is known to work.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ..errors import CertificateFileError, IssuanceError
+from ..keys import (
+    certificate_to_pem,
+    chain_to_pem,
+    generate_private_key,
+    key_matches_certificate,
+    load_certificates,
+    load_private_key,
+    private_key_to_pem,
+)
+from ..models import CertSpec
+from ..renewal import needs_renewal
+from ..storage import CERT_MODE, KEY_MODE, Storage
+
+log = logging.getLogger("tlsproxy.certs")
+
+ROOT_LIFETIME = timedelta(days=3650)
+INTERMEDIATE_LIFETIME = timedelta(days=365)
+DEFAULT_LEAF_LIFETIME = timedelta(days=7)
+# Leaves start a little in the past so that a client whose clock is slightly behind accepts
+# them; capped at a tenth of the lifetime so that short test lifetimes stay meaningful.
+MAX_BACKDATE = timedelta(minutes=1)
+CA_LOCK_NAME = "local-ca"
+
+_SERVER_AUTH = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])
+
+
+def _now(clock: Callable[[], float]) -> datetime:
+    # Whole seconds: that is all X.509 can hold, and tests compare against it.
+    return datetime.fromtimestamp(int(clock()), UTC)
+
+
+def _ca_key_usage() -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _leaf_key_usage() -> x509.KeyUsage:
+    # EC keys sign the handshake; they never encrypt a premaster secret.
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _ca_name(kind: str, tag: str) -> x509.Name:
+    # A random tag tells apart the CAs of several installs that a user may have trusted.
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "tlsproxy local CA"),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"tlsproxy local {kind} {tag}"),
+        ]
+    )
+
+
+def _make_root(now: datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = generate_private_key()
+    name = _ca_name("root", secrets.token_hex(4))
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - MAX_BACKDATE)
+        .not_valid_after(now + ROOT_LIFETIME)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+        .add_extension(_ca_key_usage(), critical=True)
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _make_intermediate(
+    root: x509.Certificate, root_key: ec.EllipticCurvePrivateKey, now: datetime
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = generate_private_key()
+    tag = (root.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value or "").split()[-1]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_ca_name("intermediate", str(tag)))
+        .issuer_name(root.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - MAX_BACKDATE)
+        .not_valid_after(min(now + INTERMEDIATE_LIFETIME, root.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_ca_key_usage(), critical=True)
+        # Limits what a leaked intermediate key could sign to TLS server certificates.
+        .add_extension(_SERVER_AUTH, critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(_authority_key_id(root), critical=False)
+        .sign(root_key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _authority_key_id(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
+def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class _CAState:
+    root: x509.Certificate
+    root_key: ec.EllipticCurvePrivateKey | None  # None when the user moved it offline
+    intermediate: x509.Certificate | None
+    intermediate_key: ec.EllipticCurvePrivateKey | None
+
+
+class LocalCA:
+    """An Issuer (certs.issuers.Issuer) over the CA kept in storage."""
+
+    name = "local CA"
+
+    def __init__(
+        self,
+        root: x509.Certificate,
+        intermediate: x509.Certificate,
+        intermediate_key: ec.EllipticCurvePrivateKey,
+        *,
+        leaf_lifetime: timedelta = DEFAULT_LEAF_LIFETIME,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.root = root
+        self.intermediate = intermediate
+        self._intermediate_key = intermediate_key
+        self.leaf_lifetime = leaf_lifetime
+        self._clock = clock
+
+    # -- loading -------------------------------------------------------------------------
+    @staticmethod
+    def read_stored(storage: Storage) -> _CAState | None:
+        """What storage holds (None when there is no root yet). Read only: safe for
+        `tlsproxy check`. A file that exists but does not parse is a CertificateFileError."""
+        files = storage.ca_files()
+        root_pem = storage.read(files.root_cert)
+        if root_pem is None:
+            return None
+        root = _parse_cert(files.root_cert, root_pem)
+        root_key = _parse_key_file(storage, files.root_key)
+        inter_pem = storage.read(files.intermediate_cert)
+        intermediate = _parse_cert(files.intermediate_cert, inter_pem) if inter_pem else None
+        inter_key = _parse_key_file(storage, files.intermediate_key)
+        return _CAState(root, root_key, intermediate, inter_key)
+
+    @classmethod
+    def load_or_create(
+        cls,
+        storage: Storage,
+        *,
+        leaf_lifetime: timedelta = DEFAULT_LEAF_LIFETIME,
+        clock: Callable[[], float] = time.time,
+        lock_timeout: float = 30.0,
+    ) -> LocalCA:
+        state = cls.read_stored(storage)
+        now = _now(clock)
+        if state is None or cls._needs_work(state, now):
+            # Checked again under the lock: two proxies starting at once on one data_dir must
+            # end up with one CA, not two.
+            with storage.lock(CA_LOCK_NAME, timeout=lock_timeout):
+                state = cls._repair(storage, cls.read_stored(storage), now)
+        assert state.intermediate is not None and state.intermediate_key is not None
+        return cls(
+            state.root,
+            state.intermediate,
+            state.intermediate_key,
+            leaf_lifetime=leaf_lifetime,
+            clock=clock,
+        )
+
+    @staticmethod
+    def _intermediate_usable(state: _CAState) -> bool:
+        return (
+            state.intermediate is not None
+            and state.intermediate_key is not None
+            and issued_by(state.intermediate, state.root)
+            and key_matches_certificate(state.intermediate_key, state.intermediate)
+        )
+
+    @classmethod
+    def _needs_work(cls, state: _CAState, now: datetime) -> bool:
+        if now >= state.root.not_valid_after_utc or not cls._intermediate_usable(state):
+            return True
+        assert state.intermediate is not None
+        inter = state.intermediate
+        due = needs_renewal(inter.not_valid_before_utc, inter.not_valid_after_utc, now)
+        return due and state.root_key is not None
+
+    @classmethod
+    def _repair(cls, storage: Storage, state: _CAState | None, now: datetime) -> _CAState:
+        files = storage.ca_files()
+        if state is None or now >= state.root.not_valid_after_utc:
+            if state is not None:
+                log.warning("local CA root expired; creating a new one (clients must trust it)")
+            root, root_key = _make_root(now)
+            storage.write(files.root_key, private_key_to_pem(root_key), mode=KEY_MODE)
+            storage.write(files.root_cert, certificate_to_pem(root), mode=CERT_MODE)
+            log.info("created local CA root %s", root.subject.rfc4514_string())
+            state = _CAState(root, root_key, None, None)
+        if not cls._needs_work(state, now):
+            return state
+        if state.root_key is None:
+            if cls._intermediate_usable(state):
+                log.warning(
+                    "local CA intermediate is due for renewal but %s is absent", files.root_key
+                )
+                return state
+            raise CertificateFileError(files.root_key, "missing: needed to sign a new intermediate")
+        inter, inter_key = _make_intermediate(state.root, state.root_key, now)
+        storage.write(files.intermediate_key, private_key_to_pem(inter_key), mode=KEY_MODE)
+        storage.write(files.intermediate_cert, certificate_to_pem(inter), mode=CERT_MODE)
+        log.info("issued local CA intermediate valid until %s", inter.not_valid_after_utc)
+        return _CAState(state.root, state.root_key, inter, inter_key)
+
+    # -- using ---------------------------------------------------------------------------
+    @property
+    def root_pem(self) -> bytes:
+        return certificate_to_pem(self.root)
+
+    def issued(self, leaf: x509.Certificate) -> bool:
+        """Whether `leaf` chains to the current intermediate (not to a CA since replaced)."""
+        return issued_by(leaf, self.intermediate)
+
+    def issue(self, spec: CertSpec, csr_pem: bytes) -> bytes:
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+        except ValueError as e:
+            raise IssuanceError(f"{spec.name}: unreadable CSR ({e})") from e
+        if not csr.is_signature_valid:
+            raise IssuanceError(f"{spec.name}: CSR signature does not verify")
+        leaf = self.sign_leaf(csr.public_key(), spec.hosts)
+        return chain_to_pem([leaf, self.intermediate])
+
+    def sign_leaf(
+        self, public_key: ec.EllipticCurvePublicKey, hosts: tuple[str, ...]
+    ) -> x509.Certificate:
+        if not hosts:
+            raise IssuanceError("a certificate needs at least one host name")
+        now = _now(self._clock)
+        backdate = min(MAX_BACKDATE, self.leaf_lifetime / 10)
+        backdate = timedelta(seconds=int(backdate.total_seconds()))
+        subject = (
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
+            if len(hosts[0]) <= 64
+            else x509.Name([])
+        )
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self.intermediate.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - backdate)
+            .not_valid_after(min(now + self.leaf_lifetime, self.intermediate.not_valid_after_utc))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_leaf_key_usage(), critical=True)
+            .add_extension(_SERVER_AUTH, critical=False)
+            # SAN is critical when the subject is empty (RFC 5280 4.2.1.6).
+            .add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(h) for h in hosts]),
+                critical=len(subject) == 0,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(_authority_key_id(self.intermediate), critical=False)
+        )
+        return builder.sign(self._intermediate_key, hashes.SHA256())
+
+
+def _parse_cert(path: Path, data: bytes) -> x509.Certificate:
+    try:
+        return load_certificates(data)[0]
+    except ValueError as e:
+        raise CertificateFileError(path, f"not a valid PEM certificate ({e})") from None
+
+
+def _parse_key_file(storage: Storage, path: Path) -> ec.EllipticCurvePrivateKey | None:
+    data = storage.read(path)
+    if data is None:
+        return None
+    try:
+        key = load_private_key(data)
+    except (ValueError, TypeError) as e:
+        raise CertificateFileError(path, f"not a usable PEM private key ({e})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CertificateFileError(path, "not an EC private key")
+    return key

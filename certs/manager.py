@@ -1,0 +1,532 @@
+"""CertificateManager: from site specs to a cache of ready SSLContexts, kept fresh in the
+background.
+
+The order for every issuance (certmagic's maintain.go): check storage, take the lock for the
+name, check storage again (another proxy on the same data_dir may have just renewed it), issue,
+save atomically, then swap it into the cache. Issuance and all file I/O of the background task
+run in worker threads; the event loop only decides and swaps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import ssl
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from .cache import CertificateCache
+from .errors import CertError, CertificateFileError, IssuanceError, LockTimeout
+from .files import load_key_pair
+from .issuers import Issuer, RenewalInfoIssuer
+from .issuers.local_ca import DEFAULT_LEAF_LIFETIME, LocalCA
+from .keys import (
+    cert_info,
+    generate_private_key,
+    key_matches_certificate,
+    load_certificates,
+    make_csr,
+    private_key_to_pem,
+)
+from .models import CertInfo, CertSpec, CertStatus, Installed
+from .renewal import (
+    DEFAULT_JITTER,
+    DEFAULT_RATIO,
+    RETRY_BASE,
+    RETRY_CAP,
+    AriWindow,
+    needs_renewal,
+    renewal_reason,
+    renewal_time,
+    retry_delay,
+)
+from .selection import normalize_host, uncovered_hosts
+from .storage import Storage, StoredCertificate
+
+log = logging.getLogger("tlsproxy.certs")
+
+ContextFactory = Callable[[Path, Path], ssl.SSLContext]
+
+FILES_REASON = "user files: replace them and reload (SIGHUP)"
+
+
+@dataclass
+class _Attempts:
+    """Consecutive failures for one name; cleared by a success."""
+
+    failures: int = 0
+    next_attempt: float | None = None  # epoch seconds
+    last_error: str | None = None
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+def _from_iso(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for logs and `tlsproxy certs`: the message, with the type when it says little."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if isinstance(error, CertError) and text:
+        return text
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+class CertificateManager:
+    def __init__(
+        self,
+        data_dir: Path,
+        context_factory: ContextFactory,
+        *,
+        clock: Callable[[], float] = time.time,
+        leaf_lifetime: timedelta = DEFAULT_LEAF_LIFETIME,
+        renew_ratio: float = DEFAULT_RATIO,
+        jitter_fraction: float = DEFAULT_JITTER,
+        check_interval: float = 3600.0,
+        lock_timeout: float = 600.0,
+        retry_base: float = RETRY_BASE,
+        retry_cap: float = RETRY_CAP,
+        issuers: Mapping[str, Issuer] | None = None,
+    ) -> None:
+        self.storage = Storage(Path(data_dir))
+        self._context_factory = context_factory
+        self._clock = clock
+        self.leaf_lifetime = leaf_lifetime
+        self.renew_ratio = renew_ratio
+        self.jitter_fraction = jitter_fraction
+        # The longest the background task sleeps: bounds the effect of clock jumps and notices
+        # certificates another proxy renewed in a shared data_dir.
+        self.check_interval = check_interval
+        # Waiting for another process's lock: long, an ACME order can take minutes.
+        self.lock_timeout = lock_timeout
+        self.retry_base = retry_base
+        self.retry_cap = retry_cap
+        self._issuers: dict[str, Issuer] = dict(issuers or {})
+        self._specs: dict[str, CertSpec] = {}
+        self._attempts: dict[str, _Attempts] = {}
+        self._ari: dict[str, tuple[int, AriWindow | None, float]] = {}
+        self._local_ca: LocalCA | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+
+    # -- configuration -------------------------------------------------------------------
+    def set_issuer(self, source: str, issuer: Issuer | None) -> None:
+        """Register the issuer for a spec source other than "internal" (e.g. "acme")."""
+        if issuer is None:
+            self._issuers.pop(source, None)
+        else:
+            self._issuers[source] = issuer
+        self._poke()
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock(), UTC)
+
+    def _ca(self) -> LocalCA:
+        """The local CA, created if missing (and its intermediate renewed when due)."""
+        self._local_ca = LocalCA.load_or_create(
+            self.storage,
+            leaf_lifetime=self.leaf_lifetime,
+            clock=self._clock,
+            lock_timeout=min(self.lock_timeout, 60.0),
+        )
+        return self._local_ca
+
+    def _issuer(self, spec: CertSpec) -> Issuer | None:
+        if spec.source == "internal":
+            return self._ca()
+        return self._issuers.get(spec.source)
+
+    def _managed(self, spec: CertSpec) -> bool:
+        return spec.source == "internal" or (
+            spec.source != "files" and spec.source in self._issuers
+        )
+
+    # -- validate ------------------------------------------------------------------------
+    def validate(self, specs: Sequence[CertSpec]) -> None:
+        now = self._now()
+        stored_needed = False
+        for spec in specs:
+            if spec.source == "files":
+                self._load_files(spec, now)
+            else:
+                stored_needed = True
+        if stored_needed:
+            self._check_data_dir()
+            LocalCA.read_stored(self.storage)  # a damaged CA file is reported, not replaced
+
+    def _check_data_dir(self) -> None:
+        root = self.storage.root
+        existing = root
+        while not existing.exists() and existing.parent != existing:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise CertificateFileError(existing, "data_dir: exists and is not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            where = "not writable" if existing == root else f"not writable (to create {root})"
+            raise CertificateFileError(existing, f"data_dir: {where}")
+
+    def _files_of(self, spec: CertSpec) -> tuple[Path, Path]:
+        if spec.cert_file is None or spec.key_file is None:
+            missing = spec.key_file or spec.cert_file or Path(spec.name)
+            raise CertificateFileError(missing, "a files certificate needs both cert and key")
+        return spec.cert_file, spec.key_file
+
+    def _load_files(self, spec: CertSpec, now: datetime) -> Installed:
+        cert_file, key_file = self._files_of(spec)
+        pair = load_key_pair(cert_file, key_file, spec.hosts, now)
+        context = self._context(cert_file, key_file)
+        return Installed(spec.name, context, cert_info(pair.leaf), cert_file, key_file)
+
+    def _context(self, cert_file: Path, key_file: Path) -> ssl.SSLContext:
+        try:
+            return self._context_factory(cert_file, key_file)
+        except (ssl.SSLError, OSError) as e:
+            raise CertificateFileError(cert_file, f"rejected by the TLS library ({e})") from None
+
+    # -- load ----------------------------------------------------------------------------
+    def load(self, specs: Sequence[CertSpec], default_name: str | None) -> CertificateCache:
+        cache = CertificateCache()
+        now = self._now()
+        if any(s.source != "files" for s in specs):
+            self._check_data_dir()
+        for spec in specs:
+            installed = self._load_one(spec, now)
+            if installed is not None:
+                cache.replace(installed, spec.hosts)
+        cache.set_default(_resolve_default(specs, default_name))
+        self._specs = {s.name: s for s in specs}
+        self._poke()
+        return cache
+
+    def _load_one(self, spec: CertSpec, now: datetime) -> Installed | None:
+        if spec.source == "files":
+            return self._load_files(spec, now)
+        if spec.source == "internal":
+            try:
+                ca = self._ca()
+                stored = self._read_stored(spec)
+                if stored is not None and self._good(spec, stored[1], now, ca, renewing=True):
+                    return self._install(spec.name, stored[0])
+                return self._issue_locked(spec, None)
+            except (OSError, IssuanceError, LockTimeout) as e:
+                raise CertificateFileError(self.storage.certificate_dir(spec.name), str(e)) from e
+        stored = self._read_stored(spec)
+        if stored is not None and self._good(spec, stored[1], now, None, renewing=False):
+            return self._install(spec.name, stored[0])
+        log.warning(
+            "no usable certificate yet for %s (%s): handshakes for it fail until one is issued",
+            spec.name,
+            ", ".join(spec.hosts),
+        )
+        return None
+
+    def _read_stored(self, spec: CertSpec) -> tuple[StoredCertificate, x509.Certificate] | None:
+        try:
+            stored = self.storage.load_certificate(spec.name)
+        except ValueError as e:
+            log.warning("ignoring stored certificate for %s: %s", spec.name, e)
+            return None
+        if stored is None:
+            return None
+        return stored, load_certificates(stored.chain_pem)[0]
+
+    def _good(
+        self,
+        spec: CertSpec,
+        leaf: x509.Certificate,
+        now: datetime,
+        ca: LocalCA | None,
+        *,
+        renewing: bool,
+    ) -> bool:
+        """Servable now (and, with `renewing`, not due either)."""
+        info = cert_info(leaf)
+        if uncovered_hosts(spec.hosts, info.hosts) or not info.not_before <= now < info.not_after:
+            return False
+        if ca is not None and not ca.issued(leaf):
+            return False  # from a CA since replaced: clients trusting the new root reject it
+        if not renewing:
+            return True
+        return not needs_renewal(
+            info.not_before,
+            info.not_after,
+            now,
+            ratio=self.renew_ratio,
+            ari_window=self._known_ari(spec.name, info.serial),
+        )
+
+    def _install(self, name: str, stored: StoredCertificate) -> Installed:
+        context = self._context(stored.cert_path, stored.key_path)
+        info = cert_info(load_certificates(stored.chain_pem)[0])
+        return Installed(name, context, info, stored.cert_path, stored.key_path)
+
+    def _issue_locked(self, spec: CertSpec, current_serial: int | None) -> Installed:
+        """Blocking: check storage under the lock, issue if still needed, save, build the
+        context. Runs in a worker thread from maintain(), inline from load()."""
+        with self.storage.lock(spec.name, timeout=self.lock_timeout):
+            issuer = self._issuer(spec)
+            if issuer is None:
+                raise IssuanceError(f"{spec.name}: no issuer for source {spec.source!r}")
+            ca = issuer if isinstance(issuer, LocalCA) else None
+            stored = self._read_stored(spec)
+            if (
+                stored is not None
+                and stored[1].serial_number != current_serial
+                and self._good(spec, stored[1], self._now(), ca, renewing=True)
+            ):
+                log.info("%s: using the certificate another process stored", spec.name)
+                return self._install(spec.name, stored[0])
+            key = generate_private_key()
+            chain_pem = issuer.issue(spec, make_csr(key, spec.hosts))
+            _check_issued(spec, chain_pem, key)
+            saved = self.storage.save_certificate(spec.name, chain_pem, private_key_to_pem(key))
+            installed = self._install(spec.name, saved)
+        log.info(
+            "issued certificate for %s by %s: serial %x, valid until %s",
+            spec.name,
+            issuer.name,
+            installed.info.serial,
+            installed.info.not_after.isoformat(),
+        )
+        return installed
+
+    # -- maintain ------------------------------------------------------------------------
+    def _poke(self) -> None:
+        """Wake maintain() early (new specs or issuers); callable from any thread."""
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(wake.set)
+
+    async def maintain(self, cache_getter: Callable[[], CertificateCache]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        try:
+            while True:
+                self._wake.clear()
+                try:
+                    await self._maintain_once(cache_getter)
+                    delay = self._next_delay(cache_getter())
+                except Exception:
+                    log.exception("certificate maintenance failed; trying again later")
+                    delay = self.retry_base
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+        finally:
+            self._loop = self._wake = None
+
+    async def _maintain_once(self, cache_getter: Callable[[], CertificateCache]) -> None:
+        for spec in list(self._specs.values()):
+            if not self._managed(spec):
+                continue
+            installed = cache_getter().get(spec.name)
+            await self._refresh_ari(spec, installed)
+            if self._due_at(spec, installed) <= self._clock():
+                await self._renew(spec, installed, cache_getter)
+
+    def _due_at(self, spec: CertSpec, installed: Installed | None) -> float:
+        attempts = self._attempts.get(spec.name)
+        if attempts is not None and attempts.next_attempt is not None:
+            return attempts.next_attempt
+        if installed is None:
+            return float("-inf")
+        return self._renewal_time(spec.name, installed.info).timestamp()
+
+    def _renewal_time(self, name: str, info: CertInfo) -> datetime:
+        # Seeded by the serial: the same certificate always gets the same jitter, here and in
+        # `tlsproxy certs` (another process).
+        return renewal_time(
+            info.not_before,
+            info.not_after,
+            ratio=self.renew_ratio,
+            jitter_fraction=self.jitter_fraction,
+            rng=random.Random(info.serial),
+            ari_window=self._known_ari(name, info.serial),
+        )
+
+    def _next_delay(self, cache: CertificateCache) -> float:
+        now = self._clock()
+        soonest = now + self.check_interval
+        for spec in self._specs.values():
+            if self._managed(spec):
+                soonest = min(soonest, self._due_at(spec, cache.get(spec.name)))
+        # A floor keeps a certificate that is due again at once (e.g. lifetime shorter than
+        # the clock's resolution) from spinning the loop.
+        return max(0.05, soonest - now)
+
+    async def _renew(
+        self,
+        spec: CertSpec,
+        installed: Installed | None,
+        cache_getter: Callable[[], CertificateCache],
+    ) -> None:
+        serial = installed.info.serial if installed is not None else None
+        try:
+            new = await asyncio.to_thread(self._issue_locked, spec, serial)
+        except Exception as e:
+            attempts = self._attempts.setdefault(spec.name, _Attempts())
+            attempts.failures += 1
+            delay = retry_delay(attempts.failures, base=self.retry_base, cap=self.retry_cap)
+            attempts.next_attempt = self._clock() + delay
+            attempts.last_error = describe_error(e)
+            expected = isinstance(e, CertError | OSError)
+            log.warning(
+                "certificate for %s not renewed (attempt %d, next in %.0fs): %s",
+                spec.name,
+                attempts.failures,
+                delay,
+                attempts.last_error,
+                exc_info=not expected,
+            )
+            await asyncio.to_thread(self._save_state, spec.name)
+            return
+        self._attempts.pop(spec.name, None)
+        await asyncio.to_thread(self._save_state, spec.name)
+        current = self._specs.get(spec.name)
+        if current is not None and current.hosts == spec.hosts:
+            # A reload may have changed the spec meanwhile; then load() already installed one.
+            cache_getter().replace(new, current.hosts)
+
+    async def _refresh_ari(self, spec: CertSpec, installed: Installed | None) -> None:
+        issuer = self._issuers.get(spec.source)
+        if installed is None or not isinstance(issuer, RenewalInfoIssuer):
+            return
+        known = self._ari.get(spec.name)
+        now = self._clock()
+        if known and known[0] == installed.info.serial and now - known[2] < self.check_interval:
+            return
+        try:
+            chain_pem = await asyncio.to_thread(installed.cert_file.read_bytes)
+            window = await asyncio.to_thread(issuer.renewal_window, spec, chain_pem)
+        except Exception as e:
+            log.info("no renewal info for %s: %s", spec.name, describe_error(e))
+            window = known[1] if known and known[0] == installed.info.serial else None
+        self._ari[spec.name] = (installed.info.serial, window, now)
+
+    def _known_ari(self, name: str, serial: int) -> AriWindow | None:
+        known = self._ari.get(name)
+        return known[1] if known and known[0] == serial else None
+
+    def _save_state(self, name: str) -> None:
+        attempts = self._attempts.get(name)
+        state: dict[str, Any] = {}
+        if attempts is not None:
+            state = {
+                "failures": attempts.failures,
+                "next_attempt": _iso(attempts.next_attempt),
+                "last_error": attempts.last_error,
+            }
+        known = self._ari.get(name)
+        if known and known[1] is not None:
+            state["ari"] = {"serial": known[0], "start": known[1][0].isoformat()}
+            state["ari"]["end"] = known[1][1].isoformat()
+        try:
+            self.storage.save_state(name, state)
+        except OSError as e:
+            log.warning("cannot record renewal state of %s: %s", name, e)
+
+    # -- status and CA -------------------------------------------------------------------
+    def status(self, specs: Sequence[CertSpec]) -> list[CertStatus]:
+        now = self._now()
+        return [self._status_one(spec, now) for spec in specs]
+
+    def _status_one(self, spec: CertSpec, now: datetime) -> CertStatus:
+        def line(info: CertInfo | None, nxt: datetime | None, reason: str, err: str | None):
+            return CertStatus(
+                spec.name,
+                spec.hosts,
+                spec.source,
+                info.issuer if info else None,
+                info.not_after if info else None,
+                nxt,
+                reason,
+                err,
+            )
+
+        if spec.source == "files":
+            try:
+                cert_file, key_file = self._files_of(spec)
+                info = cert_info(load_key_pair(cert_file, key_file, spec.hosts, now).leaf)
+            except CertificateFileError as e:
+                return line(None, None, FILES_REASON, str(e))
+            return line(info, None, FILES_REASON, None)
+
+        state = self.storage.load_state(spec.name)
+        error = state.get("last_error") if isinstance(state.get("last_error"), str) else None
+        try:
+            stored = self.storage.load_certificate(spec.name)
+        except ValueError as e:
+            stored, error = None, error or str(e)
+        info = cert_info(load_certificates(stored.chain_pem)[0]) if stored else None
+        failures = state.get("failures") if isinstance(state.get("failures"), int) else 0
+        if failures:
+            nxt = _from_iso(state.get("next_attempt"))
+            return line(info, nxt, f"retry after {failures} failed attempt(s)", error)
+        if info is None:
+            return line(None, None, "not issued yet", error)
+        if uncovered_hosts(spec.hosts, info.hosts):
+            return line(info, now, "hosts changed", error)
+        window = _stored_ari(state, info.serial)
+        if window is not None:
+            self._ari.setdefault(spec.name, (info.serial, window, 0.0))
+        nxt = self._renewal_time(spec.name, info)
+        reason = renewal_reason(
+            info.not_before, info.not_after, now, ratio=self.renew_ratio, ari_window=window
+        )
+        return line(info, nxt, reason, error)
+
+    def local_ca_root_pem(self) -> bytes:
+        return self._ca().root_pem
+
+
+def _stored_ari(state: dict[str, Any], serial: int) -> AriWindow | None:
+    ari = state.get("ari")
+    if not isinstance(ari, dict) or ari.get("serial") != serial:
+        return None
+    start, end = _from_iso(ari.get("start")), _from_iso(ari.get("end"))
+    return (start, end) if start and end else None
+
+
+def _resolve_default(specs: Sequence[CertSpec], default_name: str | None) -> str | None:
+    """`default_site` names a host; accept a spec name too."""
+    if default_name is None:
+        return None
+    if any(s.name == default_name for s in specs):
+        return default_name
+    host = normalize_host(default_name)
+    for spec in specs:
+        if host in spec.hosts:
+            return spec.name
+    log.warning("default certificate %r matches no site; unknown names will fail", default_name)
+    return default_name
+
+
+def _check_issued(spec: CertSpec, chain_pem: bytes, key: Any) -> None:
+    """Never store what the issuer got wrong: it would be served until the next renewal."""
+    try:
+        leaf = load_certificates(chain_pem)[0]
+    except ValueError as e:
+        raise IssuanceError(f"{spec.name}: issuer returned no usable chain ({e})") from e
+    if not key_matches_certificate(key, leaf):
+        raise IssuanceError(f"{spec.name}: issued certificate is not for our key")
+    missing = uncovered_hosts(spec.hosts, cert_info(leaf).hosts)
+    if missing:
+        raise IssuanceError(f"{spec.name}: issued certificate lacks {', '.join(missing)}")
