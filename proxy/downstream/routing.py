@@ -70,7 +70,13 @@ def normalize_host(name: str | bytes | None) -> str | None:
         return None
     if host.endswith("."):
         host = host[:-1]
-    if not host or host[0] == "." or ".." in host or not _HOST_CHARS.issuperset(host):
+    if (
+        not host
+        or host[0] == "."
+        or host[-1] == "."
+        or ".." in host
+        or not _HOST_CHARS.issuperset(host)
+    ):
         return None
     return host
 
