@@ -1,0 +1,313 @@
+"""Real processes for integration tests: `tlsproxy run` and a uvicorn app, on 127.0.0.1.
+
+Every process started here is stopped by the fixture that started it (SIGTERM, then SIGKILL),
+ports are chosen by the kernel (port 0, or bound-then-released for programs that need a number),
+and files live in the test's tmp_path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+LISTEN_LINE = re.compile(r"listening (https|http)://(\S+)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout} s")
+
+
+def wait_for_unix(path: Path, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            try:
+                with socket.socket(socket.AF_UNIX) as sock:
+                    sock.connect(str(path))
+                    return
+            except OSError:
+                pass
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on unix:{path} after {timeout} s")
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
+
+
+def tlsproxy(*args: str, timeout: float = 60, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI to completion (check, ca, certs)."""
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd or REPO,
+    )
+
+
+class ProxyProcess:
+    """`tlsproxy run -c CONFIG` in the background, with its log in a file."""
+
+    def __init__(self, config_file: Path, *, loop: str = "uvloop", log_level: str = "debug"):
+        self.config_file = config_file
+        self.dir = config_file.parent
+        self.log_file = self.dir / f"{config_file.stem}.log"
+        self.out_file = self.dir / f"{config_file.stem}.access.log"
+        self.loop = loop
+        self.log_level = log_level
+        self.proc: subprocess.Popen | None = None
+        self.https: list[tuple[str, int]] = []
+        self.http: list[tuple[str, int]] = []
+
+    def start(self, timeout: float = 20.0) -> ProxyProcess:
+        self._log = open(self.log_file, "ab")  # noqa: SIM115 - closed in stop()
+        self._out = open(self.out_file, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "proxy",
+                "run",
+                "-c",
+                str(self.config_file),
+                "--loop",
+                self.loop,
+                "--log-level",
+                self.log_level,
+            ],
+            stdout=self._out,
+            stderr=self._log,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"tlsproxy exited with {self.proc.returncode} at start-up:\n{self.log()}"
+                )
+            self._parse_listeners()
+            if self.https:
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"tlsproxy did not start listening in {timeout} s:\n{self.log()}")
+
+    def _parse_listeners(self) -> None:
+        self.https, self.http = [], []
+        for kind, where in LISTEN_LINE.findall(self.log()):
+            host, _, port = where.rpartition(":")
+            (self.https if kind == "https" else self.http).append((host.strip("[]"), int(port)))
+
+    @property
+    def port(self) -> int:
+        return self.https[0][1]
+
+    @property
+    def http_port(self) -> int:
+        return self.http[0][1]
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def url(self, path: str = "/", host: str = "localhost") -> str:
+        return f"https://{host}:{self.port}{path}"
+
+    def log(self) -> str:
+        try:
+            return self.log_file.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def access_log(self) -> str:
+        try:
+            return self.out_file.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def wait_for_log(self, pattern: str, timeout: float = 10.0, start: int = 0) -> re.Match:
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = regex.search(self.log(), start)
+            if match:
+                return match
+            time.sleep(0.05)
+        raise TimeoutError(f"log never matched {pattern!r}:\n{self.log()[-4000:]}")
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        code = stop_process(self.proc, timeout) if self.proc else None
+        for f in (getattr(self, "_log", None), getattr(self, "_out", None)):
+            if f:
+                f.close()
+        return code
+
+
+def write_config(directory: Path, text: str, name: str = "tlsproxy.toml") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text(text)
+    return path
+
+
+def basic_config(
+    upstream: str,
+    *,
+    hosts: tuple[str, ...] = ("localhost", "app.test"),
+    http: bool = False,
+    extra_server: str = "",
+    limits: str = "",
+    extra: str = "",
+) -> str:
+    """A one-site config on free ports; `upstream` is a `servers` entry ("127.0.0.1:PORT")."""
+    http_line = 'http = ["127.0.0.1:0"]' if http else "http = []"
+    host_list = ", ".join(f'"{h}"' for h in hosts)
+    return f"""
+[server]
+https = ["127.0.0.1:0"]
+{http_line}
+data_dir = "data"
+default_site = "{hosts[0]}"
+shutdown_grace = "5s"
+{extra_server}
+
+[limits]
+{limits}
+
+[[site]]
+hosts = [{host_list}]
+tls = "internal"
+upstream = "app"
+
+[upstream.app]
+servers = ["{upstream}"]
+{extra}
+"""
+
+
+class AppProcess:
+    """A real uvicorn serving an ASGI app (examples/app.py by default) on a free port or socket."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        app: str = "examples.app:app",
+        *,
+        uds: bool = False,
+        workers: int = 1,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.tmp = tmp
+        self.app = app
+        self.uds_path = tmp / f"app-{os.getpid()}-{id(self)}.sock" if uds else None
+        self.port = None if uds else free_port()
+        self.workers = workers
+        self.extra_args = extra_args
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def server(self) -> str:
+        return f"unix:{self.uds_path}" if self.uds_path else f"127.0.0.1:{self.port}"
+
+    def start(self) -> AppProcess:
+        where = ["--uds", str(self.uds_path)] if self.uds_path else ["--port", str(self.port)]
+        self.log_file = self.tmp / f"uvicorn-{id(self)}.log"
+        self._log = open(self.log_file, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                self.app,
+                "--host",
+                "127.0.0.1",
+                *where,
+                "--workers",
+                str(self.workers),
+                "--log-level",
+                "warning",
+                "--proxy-headers",
+                "--forwarded-allow-ips",
+                "*",
+                *self.extra_args,
+            ],
+            stdout=self._log,
+            stderr=self._log,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO,
+        )
+        if self.uds_path:
+            wait_for_unix(self.uds_path)
+        else:
+            assert self.port is not None
+            wait_for_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.proc:
+            stop_process(self.proc)
+            self._log.close()
+
+
+@contextmanager
+def running(process):  # type: ignore[no-untyped-def]
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def local_ca(proxy_dir: Path, config_file: Path) -> Path:
+    """The local CA's root as a file, for curl --cacert and httpx verify=."""
+    result = tlsproxy("ca", "-c", str(config_file))
+    assert result.returncode == 0, result.stderr
+    path = proxy_dir / "root.pem"
+    path.write_text(result.stdout)
+    return path
+
+
+def iter_lines(text: str) -> Iterator[str]:
+    yield from text.splitlines()
