@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from certs.errors import CertError
+from certs.manager import CertificateManager
 from certs.models import CertSpec
 from proxy.config import AcmeConfig, Config, TlsFiles
+from proxy.errors import ConfigError
+from proxy.tls import server_context
 
 
 def cert_specs(config: Config) -> list[CertSpec]:
@@ -68,3 +72,33 @@ def acme_settings(acme: AcmeConfig):  # -> certs.issuers.acme.AcmeSettings
         profile=acme.profile,
         dns=dns,
     )
+
+
+def check_config(config: Config) -> None:
+    """Everything `tlsproxy check` and start-up verify beyond the TOML itself: the files named,
+    the data directory, the ACME settings. Raises ConfigError naming the key at fault."""
+    manager = CertificateManager(config.server.data_dir, server_context)
+    specs = cert_specs(config)
+    try:
+        manager.validate(specs)
+    except CertError as exc:
+        raise ConfigError(_key_of_cert_error(config, exc), str(exc)) from None
+    if config.acme is not None and uses_acme(config):
+        from certs.issuers.acme import validate_settings
+
+        try:
+            validate_settings(acme_settings(config.acme))
+        except CertError as exc:
+            raise ConfigError("acme", str(exc)) from None
+
+
+def _key_of_cert_error(config: Config, exc: CertError) -> str:
+    path = getattr(exc, "path", None)
+    for i, site in enumerate(config.sites):
+        tls = site.tls
+        if path is not None and not isinstance(tls, str):
+            if Path(path) == tls.cert:
+                return f"site[{i}].tls.cert"
+            if Path(path) == tls.key:
+                return f"site[{i}].tls.key"
+    return "server.data_dir" if path is not None and Path(path) == config.server.data_dir else "tls"

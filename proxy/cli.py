@@ -67,7 +67,7 @@ def _load(path: str) -> Config:
 
 
 def cmd_check(config: Config) -> int:
-    from proxy.server import check_config
+    from proxy.certificates import check_config
 
     check_config(config)
     s = config.server

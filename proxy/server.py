@@ -14,11 +14,16 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Callable
-from pathlib import Path
 
 from certs.errors import CertError
 from certs.manager import CertificateManager
-from proxy.certificates import acme_settings, cert_specs, default_cert_name, uses_acme
+from proxy.certificates import (
+    acme_settings,
+    cert_specs,
+    check_config,
+    default_cert_name,
+    uses_acme,
+)
 from proxy.config import Config, load_config
 from proxy.downstream.connection import DownstreamProtocol
 from proxy.downstream.redirect import RedirectProtocol
@@ -27,36 +32,6 @@ from proxy.listeners import ConnectionRegistry, HttpsListener, bind_socket, clos
 from proxy.logs import AccessLog, log, setup_logging
 from proxy.state import ProxyState
 from proxy.tls import CertificateSelector, server_context
-
-
-def check_config(config: Config) -> None:
-    """Everything `tlsproxy check` and start-up verify beyond the TOML itself: the files named,
-    the data directory, the ACME settings. Raises ConfigError naming the key at fault."""
-    manager = CertificateManager(config.server.data_dir, server_context)
-    specs = cert_specs(config)
-    try:
-        manager.validate(specs)
-    except CertError as exc:
-        raise ConfigError(_key_of_cert_error(config, exc), str(exc)) from None
-    if config.acme is not None and uses_acme(config):
-        from certs.issuers.acme import validate_settings
-
-        try:
-            validate_settings(acme_settings(config.acme))
-        except CertError as exc:
-            raise ConfigError("acme", str(exc)) from None
-
-
-def _key_of_cert_error(config: Config, exc: CertError) -> str:
-    path = getattr(exc, "path", None)
-    for i, site in enumerate(config.sites):
-        tls = site.tls
-        if path is not None and not isinstance(tls, str):
-            if Path(path) == tls.cert:
-                return f"site[{i}].tls.cert"
-            if Path(path) == tls.key:
-                return f"site[{i}].tls.key"
-    return "server.data_dir" if path is not None and Path(path) == config.server.data_dir else "tls"
 
 
 class ProxyServer:
