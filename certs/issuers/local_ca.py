@@ -224,17 +224,18 @@ class LocalCA:
         )
 
     @staticmethod
-    def _intermediate_usable(state: _CAState) -> bool:
+    def _intermediate_usable(state: _CAState, now: datetime) -> bool:
         return (
             state.intermediate is not None
             and state.intermediate_key is not None
+            and now < state.intermediate.not_valid_after_utc
             and issued_by(state.intermediate, state.root)
             and key_matches_certificate(state.intermediate_key, state.intermediate)
         )
 
     @classmethod
     def _needs_work(cls, state: _CAState, now: datetime) -> bool:
-        if now >= state.root.not_valid_after_utc or not cls._intermediate_usable(state):
+        if now >= state.root.not_valid_after_utc or not cls._intermediate_usable(state, now):
             return True
         assert state.intermediate is not None
         inter = state.intermediate
@@ -255,7 +256,7 @@ class LocalCA:
         if not cls._needs_work(state, now):
             return state
         if state.root_key is None:
-            if cls._intermediate_usable(state):
+            if cls._intermediate_usable(state, now):
                 log.warning(
                     "local CA intermediate is due for renewal but %s is absent", files.root_key
                 )

@@ -1,0 +1,180 @@
+import os
+import stat
+from datetime import timedelta
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+from certs.errors import CertificateFileError, IssuanceError
+from certs.issuers import Issuer
+from certs.issuers.local_ca import LocalCA
+from certs.keys import generate_private_key, load_certificates, make_csr
+from certs.models import CertSpec
+from certs.storage import Storage
+
+from .factory import NOW, make_ca
+
+DAY = timedelta(days=1)
+
+
+class Clock:
+    def __init__(self, start=NOW):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now.timestamp()
+
+
+def ext(cert, cls):
+    return cert.extensions.get_extension_for_class(cls)
+
+
+def issue(ca, hosts):
+    key = generate_private_key()
+    spec = CertSpec(hosts[0], tuple(hosts), "internal")
+    return load_certificates(ca.issue(spec, make_csr(key, hosts))), key
+
+
+def verify(root, chain, host, when):
+    verifier = (
+        PolicyBuilder().store(Store([root])).time(when).build_server_verifier(x509.DNSName(host))
+    )
+    return verifier.verify(chain[0], chain[1:])
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def storage(tmp_path):
+    return Storage(tmp_path / "data")
+
+
+def test_ca_files_and_extensions(storage, clock):
+    ca = LocalCA.load_or_create(storage, clock=clock)
+    assert isinstance(ca, Issuer)
+    files = storage.ca_files()
+    for key_file in (files.root_key, files.intermediate_key):
+        assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(files.root_cert.parent).st_mode) == 0o700
+    root, inter = ca.root, ca.intermediate
+    assert ext(root, x509.BasicConstraints).value.ca
+    assert ext(root, x509.BasicConstraints).critical
+    assert ext(root, x509.KeyUsage).value.key_cert_sign
+    assert root.not_valid_after_utc - root.not_valid_before_utc >= timedelta(days=3650)
+    assert ext(inter, x509.BasicConstraints).value.path_length == 0
+    assert inter.issuer == root.subject
+    assert (
+        ext(inter, x509.AuthorityKeyIdentifier).value.key_identifier
+        == ext(root, x509.SubjectKeyIdentifier).value.digest
+    )
+    assert ca.root_pem == files.root_cert.read_bytes()
+
+
+def test_leaf(storage, clock):
+    ca = LocalCA.load_or_create(storage, clock=clock, leaf_lifetime=timedelta(days=7))
+    chain, key = issue(ca, ["localhost", "app.test", "*.wild.test"])
+    leaf = chain[0]
+    assert chain[1] == ca.intermediate
+    assert leaf.public_key() == key.public_key()
+    assert isinstance(leaf.public_key(), ec.EllipticCurvePublicKey)
+    assert leaf.public_key().curve.name == "secp256r1"
+    assert ext(leaf, x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName) == [
+        "localhost",
+        "app.test",
+        "*.wild.test",
+    ]
+    assert list(ext(leaf, x509.ExtendedKeyUsage).value) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert not ext(leaf, x509.BasicConstraints).value.ca
+    assert (
+        ext(leaf, x509.AuthorityKeyIdentifier).value.key_identifier
+        == ext(ca.intermediate, x509.SubjectKeyIdentifier).value.digest
+    )
+    ext(leaf, x509.SubjectKeyIdentifier)
+    assert leaf.not_valid_after_utc == NOW + timedelta(days=7)
+    assert NOW - timedelta(minutes=1) <= leaf.not_valid_before_utc < NOW
+    assert ca.issued(leaf)
+    for host in ("localhost", "app.test", "a.wild.test"):
+        verify(ca.root, chain, host, NOW)
+
+
+def test_wrong_name_and_wrong_root_fail_verification(storage, clock):
+    ca = LocalCA.load_or_create(storage, clock=clock)
+    chain, _ = issue(ca, ["localhost"])
+    with pytest.raises(VerificationError):
+        verify(ca.root, chain, "other.test", NOW)
+    with pytest.raises(VerificationError):
+        verify(make_ca()[0], chain, "localhost", NOW)
+    with pytest.raises(VerificationError):
+        verify(ca.root, chain, "localhost", NOW + timedelta(days=8))
+
+
+def test_short_lifetime_for_tests(storage, clock):
+    ca = LocalCA.load_or_create(storage, clock=clock, leaf_lifetime=timedelta(seconds=6))
+    leaf = issue(ca, ["localhost"])[0][0]
+    assert leaf.not_valid_after_utc - leaf.not_valid_before_utc == timedelta(seconds=6)
+
+
+def test_reused_from_storage(storage, clock):
+    first = LocalCA.load_or_create(storage, clock=clock)
+    second = LocalCA.load_or_create(storage, clock=clock)
+    assert second.root == first.root and second.intermediate == first.intermediate
+
+
+def test_intermediate_renewed_when_due_root_kept(storage, clock):
+    first = LocalCA.load_or_create(storage, clock=clock)
+    clock.now += timedelta(days=250)  # more than 2/3 of a year
+    second = LocalCA.load_or_create(storage, clock=clock)
+    assert second.root == first.root
+    assert second.intermediate != first.intermediate
+    chain, _ = issue(second, ["localhost"])
+    verify(first.root, chain, "localhost", clock.now)
+    assert not second.issued(issue(first, ["localhost"])[0][0])
+
+
+def test_missing_intermediate_is_reissued(storage, clock):
+    first = LocalCA.load_or_create(storage, clock=clock)
+    storage.ca_files().intermediate_cert.unlink()
+    second = LocalCA.load_or_create(storage, clock=clock)
+    assert second.root == first.root and second.intermediate != first.intermediate
+
+
+def test_expired_root_is_replaced(storage, clock):
+    first = LocalCA.load_or_create(storage, clock=clock)
+    clock.now += timedelta(days=3651)
+    assert LocalCA.load_or_create(storage, clock=clock).root != first.root
+
+
+def test_root_key_offline(storage, clock):
+    first = LocalCA.load_or_create(storage, clock=clock)
+    storage.ca_files().root_key.unlink()
+    clock.now += timedelta(days=250)  # intermediate due, but still valid: keep using it
+    assert LocalCA.load_or_create(storage, clock=clock).intermediate == first.intermediate
+    clock.now += timedelta(days=200)  # now expired, and nothing can sign a new one
+    with pytest.raises(CertificateFileError) as info:
+        LocalCA.load_or_create(storage, clock=clock)
+    assert info.value.path == storage.ca_files().root_key
+
+
+def test_damaged_ca_file_is_reported_not_replaced(storage, clock):
+    LocalCA.load_or_create(storage, clock=clock)
+    root_file = storage.ca_files().root_cert
+    root_file.write_text("garbage")
+    with pytest.raises(CertificateFileError) as info:
+        LocalCA.read_stored(storage)
+    assert info.value.path == root_file
+    assert root_file.read_text() == "garbage"
+
+
+def test_bad_csr_and_no_hosts(storage, clock):
+    ca = LocalCA.load_or_create(storage, clock=clock)
+    spec = CertSpec("x", ("x.test",), "internal")
+    with pytest.raises(IssuanceError):
+        ca.issue(spec, b"not a csr")
+    with pytest.raises(IssuanceError):
+        ca.sign_leaf(generate_private_key().public_key(), ())
