@@ -348,9 +348,10 @@ class CertificateManager:
             return attempts.next_attempt
         if installed is None:
             return float("-inf")
-        return self._renewal_time(spec.name, installed.info).timestamp()
+        window = self._known_ari(spec.name, installed.info.serial)
+        return self._renewal_time(installed.info, window).timestamp()
 
-    def _renewal_time(self, name: str, info: CertInfo) -> datetime:
+    def _renewal_time(self, info: CertInfo, window: AriWindow | None) -> datetime:
         # Seeded by the serial: the same certificate always gets the same jitter, here and in
         # `tlsproxy certs` (another process).
         return renewal_time(
@@ -359,7 +360,7 @@ class CertificateManager:
             ratio=self.renew_ratio,
             jitter_fraction=self.jitter_fraction,
             rng=random.Random(info.serial),
-            ari_window=self._known_ari(name, info.serial),
+            ari_window=window,
         )
 
     def _next_delay(self, cache: CertificateCache) -> float:
@@ -485,9 +486,7 @@ class CertificateManager:
         if uncovered_hosts(spec.hosts, info.hosts):
             return line(info, now, "hosts changed", error)
         window = _stored_ari(state, info.serial)
-        if window is not None:
-            self._ari.setdefault(spec.name, (info.serial, window, 0.0))
-        nxt = self._renewal_time(spec.name, info)
+        nxt = self._renewal_time(info, window)
         reason = renewal_reason(
             info.not_before, info.not_after, now, ratio=self.renew_ratio, ari_window=window
         )
