@@ -46,18 +46,27 @@ class LeastConn(Balancer[T]):
         n = len(candidates)
         if n <= 1:
             return candidates[0] if n else None
-        start = self._turn % n
-        self._turn += 1
-        best = candidates[start]
+        best = candidates[0]
         best_load = outstanding(best)
+        ties = 1
         for i in range(1, n):
-            if best_load == 0:  # nobody beats an idle server; the rotation already picked it
-                break
-            candidate = candidates[(start + i) % n]
-            load = outstanding(candidate)
+            load = outstanding(candidates[i])
             if load < best_load:
-                best, best_load = candidate, load
-        return best
+                best, best_load, ties = candidates[i], load, 1
+            elif load == best_load:
+                ties += 1
+        if ties == 1:
+            return best
+        # Rotate among the tied ones only, so that a busier server elsewhere in the list does
+        # not skew the turns towards whichever tied server follows it.
+        turn = self._turn % ties
+        self._turn += 1
+        for candidate in candidates:
+            if outstanding(candidate) == best_load:
+                if turn == 0:
+                    return candidate
+                turn -= 1
+        return best  # pragma: no cover - loads changed under us; still a fair answer
 
 
 def make(policy: str) -> Balancer:
