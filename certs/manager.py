@@ -124,8 +124,9 @@ class CertificateManager:
         self._attempts: dict[str, _Attempts] = {}
         self._ari: dict[str, tuple[int, AriWindow | None, float]] = {}
         self._local_ca: LocalCA | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake: asyncio.Event | None = None
+        # One per running maintain(): a reload may start a new one before the old one has
+        # finished cancelling, so none of them may own a single shared attribute.
+        self._wakers: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
 
     # -- configuration -------------------------------------------------------------------
     def set_issuer(self, source: str, issuer: Issuer | None) -> None:
@@ -311,17 +312,17 @@ class CertificateManager:
     # -- maintain ------------------------------------------------------------------------
     def _poke(self) -> None:
         """Wake maintain() early (new specs or issuers); callable from any thread."""
-        loop, wake = self._loop, self._wake
-        if loop is not None and wake is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
+        for loop, wake in list(self._wakers):
+            with contextlib.suppress(RuntimeError):  # that loop is closed
                 loop.call_soon_threadsafe(wake.set)
 
     async def maintain(self, cache_getter: Callable[[], CertificateCache]) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
+        wake = asyncio.Event()
+        waker = (asyncio.get_running_loop(), wake)
+        self._wakers.add(waker)
         try:
             while True:
-                self._wake.clear()
+                wake.clear()
                 try:
                     await self._maintain_once(cache_getter)
                     delay = self._next_delay(cache_getter())
@@ -329,9 +330,9 @@ class CertificateManager:
                     log.exception("certificate maintenance failed; trying again later")
                     delay = self.retry_base
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), delay)
+                    await asyncio.wait_for(wake.wait(), delay)
         finally:
-            self._loop = self._wake = None
+            self._wakers.discard(waker)
 
     async def _maintain_once(self, cache_getter: Callable[[], CertificateCache]) -> None:
         for spec in list(self._specs.values()):

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
+
 from .errors import LockTimeout
 from .keys import key_matches_certificate, load_certificates, load_private_key
 
@@ -188,7 +190,11 @@ class Storage:
             if chain_pem is None or key_pem is None:
                 return None
             leaf = load_certificates(chain_pem)[0]
-            if key_matches_certificate(load_private_key(key_pem), leaf):
+            try:
+                key = load_private_key(key_pem)
+            except (TypeError, UnsupportedAlgorithm) as e:
+                raise ValueError(f"{key_path}: unusable private key ({e})") from None
+            if key_matches_certificate(key, leaf):
                 return StoredCertificate(chain_pem, key_pem, cert_path, key_path)
             if attempt + 1 < _PAIR_READ_ATTEMPTS:
                 time.sleep(0.01)

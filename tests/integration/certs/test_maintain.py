@@ -123,3 +123,20 @@ async def test_cancel_stops_cleanly(tmp_path, echo_server):
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, 2)
+
+
+async def test_restarted_maintenance_still_wakes(tmp_path, echo_server):
+    """A reload that starts a new maintain() before the old one has finished cancelling."""
+    manager = CertificateManager(tmp_path / "data", server_context, check_interval=3600)
+    manager.set_issuer("acme", LocalCA.load_or_create(manager.storage))
+    server = await echo_server(manager.load([LOCAL], None))
+    old = asyncio.create_task(manager.maintain(server.current))
+    await asyncio.sleep(0.1)
+    async with maintaining(manager, server):
+        old.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(old, 2)
+        await asyncio.sleep(0.1)
+        spec = CertSpec("new.test", ("new.test",), "acme")
+        server.cache = await asyncio.to_thread(manager.load, [LOCAL, spec], None)
+        await wait_for(lambda: server.cache.get("new.test") is not None, 5, "the new site")

@@ -168,3 +168,9 @@ def test_status_reports_recorded_failure(manager):
     assert row.renewal_reason == "retry after 3 failed attempt(s)"
     assert row.last_error == "CA down"
     assert row.next_renewal == NOW + timedelta(hours=1)
+
+
+def test_damaged_stored_leaf_is_reissued(manager):
+    first = serial(manager.load([LOCAL], None), "localhost")
+    manager.storage.key_path("localhost").write_text("-----BEGIN PRIVATE KEY-----\nxx\n")
+    assert serial(manager.load([LOCAL], None), "localhost") != first
