@@ -1,0 +1,391 @@
+"""AcmeManager: keeps the certificates of `tls = "acme"` sites ordered and renewed.
+
+One asyncio task per certificate (an order that waits for DNS propagation never holds up
+another site), each a loop: read storage -> install what is there -> decide (acme_state.decide,
+pure) -> sleep until due -> take the storage lock without waiting -> read storage again (another
+proxy on the same data_dir may have just renewed it) -> order (AcmeIssuer; every ACME request
+in a worker thread) -> save atomically (previous version kept) -> swap into the cache (new
+handshakes get it; open connections keep theirs). A failure is logged with the CA's words and
+recorded in state.json, the old certificate keeps being served, and the next attempt waits
+longer each time.
+
+maintain() is cancelled and started again with new specs on every reload: everything it holds
+(the storage lock, HTTP-01 tokens, DNS records) is given back in `finally` blocks, and a worker
+thread still inside the `acme` library stops at its next request (a threading.Event).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+import threading
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography import x509
+
+from .acme_state import AcmeState, Decision, decide
+from .cache import CertificateCache
+from .challenges.http01 import Http01Responder
+from .errors import CertError, LockTimeout
+from .issuers.acme import AcmeError, AcmeIssuer, AcmeSettings
+from .keys import cert_info, key_matches_certificate, load_certificates, load_private_key
+from .models import CertInfo, CertSpec, CertStatus, Installed
+from .renewal import DEFAULT_RATIO, RETRY_BASE, RETRY_CAP
+from .selection import uncovered_hosts
+from .storage import Storage, StoredCertificate
+
+log = logging.getLogger("tlsproxy.certs.acme")
+
+ContextFactory = Callable[[Path, Path], ssl.SSLContext]
+
+
+@dataclass(frozen=True)
+class _Stored:
+    files: StoredCertificate
+    info: CertInfo
+
+
+def _describe(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    if isinstance(error, CertError | OSError) and text:
+        return text
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+class AcmeManager:
+    def __init__(
+        self,
+        data_dir: Path,
+        settings: AcmeSettings,
+        context_factory: ContextFactory,
+        http01: Http01Responder,
+        *,
+        clock: Callable[[], float] = time.time,
+        rng: Callable[[], float] = random.random,
+        ratio: float = DEFAULT_RATIO,
+        retry_base: float = RETRY_BASE,
+        retry_cap: float = RETRY_CAP,
+        check_interval: float = 3600.0,
+        lock_busy_delay: float = 10.0,
+    ) -> None:
+        self.storage = Storage(Path(data_dir))
+        self.settings = settings
+        self.issuer = AcmeIssuer(settings, self.storage, http01)
+        self._context_factory = context_factory
+        self._clock = clock
+        self._rng = rng
+        self.ratio = ratio
+        self.retry_base = retry_base
+        self.retry_cap = retry_cap
+        # The longest a task sleeps: bounds clock jumps, and notices what another proxy stored.
+        self.check_interval = check_interval
+        self.lock_busy_delay = lock_busy_delay
+
+    # -- the task --------------------------------------------------------------------------
+    async def maintain(
+        self, specs: Sequence[CertSpec], cache_getter: Callable[[], CertificateCache]
+    ) -> None:
+        """Runs until cancelled (returns at once when no spec is "acme")."""
+        acme_specs = [s for s in specs if s.source == "acme"]
+        if not acme_specs:
+            return
+        stop = threading.Event()
+        try:
+            async with asyncio.TaskGroup() as group:
+                for spec in acme_specs:
+                    group.create_task(
+                        self._maintain_one(spec, cache_getter, stop), name=f"acme {spec.name}"
+                    )
+        finally:
+            stop.set()
+
+    async def _maintain_one(
+        self, spec: CertSpec, cache_getter: Callable[[], CertificateCache], stop: threading.Event
+    ) -> None:
+        warned = False
+        while True:
+            try:
+                stored = await asyncio.to_thread(self._read, spec)
+                if stored is None and not warned:
+                    log.warning(
+                        "no certificate yet for %s (%s): its TLS handshakes fail until the ACME"
+                        " order completes",
+                        spec.name,
+                        ", ".join(spec.hosts),
+                    )
+                    warned = True
+                delay = await self._step(spec, stored, cache_getter, stop)
+            except Exception as e:  # a bug, not a CA failure: keep the other sites going
+                log.exception("ACME maintenance of %s failed: %s", spec.name, _describe(e))
+                delay = self.retry_base
+            await asyncio.sleep(max(0.0, delay))
+
+    async def _step(
+        self,
+        spec: CertSpec,
+        stored: _Stored | None,
+        cache_getter: Callable[[], CertificateCache],
+        stop: threading.Event,
+    ) -> float:
+        """One pass; returns how long to sleep before the next."""
+        if stored is not None:
+            await self._install(spec, stored, cache_getter)
+        loaded = state = await self._load_state(spec)
+        if stored is not None:
+            state = await self._refresh_ari(spec, stored, state, stop)
+        now = self._clock()
+        decision = self._decide(now, stored, spec, state)
+        if decision.at > now:
+            await self._save_state(spec, state, decision, stored, loaded)
+            return min(decision.at - now, self.check_interval)
+        return await self._attempt(spec, stored, state, decision, cache_getter, stop)
+
+    def _decide(
+        self, now: float, stored: _Stored | None, spec: CertSpec, state: AcmeState
+    ) -> Decision:
+        return decide(
+            now,
+            stored.info if stored else None,
+            spec.hosts,
+            state,
+            ratio=self.ratio,
+            base=self.retry_base,
+            cap=self.retry_cap,
+        )
+
+    async def _attempt(
+        self,
+        spec: CertSpec,
+        stored: _Stored | None,
+        state: AcmeState,
+        decision: Decision,
+        cache_getter: Callable[[], CertificateCache],
+        stop: threading.Event,
+    ) -> float:
+        lock = self.storage.lock(spec.name, timeout=0)
+        try:
+            await _enter(lock)
+        except LockTimeout as e:
+            log.info(
+                "%s: another process is ordering it (%s); looking again in %gs",
+                spec.name,
+                e,
+                self.lock_busy_delay,
+            )
+            return self.lock_busy_delay
+        try:
+            fresh = await asyncio.to_thread(self._read, spec)
+            if fresh is not None and (stored is None or fresh.info.serial != stored.info.serial):
+                # Someone else renewed while we were deciding: decide again on what is there.
+                log.info("%s: another process stored a new certificate; using it", spec.name)
+                return 0.0
+            log.info(
+                "ordering a certificate for %s (%s) from %s: %s",
+                spec.name,
+                ", ".join(spec.hosts),
+                self.settings.directory,
+                decision.reason,
+            )
+            started = self._clock()
+            try:
+                issued = await self.issuer.issue(spec.hosts, challenge=spec.challenge, stop=stop)
+                _check_issued(spec, issued.chain_pem, issued.key_pem)
+                files = await asyncio.to_thread(
+                    self.storage.save_certificate, spec.name, issued.chain_pem, issued.key_pem
+                )
+            except (CertError, OSError) as e:
+                retry_after = e.retry_after if isinstance(e, AcmeError) else None
+                await self._failed(spec, stored, state, started, _describe(e), retry_after)
+                return 0.0
+            except Exception as e:
+                log.exception("unexpected error while ordering %s", spec.name)
+                await self._failed(spec, stored, state, started, _describe(e), None)
+                return 0.0
+        finally:
+            lock.__exit__(None, None, None)
+        new = _Stored(files, cert_info(load_certificates(files.chain_pem)[0]))
+        await self._install(spec, new, cache_getter)
+        state = state.succeeded(self._clock())
+        await self._save_state(spec, state, self._decide(self._clock(), new, spec, state), new)
+        log.info(
+            "certificate for %s issued by %s: serial %x, valid until %s (%.1fs)",
+            spec.name,
+            new.info.issuer,
+            new.info.serial,
+            new.info.not_after.isoformat(),
+            self._clock() - started,
+        )
+        return 0.0
+
+    async def _failed(
+        self,
+        spec: CertSpec,
+        stored: _Stored | None,
+        state: AcmeState,
+        started: float,
+        error: str,
+        retry_after: float | None,
+    ) -> None:
+        state = state.failed(started, error, retry_after, self._rng())
+        now = self._clock()
+        decision = self._decide(now, stored, spec, state)
+        await self._save_state(spec, state, decision, stored)
+        serving = (
+            f"still serving serial {stored.info.serial:x} until {stored.info.not_after.isoformat()}"
+            if stored is not None
+            else "nothing to serve for it yet"
+        )
+        log.warning(
+            "ACME order for %s failed (attempt %d; %s; next attempt in %.0fs): %s",
+            spec.name,
+            state.failures,
+            serving,
+            max(0.0, decision.at - now),
+            error,
+        )
+
+    # -- storage, cache --------------------------------------------------------------------
+    def _read(self, spec: CertSpec) -> _Stored | None:
+        try:
+            files = self.storage.load_certificate(spec.name)
+        except ValueError as e:
+            log.warning("ignoring the stored certificate of %s: %s", spec.name, e)
+            return None
+        if files is None:
+            return None
+        return _Stored(files, cert_info(load_certificates(files.chain_pem)[0]))
+
+    async def _install(
+        self, spec: CertSpec, stored: _Stored, cache_getter: Callable[[], CertificateCache]
+    ) -> None:
+        """Put the stored certificate in the cache unless it is already there; hosts it does
+        not cover (a site that gained a name) are left out rather than served a wrong one."""
+        current = cache_getter().get(spec.name)
+        if current is not None and current.info.serial == stored.info.serial:
+            return
+        now = datetime.fromtimestamp(self._clock(), UTC)
+        if stored.info.not_after <= now:
+            return
+        missing = set(uncovered_hosts(spec.hosts, stored.info.hosts))
+        hosts = [h for h in spec.hosts if h not in missing]
+        if not hosts:
+            return
+        context = await asyncio.to_thread(
+            self._context_factory, stored.files.cert_path, stored.files.key_path
+        )
+        installed = Installed(
+            spec.name, context, stored.info, stored.files.cert_path, stored.files.key_path
+        )
+        cache_getter().replace(installed, hosts)
+        log.info(
+            "serving certificate %x for %s (valid until %s)",
+            stored.info.serial,
+            ", ".join(hosts),
+            stored.info.not_after.isoformat(),
+        )
+
+    async def _load_state(self, spec: CertSpec) -> AcmeState:
+        return AcmeState.from_dict(await asyncio.to_thread(self.storage.load_state, spec.name))
+
+    async def _save_state(
+        self,
+        spec: CertSpec,
+        state: AcmeState,
+        decision: Decision,
+        stored: _Stored | None,
+        loaded: AcmeState | None = None,
+    ) -> None:
+        """Record the state and decision unless nothing changed since `loaded` was read."""
+        serial = stored.info.serial if stored else None
+        new = state.decided(decision, serial)
+        if new == loaded:
+            return
+        data = new.to_dict()
+        try:
+            await asyncio.to_thread(self.storage.save_state, spec.name, data)
+        except OSError as e:
+            log.warning("cannot record the ACME state of %s: %s", spec.name, e)
+
+    async def _refresh_ari(
+        self, spec: CertSpec, stored: _Stored, state: AcmeState, stop: threading.Event
+    ) -> AcmeState:
+        now = self._clock()
+        serial = stored.info.serial
+        if state.ari_serial == serial and (state.ari_next_check or 0) > now:
+            return state
+        try:
+            answer = await self.issuer.renewal_info(stored.files.chain_pem, stop)
+        except (CertError, OSError) as e:
+            log.debug("no renewal info for %s: %s", spec.name, _describe(e))
+            return state.with_ari(serial, state.ari_renewal_at, now + self.check_interval)
+        if answer is None:  # the CA has no ARI: the ratio decides; ask again much later
+            return state.with_ari(serial, None, now + 24 * self.check_interval)
+        at, next_check = answer
+        return state.with_ari(serial, at, max(next_check, now + 60.0))
+
+    # -- `tlsproxy certs` ------------------------------------------------------------------
+    def status(self, specs: Sequence[CertSpec]) -> list[CertStatus]:
+        """What the running proxy decided, read from storage (works from another process)."""
+        result = []
+        now = self._clock()
+        for spec in specs:
+            if spec.source != "acme":
+                continue
+            stored = self._read(spec)
+            state = AcmeState.from_dict(self.storage.load_state(spec.name))
+            serial = stored.info.serial if stored else None
+            if state.next_renewal is not None and state.decided_for == serial:
+                at, reason = state.next_renewal, state.reason or ""
+            else:
+                decision = self._decide(now, stored, spec, state)
+                at, reason = decision.at, decision.reason
+            info = stored.info if stored else None
+            result.append(
+                CertStatus(
+                    name=spec.name,
+                    hosts=spec.hosts,
+                    source="acme",
+                    issuer=info.issuer if info else None,
+                    not_after=info.not_after if info else None,
+                    next_renewal=datetime.fromtimestamp(at, UTC),
+                    renewal_reason=reason,
+                    last_error=state.last_error,
+                )
+            )
+        return result
+
+
+async def _enter(lock: AbstractContextManager[None]) -> None:
+    """Enter a storage lock in a worker thread; if we are cancelled meanwhile, the lock is
+    released as soon as the thread got it, never left held."""
+    task = asyncio.ensure_future(asyncio.to_thread(lock.__enter__))
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+
+        def release(t: asyncio.Future[None]) -> None:
+            if not t.cancelled() and t.exception() is None:
+                lock.__exit__(None, None, None)
+
+        task.add_done_callback(release)
+        raise
+
+
+def _check_issued(spec: CertSpec, chain_pem: bytes, key_pem: bytes) -> None:
+    """Never store what the CA got wrong: it would be served until the next renewal."""
+    try:
+        leaf: x509.Certificate = load_certificates(chain_pem)[0]
+    except ValueError as e:
+        raise AcmeError(f"{spec.name}: the CA returned no usable chain ({e})") from e
+    if not key_matches_certificate(load_private_key(key_pem), leaf):
+        raise AcmeError(f"{spec.name}: the issued certificate is not for our key")
+    missing = uncovered_hosts(spec.hosts, cert_info(leaf).hosts)
+    if missing:
+        raise AcmeError(f"{spec.name}: the issued certificate lacks {', '.join(missing)}")

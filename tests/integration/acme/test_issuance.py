@@ -1,0 +1,182 @@
+"""Issuance against real Pebble and BIND 9: HTTP-01, DNS-01 with a wildcard, bad nonces,
+the account across a Pebble restart, and a challenge that fails."""
+
+from __future__ import annotations
+
+import logging
+import stat
+import threading
+
+import dns.asyncquery
+import dns.message
+
+from certs.acme_manager import AcmeManager
+from certs.cache import CertificateCache
+from certs.challenges.http01 import Http01Responder
+from certs.issuers.acme import AcmeIssuer, directory_slug
+from certs.keys import cert_info, load_certificates
+from certs.storage import Storage
+
+from .conftest import client_context, connect
+from .helpers import acme_spec, context_factory, installed, maintaining, verify_chain, wait_for
+
+
+async def test_http01_two_names_served_and_chained_to_pebble_root(
+    components, http01_server, echo_server, tmp_path
+):
+    c = components()
+    responder = Http01Responder()
+    await http01_server(responder, c.http_port)
+    cache = CertificateCache()
+    manager = AcmeManager(tmp_path / "data", c.settings(), context_factory, responder)
+    spec = acme_spec("app.test", "www.app.test")
+
+    async with maintaining(manager, [spec], cache):
+        cert = await installed(cache, "app.test")
+        assert set(cert.info.hosts) == {"app.test", "www.app.test"}
+        verify_chain(cert.cert_file.read_bytes(), c.root_pem(), ["app.test", "www.app.test"])
+        # A real handshake: the client trusts only Pebble's root and checks the name.
+        server = await echo_server(cache)
+        for name in ("app.test", "www.app.test"):
+            client = await connect(server.port, name, client_context(c.root_pem()))
+            assert client.leaf.serial_number == cert.info.serial
+            assert await client.echo() == b"ping\n"
+            await client.close()
+    assert len(responder) == 0  # every token withdrawn
+    key = Storage(tmp_path / "data").key_path("app.test")
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    [status] = manager.status([spec])
+    assert status.last_error is None and status.not_after == cert.info.not_after
+    assert status.next_renewal is not None and "1/3" in status.renewal_reason
+
+
+async def _txt_at(c, name: str) -> tuple[int, set[str]]:
+    query = dns.message.make_query(name, "TXT")
+    response = await dns.asyncquery.tcp(query, "127.0.0.1", port=c.dns_port, timeout=5)
+    values = {b"".join(rd.strings).decode() for rrset in response.answer for rd in rrset}
+    return response.rcode(), values
+
+
+async def test_dns01_wildcard_and_apex_through_bind_records_removed(
+    components, echo_server, tmp_path, caplog
+):
+    caplog.set_level(logging.DEBUG, logger="tlsproxy.certs.acme")
+    c = components()
+    cache = CertificateCache()
+    # No HTTP server at all: an http-01 attempt could not succeed.
+    manager = AcmeManager(tmp_path / "data", c.settings(), context_factory, Http01Responder())
+    spec = acme_spec("app.test", "*.app.test", challenge="dns-01")
+
+    async with maintaining(manager, [spec], cache):
+        cert = await installed(cache, "app.test")
+    verify_chain(cert.cert_file.read_bytes(), c.root_pem(), ["app.test", "foo.app.test"])
+    server = await echo_server(cache)
+    client = await connect(server.port, "foo.app.test", client_context(c.root_pem()))
+    assert client.leaf.serial_number == cert.info.serial
+    await client.close()
+    # Two values lived at one name (apex + wildcard), each added on its own, both deleted.
+    added = [r.getMessage() for r in caplog.records if "dns-01: add" in r.getMessage()]
+    assert len(added) == 2 and all("_acme-challenge.app.test." in m for m in added)
+    rcode, values = await _txt_at(c, "_acme-challenge.app.test.")
+    assert values == set(), f"TXT records left behind: {values} (rcode {rcode})"
+
+
+async def test_wildcard_uses_dns01_while_the_other_name_uses_http01(
+    components, http01_server, tmp_path, caplog
+):
+    caplog.set_level(logging.INFO, logger="tlsproxy.certs.acme")
+    c = components()
+    responder = Http01Responder()
+    await http01_server(responder, c.http_port)
+    cache = CertificateCache()
+    manager = AcmeManager(tmp_path / "data", c.settings(), context_factory, responder)
+    spec = acme_spec("api.test", "*.api.test")  # default challenge: http-01
+
+    async with maintaining(manager, [spec], cache):
+        await installed(cache, "api.test")
+    assert any(
+        "api.test http-01" in r.getMessage() and "*.api.test dns-01" in r.getMessage()
+        for r in caplog.records
+    )
+    assert (await _txt_at(c, "_acme-challenge.api.test."))[1] == set()
+
+
+async def test_bad_nonces_are_retried_until_issuance_succeeds(
+    components, http01_server, tmp_path, caplog
+):
+    caplog.set_level(logging.DEBUG, logger="tlsproxy.certs.acme")
+    c = components(pebble_env={"PEBBLE_WFE_NONCEREJECT": "40"})
+    responder = Http01Responder()
+    await http01_server(responder, c.http_port)
+    cache = CertificateCache()
+    manager = AcmeManager(tmp_path / "data", c.settings(), context_factory, responder)
+
+    async with maintaining(manager, [acme_spec("app.test", "www.app.test")], cache):
+        await installed(cache, "app.test")
+    retried = [r for r in caplog.records if "retried (badNonce" in r.getMessage()]
+    assert retried, "Pebble rejected no nonce: the test proved nothing"
+    failures = [r for r in caplog.records if "failed (attempt" in r.getMessage()]
+    assert failures == []
+
+
+async def test_account_key_kept_and_account_registered_again_after_pebble_restart(
+    components, http01_server, tmp_path, caplog
+):
+    caplog.set_level(logging.INFO, logger="tlsproxy.certs.acme")
+    c = components()
+    responder = Http01Responder()
+    await http01_server(responder, c.http_port)
+    storage = Storage(tmp_path / "data")
+    issuer = AcmeIssuer(c.settings(), storage, responder)
+    stop = threading.Event()
+
+    first = await issuer.issue(["app.test"], challenge=None, stop=stop)
+    key_file = storage.path("acme", directory_slug(c.directory), "account.key")
+    key_pem = key_file.read_bytes()
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+
+    c.stop_pebble()  # Pebble forgets every account and changes its root
+    c.start_pebble()
+    second = await issuer.issue(["app.test"], challenge=None, stop=stop)
+
+    assert key_file.read_bytes() == key_pem
+    assert any("no longer knows our account" in r.getMessage() for r in caplog.records)
+    verify_chain(second.chain_pem, c.root_pem(), ["app.test"])
+    serials = {cert_info(load_certificates(x.chain_pem)[0]).serial for x in (first, second)}
+    assert len(serials) == 2
+
+
+async def test_failed_http01_challenge_is_reported_in_status(components, tmp_path):
+    c = components()  # nothing listens on Pebble's httpPort
+    cache = CertificateCache()
+    manager = AcmeManager(tmp_path / "data", c.settings(), context_factory, Http01Responder())
+    spec = acme_spec("other.test")
+
+    async with maintaining(manager, [spec], cache):
+        await wait_for(lambda: manager.status([spec])[0].last_error, 20, "a recorded failure")
+    [status] = manager.status([spec])
+    assert "other.test" in status.last_error
+    assert "urn:ietf:params:acme:error:connection" in status.last_error
+    assert "connection refused" in status.last_error
+    assert status.not_after is None and "retry after 1 failed attempt" in status.renewal_reason
+    assert cache.get("other.test") is None  # nothing served for it, not another name's cert
+
+
+async def test_dns_server_refusing_the_update_is_reported(components, tmp_path):
+    c = components()
+    wrong_key = tmp_path / "wrong.key"
+    wrong_key.write_text(
+        'key "acme-update" {\n\talgorithm hmac-sha256;\n'
+        '\tsecret "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";\n};\n'
+    )
+    dns_settings = c.settings().dns
+    settings = c.settings(
+        dns=type(dns_settings)(**{**dns_settings.__dict__, "tsig_key_file": wrong_key})
+    )
+    manager = AcmeManager(tmp_path / "data", settings, context_factory, Http01Responder())
+    spec = acme_spec("app.test", challenge="dns-01")
+
+    async with maintaining(manager, [spec], CertificateCache()):
+        await wait_for(lambda: manager.status([spec])[0].last_error, 20, "a recorded failure")
+    error = manager.status([spec])[0].last_error
+    assert f"127.0.0.1:{c.dns_port}" in error and "update" in error, error
