@@ -1,0 +1,361 @@
+"""One client connection: h11 SERVER over the (TLS) transport, keep-alive, pipelining, timeouts.
+
+h11 parses every byte the client sends; anything it refuses (ambiguous framing, bad chunk
+sizes, obs-fold, bare LF ...) gets 400 and the connection closes before the upstream sees a
+byte of that request; a head larger than max_header_bytes gets 431.
+
+Requests on one connection are served one at a time, in order: while a response is in flight
+h11 holds back a pipelined request (PAUSED) and reading stops; when the response is done the
+bytes already buffered are processed before waiting for more.
+
+Timers: one per connection with a deadline that is only moved, not re-created, per request:
+- before the first byte of a request: `idle_timeout` (or `header_read_timeout` for the first
+  request of a connection): the connection closes silently;
+- from the first byte of a request until its head is complete: `header_read_timeout`
+  (slowloris): 408 and close;
+- while an exchange is in flight the upstream's timers apply instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import h11
+
+from proxy.downstream.exchange import Exchange
+from proxy.downstream.flow import PEER_BUSY, PIPELINE, ReadGate, tune_write_buffer
+from proxy.downstream.responses import error_response
+from proxy.errors import UpstreamError
+from proxy.logs import log, upstream_log
+from proxy.state import ProxyState
+
+# Where the connection is between requests.
+_IDLE = 0  # waiting for the first byte of the next request
+_HEAD = 1  # part of a request head arrived
+_BUSY = 2  # an exchange is in flight
+_CLOSING = 3
+
+_LINGER = 2.0  # after an error reply, read (and drop) the rest of a body this long, then close
+
+
+class DownstreamProtocol(asyncio.Protocol):
+    __slots__ = (
+        "_closed",
+        "_deadline",
+        "_loop",
+        "_on_close",
+        "_pipelined",
+        "_processing",
+        "_timer",
+        "_timer_at",
+        "_wait",
+        "client_ip",
+        "draining",
+        "exchange",
+        "gate",
+        "h11",
+        "limits",
+        "sni",
+        "state",
+        "transport",
+        "tunnel",
+        "write_paused",
+    )
+
+    def __init__(self, state: ProxyState, on_close: Callable[[DownstreamProtocol], None]) -> None:
+        self.state = state
+        self.limits = state.limits
+        self._on_close: Callable[[DownstreamProtocol], None] | None = on_close
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.h11: h11.Connection = None  # type: ignore[assignment]
+        self.gate: ReadGate = None  # type: ignore[assignment]
+        self.exchange: Exchange | None = None
+        self.tunnel: Exchange | None = None
+        self.sni: str | None = None
+        self.client_ip = ""
+        self.draining = False
+        self.write_paused = False
+        self._closed = False
+        self._pipelined = False
+        self._processing = False
+        self._wait = _IDLE
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+
+    # --- asyncio callbacks ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._loop = asyncio.get_running_loop()
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.sni = getattr(ssl_object, "tlsproxy_sni", None)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self.client_ip = peer[0]
+        self.h11 = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes
+        )
+        self.gate = ReadGate(transport)
+        tune_write_buffer(transport)  # type: ignore[arg-type]
+        self._set_deadline(self._loop.time() + self.limits.header_read_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.tunnel_from_client(data)
+            return
+        wait = self._wait
+        if wait == _CLOSING:
+            return  # lingering after an error reply: drop the rest of the body
+        try:
+            if wait == _IDLE:
+                self._wait = _HEAD
+                self._deadline = self._loop.time() + self.limits.header_read_timeout
+            self.h11.receive_data(data)
+            self._process()
+        except Exception:
+            self.internal_error()
+
+    def eof_received(self) -> bool | None:
+        try:
+            if self.tunnel is not None:
+                self.tunnel.client_eof()
+                return True
+            if self._wait == _CLOSING:
+                return False
+            if self.exchange is None:
+                self._close()
+                return False
+            # A client may half-close after its request; the response can still go out.
+            self.h11.receive_data(b"")
+            self._process()
+            return True
+        except Exception:
+            self.internal_error()
+            return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._wait = _CLOSING
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        try:
+            self._drop_exchange()
+        finally:
+            on_close, self._on_close = self._on_close, None
+            if on_close is not None:
+                on_close(self)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        exchange = self.tunnel or self.exchange
+        if exchange is not None:
+            exchange.client_write_paused()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        exchange = self.tunnel or self.exchange
+        if exchange is not None:
+            exchange.client_write_resumed()
+
+    # --- the server's controls ------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Graceful drain: an idle connection closes now, a busy one after its response."""
+        self.draining = True
+        if self.exchange is None and self.tunnel is None and not self._closed:
+            self._close()
+
+    @property
+    def idle(self) -> bool:
+        return self.exchange is None and self.tunnel is None
+
+    # --- requests -------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Hand h11's events to the exchange until h11 needs more bytes or holds them back."""
+        if self._processing:
+            return  # called again from inside the loop (an exchange ended): the loop goes on
+        self._processing = True
+        conn = self.h11
+        try:
+            while self._wait != _CLOSING:
+                try:
+                    event = conn.next_event()
+                except h11.RemoteProtocolError as exc:
+                    self._reject(exc.error_status_hint)
+                    break
+                kind = type(event)
+                if kind is h11.Data:
+                    self.exchange.on_request_data(event.data)  # type: ignore[union-attr]
+                elif kind is h11.Request:
+                    self._begin(event)  # type: ignore[arg-type]
+                elif kind is h11.EndOfMessage:
+                    self.exchange.on_request_end()  # type: ignore[union-attr]
+                elif event is h11.NEED_DATA:
+                    break
+                elif event is h11.PAUSED:
+                    if self.exchange is not None or self.tunnel is not None:
+                        self._pipelined = True
+                        self.gate.pause(PIPELINE)
+                    break
+                else:  # ConnectionClosed
+                    if self.exchange is None:
+                        self._close()
+                    break
+        finally:
+            self._processing = False
+        exchange = self.exchange
+        if exchange is not None:
+            if exchange.pending or not exchange.head_sent:
+                exchange.flush()
+        elif self._wait == _HEAD:
+            self._set_deadline(self._deadline)  # a partial head: make sure its timer runs
+
+    def _begin(self, request: h11.Request) -> None:
+        self._wait = _BUSY
+        started = self._loop.time() if self.state.access_log.enabled else 0.0
+        exchange = self.exchange = Exchange(self, request, started)
+        exchange.start(request)
+
+    def exchange_done(self, exchange: Exchange, keep_alive: bool, *, abort: bool = False) -> None:
+        """The response is complete (or failed): next request, or close."""
+        if self.exchange is exchange:
+            self.exchange = None
+        if self._closed:
+            return
+        if abort:
+            self._close()
+            return
+        if self.gate.reasons & PEER_BUSY:
+            self.gate.resume(PEER_BUSY)
+        conn = self.h11
+        if (
+            not keep_alive
+            or self.draining
+            or conn.our_state is not h11.DONE
+            or conn.their_state is not h11.DONE
+        ):
+            self._close(linger=conn.their_state is h11.SEND_BODY)
+            return
+        conn.start_next_cycle()
+        self._wait = _IDLE
+        self._set_deadline(self._loop.time() + self.limits.idle_timeout)
+        if self._pipelined:
+            self._pipelined = False
+            self.gate.resume(PIPELINE)
+            self._process()
+
+    def start_tunnel(self, exchange: Exchange) -> bytes:
+        """After a 101: bytes go both ways unparsed. Returns what the client sent early."""
+        self.exchange = None
+        self.tunnel = exchange
+        early, _ = self.h11.trailing_data
+        if self._pipelined:
+            self._pipelined = False
+            self.gate.resume(PIPELINE)
+        return early
+
+    # --- errors and closing ---------------------------------------------------------------
+
+    def _reject(self, status: int) -> None:
+        """h11 refused the request (400, or 431 for an oversized head)."""
+        if status not in (400, 431):
+            status = 400
+        exchange = self.exchange
+        if exchange is not None and not exchange.resp_started:
+            exchange.client_failed(status)
+            return
+        if exchange is not None:
+            exchange.client_failed(0)
+            return
+        self.transport.write(error_response(status, close=True))
+        self._close(linger=True)
+
+    def _set_deadline(self, deadline: float) -> None:
+        self._deadline = deadline
+        timer = self._timer
+        if timer is None:
+            self._timer_at = deadline
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+        elif self._timer_at > deadline:
+            timer.cancel()
+            self._timer_at = deadline
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        wait = self._wait
+        if wait == _BUSY or wait == _CLOSING or self._closed:
+            return
+        deadline = self._deadline
+        if self._loop.time() < deadline:
+            self._timer_at = deadline
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+            return
+        if wait == _HEAD:
+            self.transport.write(error_response(408, close=True))
+        self._close()
+
+    def _close(self, *, linger: bool = False) -> None:
+        """Close after what is buffered has been written. With `linger`, the client may still
+        be sending a body we will not read: keep reading (and dropping) it for a moment, so
+        the kernel does not answer it with a reset that destroys our response."""
+        self._wait = _CLOSING
+        transport = self.transport
+        if transport.is_closing():
+            return
+        if linger:
+            self.gate.resume(PIPELINE | PEER_BUSY)
+            self._loop.call_later(_LINGER, transport.close)
+        else:
+            transport.close()
+
+    def internal_error(self) -> None:
+        """A bug surfaced in this connection: log it, close this connection only."""
+        log.exception("unexpected error in a client connection from %s", self.client_ip)
+        self._drop_exchange()
+        self._wait = _CLOSING
+        self.transport.abort()
+
+    def _drop_exchange(self) -> None:
+        """The client side is gone or broken: let the exchange release its upstream."""
+        exchange = self.tunnel or self.exchange
+        self.tunnel = self.exchange = None
+        if exchange is not None:
+            try:
+                exchange.client_lost()
+            except Exception:
+                log.exception("error while releasing the upstream of a client connection")
+
+    # --- logging --------------------------------------------------------------------------
+
+    def log_access(self, exchange: Exchange) -> None:
+        self.state.access_log.emit(
+            client=self.client_ip,
+            sni=self.sni,
+            host=exchange.host,
+            method=exchange.method,
+            target=exchange.target,
+            status=exchange.status,
+            bytes_in=exchange.body_in,
+            bytes_out=exchange.bytes_out,
+            upstream=exchange.label,
+            duration=self._loop.time() - exchange.started,
+        )
+
+    def log_upstream_failure(self, exchange: Exchange, error: UpstreamError) -> None:
+        if upstream_log.isEnabledFor(logging.WARNING):
+            upstream_log.warning(
+                "%s %s for %s: %s",
+                exchange.method.decode("latin-1"),
+                exchange.target.decode("latin-1"),
+                self.client_ip,
+                error,
+            )

@@ -1,0 +1,522 @@
+"""One request and its response: the client's h11-validated request goes to an upstream
+connection, the upstream's response comes back, both bodies streamed, never buffered whole.
+
+Callbacks, not a task: the client connection calls `on_request_data`/`on_request_end`, the
+upstream response parser calls `on_head`/`on_body`/`on_end`, and each pushes bytes straight to
+the other transport. A task exists only while a new upstream connection is being opened.
+
+h11 on the client side: h11 parses the request; the response bytes are written here, and h11
+is told only that "a response" was sent and ended (a prebuilt zero-length Response event), which
+keeps its keep-alive/pipelining state machine in step without formatting every header twice.
+
+Framing to the client: a Content-Length response passes through as is; a chunked or
+close-delimited one is re-chunked (HTTP/1.1 client) or sent close-delimited (HTTP/1.0).
+Trailers are dropped in both directions. A response cut short by the upstream makes the client
+connection close without the final chunk, so no truncated body looks complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import h11
+
+from proxy.downstream.flow import PEER_BUSY
+from proxy.downstream.forwarding import request_head, response_headers
+from proxy.downstream.responses import error_response, reason
+from proxy.errors import UpstreamError
+from proxy.upstream.response_parser import CHUNKED, UNTIL_CLOSE
+
+if TYPE_CHECKING:
+    from proxy.downstream.connection import DownstreamProtocol
+    from proxy.upstream.connection import UpstreamConnection
+    from proxy.upstream.pool import ServerSlot, UpstreamPool
+
+# h11 needs to see a response go out to move on to the next request; this one is never written.
+_H11_RESPONSE = h11.Response(status_code=200, headers=[(b"content-length", b"0")])
+_H11_END = h11.EndOfMessage()
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+_CRLF = b"\r\n"
+_COALESCE = 64 * 1024  # below this, head and body go out as one bytes object
+_CLIENT_CLOSED = 499  # access-log status when the client went away first (nginx's)
+
+# The request headers the data path itself needs (forwarding.request_head handles the rest).
+_HOST = 1
+_LENGTH = 2
+_CODING = 3
+_CONNECTION = 4
+_EXPECT = 5
+_UPGRADE = 6
+_REQUEST_FIELDS = {
+    b"host": _HOST,
+    b"content-length": _LENGTH,
+    b"transfer-encoding": _CODING,
+    b"connection": _CONNECTION,
+    b"expect": _EXPECT,
+    b"upgrade": _UPGRADE,
+}
+_IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
+
+
+def _has_token(value: bytes, token: bytes) -> bool:
+    return any(item.strip().lower() == token for item in value.split(b","))
+
+
+class Exchange:
+    __slots__ = (
+        "body_in",
+        "body_sent",
+        "bytes_out",
+        "connecting",
+        "down",
+        "expect_continue",
+        "finished",
+        "head",
+        "head_sent",
+        "host",
+        "http10",
+        "keep_alive",
+        "label",
+        "method",
+        "pending",
+        "pool",
+        "req_chunked",
+        "req_done",
+        "resp_chunked",
+        "resp_head",
+        "resp_started",
+        "retried",
+        "slot",
+        "started",
+        "status",
+        "target",
+        "tunnel",
+        "up",
+    )
+
+    def __init__(self, down: DownstreamProtocol, request: h11.Request, started: float) -> None:
+        self.down = down
+        self.method = request.method
+        self.target = request.target
+        self.started = started
+        self.host: bytes | None = None
+        self.pool: UpstreamPool | None = None
+        self.slot: ServerSlot | None = None
+        self.label = "-"  # the upstream server, for the access log
+        self.up: UpstreamConnection | None = None
+        self.head = b""
+        self.head_sent = False
+        self.pending: list[bytes] = []  # request body bytes (framed) not yet written upstream
+        self.req_chunked = False
+        self.req_done = False
+        self.body_in = 0
+        self.body_sent = False
+        self.http10 = request.http_version != b"1.1"
+        self.keep_alive = not self.http10
+        self.expect_continue = False
+        self.status = 0
+        self.resp_head: bytes | None = None  # response head waiting to go out with body bytes
+        self.resp_started = False
+        self.resp_chunked = False
+        self.bytes_out = 0
+        self.finished = False
+        self.retried = False
+        self.connecting = False
+        self.tunnel = False
+
+    # --- the request ----------------------------------------------------------------------
+
+    def start(self, request: h11.Request) -> None:
+        """Route the request and send it upstream (or answer it with a canned error)."""
+        length = None
+        upgrade = False
+        for name, value in request.headers:
+            kind = _REQUEST_FIELDS.get(name)
+            if kind is None:
+                continue
+            if kind == _HOST:
+                self.host = value
+            elif kind == _LENGTH:
+                length = int(value)  # h11 validated it
+            elif kind == _CODING:
+                self.req_chunked = True  # h11 accepts no coding but chunked
+            elif kind == _CONNECTION:
+                if _has_token(value, b"close"):
+                    self.keep_alive = False
+            elif kind == _EXPECT:
+                self.expect_continue = value.lower() == b"100-continue"
+            else:
+                upgrade = True
+        down = self.down
+        state = down.state
+        site, status = state.router.route(down.sni, self.host)
+        if site is None:
+            self._reply_error(status)
+            return
+        if request.method == b"CONNECT":
+            self._reply_error(405)
+            return
+        if length is not None and length > state.limits.max_body_bytes:
+            self._reply_error(413)
+            return
+        pool = state.pools.get(site.upstream)
+        if pool is None:
+            self._reply_error(502)
+            return
+        self.pool = pool
+        self.tunnel = upgrade  # an upgrade was asked for; it happens only on a 101
+        self.head = request_head(
+            request.method,
+            request.target,
+            request.headers,
+            client_ip=down.client_ip,
+            host=self.host or b"",
+            trusted=state.trusted,
+            upgrade=upgrade,
+        )
+        self._acquire(None)
+
+    def on_request_data(self, data: bytes) -> None:
+        size = len(data)
+        self.body_in += size
+        if self.body_in > self.down.state.limits.max_body_bytes:
+            self._body_too_large()
+            return
+        if self.req_chunked:
+            self.pending += (b"%x\r\n" % size, data, _CRLF)
+        else:
+            self.pending.append(data)
+
+    def on_request_end(self) -> None:
+        self.req_done = True
+        if self.req_chunked:
+            self.pending.append(_LAST_CHUNK)  # trailers, if any, are dropped
+
+    def flush(self) -> None:
+        """Write what is waiting for the upstream: the head, then body bytes, in one write."""
+        up = self.up
+        if up is None or self.connecting:
+            return
+        pending = self.pending
+        if not self.head_sent:
+            self.head_sent = True
+            if not pending:
+                up.write(self.head)
+                return
+            pending.insert(0, self.head)
+        elif not pending:
+            return
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        self.body_sent = True
+        up.write(data)
+
+    # --- choosing and opening the upstream connection -------------------------------------
+
+    def _acquire(self, avoid: ServerSlot | None) -> None:
+        pool = self.pool
+        assert pool is not None
+        slot, conn = pool.acquire(avoid)
+        if slot is None:
+            self._reply_error(502)
+            return
+        self.slot = slot
+        self.label = slot.server.label
+        if conn is not None:
+            self._attach(conn)
+            return
+        # Until connected, the client's body waits in the kernel, not in our memory.
+        self.connecting = True
+        self.down.gate.pause(PEER_BUSY)
+        task = asyncio.get_running_loop().create_task(pool.connect(slot))
+        task.add_done_callback(self._connected)
+
+    def _connected(self, task: asyncio.Task[UpstreamConnection]) -> None:
+        self.connecting = False
+        if task.cancelled():
+            error: BaseException | None = UpstreamError("connect cancelled", 502)
+        else:
+            error = task.exception()
+        if self.finished:  # the client left meanwhile
+            if error is None:
+                self._give_back(task.result(), reusable=False)
+            return
+        try:
+            if error is not None:
+                if not isinstance(error, UpstreamError):
+                    error = UpstreamError(f"cannot connect: {error}", 502)
+                self.upstream_failed(error)
+                return
+            self._attach(task.result())
+            self.flush()
+        except Exception:
+            self.down.internal_error()
+
+    def _attach(self, conn: UpstreamConnection) -> None:
+        self.up = conn
+        conn.begin(self, head_request=self.method == b"HEAD")
+        down = self.down
+        if down.gate.reasons:
+            down.gate.resume(PEER_BUSY)
+        if down.write_paused:
+            conn.pause_reading()
+
+    def _give_back(self, conn: UpstreamConnection | None, *, reusable: bool) -> None:
+        """Return the upstream connection (and the server's request count) to the pool."""
+        self.up = None
+        slot = self.slot
+        if slot is None:
+            if conn is not None:
+                conn.close()
+            return
+        self.slot = None
+        assert self.pool is not None
+        self.pool.release(slot, conn, reusable=reusable)
+
+    # --- the response (called by the upstream's parser) -----------------------------------
+
+    def on_informational(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        # 100 Continue goes to a client that asked for it; other 1xx are dropped.
+        if status == 100 and self.expect_continue and not self.resp_started:
+            self.expect_continue = False
+            self._write(_CONTINUE)
+
+    def on_head(self, status: int, phrase: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status = status
+        if status == 101:
+            self._start_tunnel(phrase, headers)
+            return
+        self.tunnel = False
+        up = self.up
+        assert up is not None
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, phrase or reason(status))]
+        for name, value in response_headers(headers):
+            parts += (name, b": ", value, _CRLF)
+        body = up.parser.body
+        if body == CHUNKED or body == UNTIL_CLOSE:
+            if self.http10:
+                self.keep_alive = False  # an HTTP/1.0 client reads until we close
+            else:
+                parts.append(b"transfer-encoding: chunked\r\n")
+                self.resp_chunked = True
+        if self.keep_alive and self.down.draining:
+            self.keep_alive = False
+        if not self.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(_CRLF)
+        self.resp_head = b"".join(parts)
+        self.resp_started = True
+        self.down.h11.send(_H11_RESPONSE)
+
+    def on_body(self, data: bytes) -> None:
+        if self.tunnel:
+            self._write(data)
+            return
+        head = self.resp_head
+        if self.resp_chunked:
+            size = b"%x\r\n" % len(data)
+            if head is not None:
+                self.resp_head = None
+                self._write_parts((head, size, data, _CRLF))
+            else:
+                self._write_parts((size, data, _CRLF))
+        elif head is not None:
+            self.resp_head = None
+            self._write_parts((head, data))
+        else:
+            self._write(data)
+
+    def on_end(self) -> None:
+        head = self.resp_head
+        self.resp_head = None
+        if self.resp_chunked:
+            self._write(_LAST_CHUNK if head is None else head + _LAST_CHUNK)
+        elif head is not None:
+            self._write(head)
+        self.down.h11.send(_H11_END)
+        up = self.up
+        request_complete = self.req_done and not self.pending and not self.connecting
+        self._give_back(up, reusable=request_complete)
+        self._finish(self.keep_alive and request_complete)
+
+    def feed_done(self) -> None:
+        """The upstream's bytes of this read are parsed: a head still waiting goes out now."""
+        head = self.resp_head
+        if head is not None:
+            self.resp_head = None
+            self._write(head)
+
+    # --- upgrades -------------------------------------------------------------------------
+
+    def _start_tunnel(self, phrase: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        up = self.up
+        assert up is not None
+        if not self.tunnel or not self.req_done:
+            self.upstream_failed(UpstreamError("unexpected 101 from upstream", 502))
+            return
+        up.tunnel = True
+        parts = [b"HTTP/1.1 101 ", phrase or b"Switching Protocols", _CRLF]
+        for name, value in response_headers(headers, upgrade=True):
+            parts += (name, b": ", value, _CRLF)
+        parts.append(_CRLF)
+        self.resp_started = True
+        self._write(b"".join(parts))
+        early = self.down.start_tunnel(self)
+        if early:
+            up.write(early)
+
+    def tunnel_from_client(self, data: bytes) -> None:
+        self.body_in += len(data)
+        up = self.up
+        if up is not None:
+            up.write(data)
+
+    def client_eof(self) -> None:
+        """The client finished sending in a tunnel: the upstream side closes after its data."""
+        up = self.up
+        if up is not None and up.transport is not None and up.transport.can_write_eof():
+            up.transport.write_eof()
+        elif up is not None:
+            self._end_tunnel()
+
+    def _end_tunnel(self) -> None:
+        up = self.up
+        self.up = None
+        if self.slot is not None and self.pool is not None:
+            self.pool.release(self.slot, None)
+            self.slot = None
+        if up is not None:
+            up.close()
+        self._finish(False)
+
+    # --- flow control ---------------------------------------------------------------------
+
+    def upstream_write_paused(self) -> None:
+        self.down.gate.pause(PEER_BUSY)
+
+    def upstream_write_resumed(self) -> None:
+        self.down.gate.resume(PEER_BUSY)
+
+    def client_write_paused(self) -> None:
+        if self.up is not None:
+            self.up.pause_reading()
+
+    def client_write_resumed(self) -> None:
+        if self.up is not None:
+            self.up.resume_reading()
+
+    # --- failures -------------------------------------------------------------------------
+
+    def upstream_failed(self, error: UpstreamError) -> None:
+        if self.finished:
+            return
+        up = self.up
+        if self.tunnel and self.resp_started:
+            self._end_tunnel()
+            return
+        if self.resp_started:
+            # Part of the response is out: close without the final chunk (or short of the
+            # Content-Length), so the client sees an incomplete message, never a complete one.
+            self._give_back(up, reusable=False)
+            self.down.log_upstream_failure(self, error)
+            self._finish(False, abort=True)
+            return
+        if self._may_retry(error, up):
+            failed_slot = self.slot if not error.request_sent else None
+            self._give_back(up, reusable=False)
+            self.retried = True
+            self.head_sent = False
+            self._acquire(failed_slot)
+            if self.up is not None:
+                self.flush()
+            return
+        self.down.log_upstream_failure(self, error)
+        self._reply_error(error.status)
+
+    def _may_retry(self, error: UpstreamError, up: UpstreamConnection | None) -> bool:
+        if self.retried or self.body_sent or error.status != 502:
+            return False
+        pool = self.pool
+        if pool is None:
+            return False
+        if not error.request_sent:
+            return len(pool.slots) > 1  # a refused connect: worth it only on another server
+        # A pooled connection that the server closed just as we wrote: no response byte came.
+        return (
+            up is not None
+            and up.requests > 1
+            and up.parser.received == 0
+            and pool.config.retry_idempotent
+            and (self.method in _IDEMPOTENT or (self.req_done and self.body_in == 0))
+        )
+
+    def client_failed(self, status: int) -> None:
+        """The client broke the protocol in the middle of its body (h11 raised)."""
+        if self.finished:
+            return
+        self.pending.clear()
+        if status and not self.resp_started:
+            self._reply_error(status)
+        else:
+            self._give_back(self.up, reusable=False)
+            self._finish(False, abort=True)
+
+    def internal_error(self) -> None:
+        self.down.internal_error()
+
+    def _body_too_large(self) -> None:
+        self.pending.clear()
+        if self.resp_started:
+            self._give_back(self.up, reusable=False)
+            self._finish(False, abort=True)
+        else:
+            self._reply_error(413)
+
+    def _reply_error(self, status: int) -> None:
+        """Answer with a canned error and close the client connection after it."""
+        self.status = status
+        if self.up is not None or self.slot is not None:
+            self._give_back(self.up, reusable=False)
+        self.resp_started = True
+        self._write(error_response(status, close=True, head=self.method == b"HEAD"))
+        self._finish(False)
+
+    def client_lost(self) -> None:
+        """The client connection is gone: drop the upstream side too."""
+        if self.finished:
+            return
+        up = self.up
+        self._give_back(up, reusable=False)
+        if up is not None:
+            up.abort()
+        if not self.status or not self.resp_started:
+            self.status = _CLIENT_CLOSED
+        self._finish(False, notify=False)
+
+    # --- output ---------------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        self.down.transport.write(data)
+
+    def _write_parts(self, parts: tuple[bytes, ...]) -> None:
+        size = 0
+        for part in parts:
+            size += len(part)
+        self.bytes_out += size
+        if size <= _COALESCE:
+            self.down.transport.write(b"".join(parts))
+        else:
+            self.down.transport.writelines(parts)
+
+    def _finish(self, keep_alive: bool, *, abort: bool = False, notify: bool = True) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        down = self.down
+        if down.state.access_log.enabled:
+            down.log_access(self)
+        if notify:
+            down.exchange_done(self, keep_alive, abort=abort)

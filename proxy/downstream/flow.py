@@ -1,0 +1,57 @@
+"""Flow control between two transports: reading from one side pauses while the other cannot
+take more.
+
+asyncio tells a protocol `pause_writing()` when its transport's write buffer passes the high
+water mark and `resume_writing()` when it drained below the low one. The proxy answers by
+pausing *reading* on the other transport, so a slow reader on either side stops the fast side
+instead of growing a buffer. Reading can be paused for several reasons at once (the peer is
+slow, a pipelined request waits for its turn, the upstream is still connecting); a `ReadGate`
+reads again only when the last reason is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+# Reasons to stop reading, as bits.
+PEER_BUSY = 1  # the transport we forward to is over its high water mark, or not there yet
+PIPELINE = 2  # h11 holds a pipelined request until the current response is done
+
+# Large writes are normal on this path (bodies): a larger buffer means fewer pause/resume
+# flips per megabyte while still bounding memory per connection.
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+
+
+class ReadGate:
+    """Pauses and resumes reading on one transport; `reasons` holds the bits currently set."""
+
+    __slots__ = ("reasons", "transport")
+
+    def __init__(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.reasons = 0
+
+    def pause(self, reason: int) -> None:
+        if not self.reasons:
+            transport = self.transport
+            if not transport.is_closing():
+                transport.pause_reading()  # type: ignore[attr-defined]
+        self.reasons |= reason
+
+    def resume(self, reason: int) -> None:
+        if self.reasons & reason:
+            self.reasons &= ~reason
+            if not self.reasons:
+                transport = self.transport
+                if not transport.is_closing():
+                    transport.resume_reading()  # type: ignore[attr-defined]
+
+    @property
+    def paused(self) -> bool:
+        return bool(self.reasons)
+
+
+def tune_write_buffer(transport: asyncio.WriteTransport) -> None:
+    """Give a transport this path's water marks (bounded memory, few flips)."""
+    transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)

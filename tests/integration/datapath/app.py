@@ -1,0 +1,118 @@
+"""The upstream app for the data-path tests (run by uvicorn in a subprocess)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+
+from fastapi import FastAPI, Request, Response, WebSocket
+from fastapi.responses import JSONResponse, StreamingResponse
+
+app = FastAPI()
+CHUNK = 64 * 1024
+
+
+@app.get("/hello")
+async def hello() -> Response:
+    return Response(b"hello", media_type="text/plain")
+
+
+@app.get("/pid")
+async def pid() -> Response:
+    return Response(str(os.getpid()).encode(), media_type="text/plain")
+
+
+@app.api_route("/headers", methods=["GET", "POST"])
+async def headers(request: Request) -> JSONResponse:
+    return JSONResponse({k: v for k, v in request.headers.items()})
+
+
+@app.post("/digest")
+async def digest(request: Request) -> JSONResponse:
+    """Reads the body as a stream (never whole) and reports its size and sha256."""
+    h = hashlib.sha256()
+    size = 0
+    async for chunk in request.stream():
+        h.update(chunk)
+        size += len(chunk)
+    return JSONResponse({"size": size, "sha256": h.hexdigest()})
+
+
+@app.post("/echo")
+async def echo(request: Request) -> StreamingResponse:
+    return StreamingResponse(request.stream(), media_type="application/octet-stream")
+
+
+def _pattern(size: int):
+    block = bytes(range(256)) * (CHUNK // 256)
+    sent = 0
+    while sent < size:
+        piece = block[: min(CHUNK, size - sent)]
+        sent += len(piece)
+        yield piece
+
+
+@app.get("/chunked/{size}")
+async def chunked(size: int) -> StreamingResponse:
+    return StreamingResponse(_pattern(size), media_type="application/octet-stream")
+
+
+@app.get("/fixed/{size}")
+async def fixed(size: int) -> StreamingResponse:
+    return StreamingResponse(
+        _pattern(size),
+        media_type="application/octet-stream",
+        headers={"content-length": str(size)},
+    )
+
+
+@app.get("/status/{code}")
+async def status(code: int) -> Response:
+    return Response(status_code=code)
+
+
+@app.get("/sleep/{seconds}")
+async def sleep(seconds: float) -> Response:
+    await asyncio.sleep(seconds)
+    return Response(b"slept", media_type="text/plain")
+
+
+@app.get("/late-body")
+async def late_body() -> StreamingResponse:
+    """The head goes out at once, the body a moment later (the proxy must not hold the head)."""
+
+    async def body():
+        yield b""
+        await asyncio.sleep(0.5)
+        yield b"late"
+
+    return StreamingResponse(body(), media_type="text/plain")
+
+
+@app.get("/die-midway")
+async def die_midway() -> StreamingResponse:
+    """Sends part of a chunked body, then kills the process: a response cut short."""
+
+    async def body():
+        yield b"x" * 1000
+        await asyncio.sleep(0.2)
+        os._exit(1)
+
+    return StreamingResponse(body(), media_type="text/plain")
+
+
+@app.websocket("/ws")
+async def ws_echo(websocket: WebSocket) -> None:
+    await websocket.accept()
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if message.get("text") is not None:
+                await websocket.send_text(message["text"])
+            else:
+                await websocket.send_bytes(message["bytes"])
+    except Exception:
+        return

@@ -1,0 +1,128 @@
+"""Fixtures for the data-path tests: a real uvicorn app in a subprocess, and the proxy's data
+path (ProxyState + DownstreamProtocol) served in the test's own event loop on plain TCP, so a
+test can look inside it (pools, transports, buffers) while real clients talk to it.
+
+The loop is uvloop, as in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import uvloop
+
+from proxy.config import parse_config
+from proxy.downstream.connection import DownstreamProtocol
+from proxy.logs import AccessLog
+from proxy.state import ProxyState
+from tests.integration.harness import AppProcess, running
+
+APP = "tests.integration.datapath.app:app"
+HOST = "app.test"
+
+
+@pytest.fixture(scope="module")
+def event_loop_policy():
+    return uvloop.EventLoopPolicy()
+
+
+@pytest.fixture(scope="module")
+def app_tcp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppProcess]:
+    with running(AppProcess(tmp_path_factory.mktemp("dp-app"), APP)) as app:
+        yield app
+
+
+@pytest.fixture(scope="module")
+def app_unix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppProcess]:
+    with running(AppProcess(tmp_path_factory.mktemp("dp-app-unix"), APP, uds=True)) as app:
+        yield app
+
+
+@dataclass
+class Proxy:
+    state: ProxyState
+    server: asyncio.base_events.Server
+    connections: set[DownstreamProtocol] = field(default_factory=set)
+    closed: list[DownstreamProtocol] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return self.server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pool(self):
+        return self.state.pools["app"]
+
+
+def proxy_config(servers: list[str], limits: dict | None = None, **upstream: object) -> dict:
+    return {
+        "server": {"https": ["127.0.0.1:0"], "http": []},
+        "limits": limits or {},
+        "site": [{"hosts": [HOST, "other.test"], "upstream": "app"}],
+        "upstream": {"app": {"servers": servers, **upstream}},
+    }
+
+
+@pytest.fixture
+async def start_proxy(tmp_path: Path) -> AsyncIterator:
+    """start_proxy(servers, limits=None, access_log="off", **upstream) -> Proxy on 127.0.0.1."""
+    started: list[Proxy] = []
+
+    async def start(
+        servers: list[str], limits: dict | None = None, access_log: str = "off", **upstream
+    ) -> Proxy:
+        config = parse_config(proxy_config(servers, limits, **upstream), tmp_path)
+        state = ProxyState.build(config, AccessLog(access_log))  # type: ignore[arg-type]
+        connections: set[DownstreamProtocol] = set()
+        closed: list[DownstreamProtocol] = []
+
+        def on_close(protocol: DownstreamProtocol) -> None:
+            connections.discard(protocol)
+            closed.append(protocol)
+
+        def factory() -> DownstreamProtocol:
+            protocol = DownstreamProtocol(state, on_close)
+            connections.add(protocol)
+            return protocol
+
+        server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+        proxy = Proxy(state, server, connections, closed)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.server.close()
+        for protocol in list(proxy.connections):
+            protocol.transport.abort()
+        await proxy.state.close()
+
+
+async def raw_exchange(
+    port: int, data: bytes, *, read_until_close: bool = True, wait: float = 10.0
+) -> bytes:
+    """Send raw bytes, return everything the proxy sends until it closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        chunks = []
+        async with asyncio.timeout(wait):
+            while True:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                if not read_until_close:
+                    break
+        return b"".join(chunks)
+    finally:
+        writer.close()
