@@ -236,20 +236,20 @@ class AcmeManager:
         state = state.failed(started, error, retry_after, self._rng())
         now = self._clock()
         decision = self._decide(now, stored, spec, state)
-        await self._save_state(spec, state, decision, stored)
         serving = (
             f"still serving serial {stored.info.serial:x} until {stored.info.not_after.isoformat()}"
             if stored is not None
             else "nothing to serve for it yet"
         )
         log.warning(
-            "ACME order for %s failed (attempt %d; %s; next attempt in %.0fs): %s",
+            "ACME order for %s failed (attempt %d; %s; next attempt in %.1fs): %s",
             spec.name,
             state.failures,
             serving,
             max(0.0, decision.at - now),
             error,
         )
+        await self._save_state(spec, state, decision, stored)
 
     # -- storage, cache --------------------------------------------------------------------
     def _read(self, spec: CertSpec) -> _Stored | None:

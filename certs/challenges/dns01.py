@@ -192,6 +192,11 @@ class Rfc2136Client:
                 response = await dns.asyncquery.tcp(
                     msg, await self._server(), timeout=self.timeout, port=self.port
                 )
+            except dns.tsig.PeerError as e:
+                raise Dns01Error(
+                    f"DNS server {self._where()} rejected TSIG key {self.key.name!r}"
+                    f" ({type(e).__name__}: {e}) for the update ({verb} {what})"
+                ) from None
             except (OSError, dns.exception.DNSException) as e:
                 raise Dns01Error(
                     f"DNS update ({verb} {what}) to {self._where()} failed: {e}"

@@ -157,6 +157,7 @@ class Components:
     named: subprocess.Popen | None = None
     pebble: subprocess.Popen | None = None
     logs: list[Path] = field(default_factory=list)
+    root_pem_cached: bytes = b""  # the root of the Pebble that ran last (it may be stopped)
 
     @property
     def directory(self) -> str:
@@ -250,6 +251,7 @@ class Components:
                 stderr=subprocess.STDOUT,
             )
         _wait_ready(self.pebble, [self.acme_port, self.mgmt_port], self.pebble_log, None)
+        self.root_pem()
 
     def stop_pebble(self) -> None:
         if self.pebble is not None:
@@ -267,7 +269,8 @@ class Components:
         ctx = ssl.create_default_context(cafile=str(self.tls.ca))
         url = f"https://127.0.0.1:{self.mgmt_port}/roots/0"
         with urllib.request.urlopen(url, context=ctx, timeout=5) as response:
-            return response.read()
+            self.root_pem_cached = response.read()
+        return self.root_pem_cached
 
 
 StartComponents = Callable[..., Components]

@@ -179,4 +179,4 @@ async def test_dns_server_refusing_the_update_is_reported(components, tmp_path):
     async with maintaining(manager, [spec], CertificateCache()):
         await wait_for(lambda: manager.status([spec])[0].last_error, 20, "a recorded failure")
     error = manager.status([spec])[0].last_error
-    assert f"127.0.0.1:{c.dns_port}" in error and "update" in error, error
+    assert f"127.0.0.1:{c.dns_port} rejected TSIG key" in error and "update" in error, error
