@@ -63,8 +63,8 @@ class RedirectProtocol(asyncio.Protocol):
     # --- asyncio callbacks ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, so no isinstance check here.
+        self._transport = transport  # type: ignore[assignment]
         self._arm(self._limits.header_read_timeout, self._on_header_timeout)
 
     def data_received(self, data: bytes) -> None:
