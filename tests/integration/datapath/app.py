@@ -9,26 +9,55 @@ import os
 from fastapi import FastAPI, Request, Response, WebSocket
 from fastapi.responses import JSONResponse, StreamingResponse
 
-app = FastAPI()
+api = FastAPI()
 CHUNK = 64 * 1024
 
 
-@app.get("/hello")
+async def app(scope, receive, send) -> None:
+    """The FastAPI app, except /echo: a raw ASGI echo (Starlette's StreamingResponse listens
+    for disconnects with its own receive() calls, which would steal request body messages)."""
+    if scope["type"] == "http" and scope["path"] == "/echo":
+        await echo(receive, send)
+    else:
+        await api(scope, receive, send)
+
+
+async def echo(receive, send) -> None:
+    """Streams the request body back as it arrives (chunked)."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/octet-stream")],
+        }
+    )
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        if message.get("body"):
+            await send({"type": "http.response.body", "body": message["body"], "more_body": True})
+        if not message.get("more_body"):
+            break
+    await send({"type": "http.response.body", "body": b""})
+
+
+@api.get("/hello")
 async def hello() -> Response:
     return Response(b"hello", media_type="text/plain")
 
 
-@app.get("/pid")
+@api.get("/pid")
 async def pid() -> Response:
     return Response(str(os.getpid()).encode(), media_type="text/plain")
 
 
-@app.api_route("/headers", methods=["GET", "POST"])
+@api.api_route("/headers", methods=["GET", "POST"])
 async def headers(request: Request) -> JSONResponse:
     return JSONResponse({k: v for k, v in request.headers.items()})
 
 
-@app.post("/digest")
+@api.post("/digest")
 async def digest(request: Request) -> JSONResponse:
     """Reads the body as a stream (never whole) and reports its size and sha256."""
     h = hashlib.sha256()
@@ -37,11 +66,6 @@ async def digest(request: Request) -> JSONResponse:
         h.update(chunk)
         size += len(chunk)
     return JSONResponse({"size": size, "sha256": h.hexdigest()})
-
-
-@app.post("/echo")
-async def echo(request: Request) -> StreamingResponse:
-    return StreamingResponse(request.stream(), media_type="application/octet-stream")
 
 
 def _pattern(size: int):
@@ -53,12 +77,12 @@ def _pattern(size: int):
         yield piece
 
 
-@app.get("/chunked/{size}")
+@api.get("/chunked/{size}")
 async def chunked(size: int) -> StreamingResponse:
     return StreamingResponse(_pattern(size), media_type="application/octet-stream")
 
 
-@app.get("/fixed/{size}")
+@api.api_route("/fixed/{size}", methods=["GET", "HEAD"])
 async def fixed(size: int) -> StreamingResponse:
     return StreamingResponse(
         _pattern(size),
@@ -67,18 +91,18 @@ async def fixed(size: int) -> StreamingResponse:
     )
 
 
-@app.get("/status/{code}")
+@api.get("/status/{code}")
 async def status(code: int) -> Response:
     return Response(status_code=code)
 
 
-@app.get("/sleep/{seconds}")
+@api.get("/sleep/{seconds}")
 async def sleep(seconds: float) -> Response:
     await asyncio.sleep(seconds)
     return Response(b"slept", media_type="text/plain")
 
 
-@app.get("/late-body")
+@api.get("/late-body")
 async def late_body() -> StreamingResponse:
     """The head goes out at once, the body a moment later (the proxy must not hold the head)."""
 
@@ -90,7 +114,7 @@ async def late_body() -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/plain")
 
 
-@app.get("/die-midway")
+@api.get("/die-midway")
 async def die_midway() -> StreamingResponse:
     """Sends part of a chunked body, then kills the process: a response cut short."""
 
@@ -102,7 +126,7 @@ async def die_midway() -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/plain")
 
 
-@app.websocket("/ws")
+@api.websocket("/ws")
 async def ws_echo(websocket: WebSocket) -> None:
     await websocket.accept()
     try:

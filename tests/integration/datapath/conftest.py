@@ -126,3 +126,54 @@ async def raw_exchange(
         return b"".join(chunks)
     finally:
         writer.close()
+
+
+@dataclass
+class RawUpstream:
+    """An in-process upstream that speaks raw bytes, for behaviour uvicorn would not show."""
+
+    server: asyncio.base_events.Server
+    received: list[bytes] = field(default_factory=list)
+    connections: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator:
+    """raw_upstream(handler) where `await handler(reader, writer, upstream)` serves a connection."""
+    started: list[RawUpstream] = []
+    tasks: set[asyncio.Task] = set()
+
+    async def start(handler) -> RawUpstream:
+        upstream: RawUpstream
+
+        async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+            upstream.connections += 1
+            tasks.add(asyncio.current_task())  # type: ignore[arg-type]
+            try:
+                await handler(reader, writer, upstream)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(on_connection, "127.0.0.1", 0)
+        upstream = RawUpstream(server)
+        started.append(upstream)
+        return upstream
+
+    yield start
+    for upstream in started:
+        upstream.server.close()
+    for task in tasks:
+        task.cancel()
+
+
+async def read_request(reader: asyncio.StreamReader, upstream: RawUpstream) -> bytes:
+    """One request head (bodies are not used by the raw tests), recorded in `upstream`."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    upstream.received.append(head)
+    return head
