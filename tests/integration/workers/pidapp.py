@@ -11,12 +11,13 @@ if _crash_if and os.path.exists(_crash_if):
     sys.exit(3)
 
 import asyncio  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from fastapi import FastAPI, Request  # noqa: E402
 
 _marker = os.environ.get("PIDAPP_PRESTART_MARKER")
 # What the prestart steps had written when this worker started (None: nothing to look at).
-PRESTART_SEEN = open(_marker).read() if _marker and os.path.exists(_marker) else None  # noqa: SIM115
+PRESTART_SEEN = Path(_marker).read_text() if _marker and os.path.exists(_marker) else None
 
 app = FastAPI()
 _hoard: list[bytearray] = []
