@@ -36,6 +36,7 @@ from .challenges.http01 import Http01Responder
 from .errors import CertError, LockTimeout
 from .issuers.acme import AcmeError, AcmeIssuer, AcmeSettings
 from .keys import cert_info, key_matches_certificate, load_certificates, load_private_key
+from .manager import describe_error
 from .models import CertInfo, CertSpec, CertStatus, Installed
 from .renewal import DEFAULT_RATIO, RETRY_BASE, RETRY_CAP
 from .selection import uncovered_hosts
@@ -50,13 +51,6 @@ ContextFactory = Callable[[Path, Path], ssl.SSLContext]
 class _Stored:
     files: StoredCertificate
     info: CertInfo
-
-
-def _describe(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    if isinstance(error, CertError | OSError) and text:
-        return text
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 class AcmeManager:
@@ -123,7 +117,7 @@ class AcmeManager:
                     warned = True
                 delay = await self._step(spec, stored, cache_getter, stop)
             except Exception as e:  # a bug, not a CA failure: keep the other sites going
-                log.exception("ACME maintenance of %s failed: %s", spec.name, _describe(e))
+                log.exception("ACME maintenance of %s failed: %s", spec.name, describe_error(e))
                 delay = self.retry_base
             await asyncio.sleep(max(0.0, delay))
 
@@ -202,11 +196,11 @@ class AcmeManager:
                 )
             except (CertError, OSError) as e:
                 retry_after = e.retry_after if isinstance(e, AcmeError) else None
-                await self._failed(spec, stored, state, started, _describe(e), retry_after)
+                await self._failed(spec, stored, state, started, describe_error(e), retry_after)
                 return 0.0
             except Exception as e:
                 log.exception("unexpected error while ordering %s", spec.name)
-                await self._failed(spec, stored, state, started, _describe(e), None)
+                await self._failed(spec, stored, state, started, describe_error(e), None)
                 return 0.0
         finally:
             lock.__exit__(None, None, None)
@@ -323,7 +317,7 @@ class AcmeManager:
         try:
             answer = await self.issuer.renewal_info(stored.files.chain_pem, stop)
         except (CertError, OSError) as e:
-            log.debug("no renewal info for %s: %s", spec.name, _describe(e))
+            log.debug("no renewal info for %s: %s", spec.name, describe_error(e))
             return state.with_ari(serial, state.ari_renewal_at, now + self.check_interval)
         if answer is None:  # the CA has no ARI: the ratio decides; ask again much later
             return state.with_ari(serial, None, now + 24 * self.check_interval)

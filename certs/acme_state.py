@@ -133,8 +133,7 @@ def failure_delay(
     delay = retry_delay(failures, base=base, cap=cap)
     if remaining is not None and remaining > 0:
         delay = min(delay, remaining / 4)  # several more tries before the old one expires
-    delay *= 1 - RETRY_SPREAD * spread
-    return max(base * (1 - RETRY_SPREAD), delay)
+    return max(base, delay) * (1 - RETRY_SPREAD * spread)
 
 
 def decide(

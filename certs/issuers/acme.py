@@ -107,7 +107,8 @@ class AcmeError(IssuanceError):
     wants to hear from us again, when it said so."""
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message)
+        # One line, for logs and `tlsproxy certs` (a CA's subproblems come on extra lines).
+        super().__init__("; ".join(line.strip() for line in message.splitlines() if line.strip()))
         self.retry_after = retry_after
 
 

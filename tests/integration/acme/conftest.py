@@ -34,10 +34,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from certs.acme_manager import AcmeManager
+from certs.cache import CertificateCache
 from certs.challenges.http01 import Http01Responder, token_from_path
 from certs.issuers.acme import AcmeSettings, DnsUpdateSettings
 from tests.integration.certs.conftest import client_context, connect, echo_server
 from tests.integration.harness import free_port, stop_process
+
+from .helpers import context_factory
 
 __all__ = ["client_context", "connect", "echo_server"]
 
@@ -351,3 +355,39 @@ async def http01_server() -> AsyncIterator[Callable[[Http01Responder, int], Awai
         server.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(server.wait_closed(), 2)
+
+
+@dataclass
+class AcmeSetup:
+    c: Components
+    responder: Http01Responder
+    cache: CertificateCache
+    manager: AcmeManager
+
+
+@pytest.fixture
+def acme_setup(
+    components: StartComponents, http01_server, tmp_path: Path
+) -> Callable[..., Awaitable[AcmeSetup]]:
+    """start(pebble_env=, validity=, serve_http01=True, **AcmeManager keywords): named +
+    pebble, an HTTP-01 server on Pebble's httpPort (unless told not to) and an AcmeManager on
+    tmp_path/data with an empty cache."""
+
+    async def start(
+        *,
+        pebble_env: dict[str, str] | None = None,
+        validity: int | None = None,
+        serve_http01: bool = True,
+        settings: AcmeSettings | None = None,
+        **manager_kw: object,
+    ) -> AcmeSetup:
+        c = components(pebble_env=pebble_env, validity=validity)
+        responder = Http01Responder()
+        if serve_http01:
+            await http01_server(responder, c.http_port)
+        manager = AcmeManager(
+            tmp_path / "data", settings or c.settings(), context_factory, responder, **manager_kw
+        )
+        return AcmeSetup(c, responder, CertificateCache(), manager)
+
+    return start

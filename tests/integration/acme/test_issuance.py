@@ -22,13 +22,10 @@ from .helpers import acme_spec, context_factory, installed, maintaining, verify_
 
 
 async def test_http01_two_names_served_and_chained_to_pebble_root(
-    components, http01_server, echo_server, tmp_path
+    acme_setup, echo_server, tmp_path
 ):
-    c = components()
-    responder = Http01Responder()
-    await http01_server(responder, c.http_port)
-    cache = CertificateCache()
-    manager = AcmeManager(tmp_path / "data", c.settings(), context_factory, responder)
+    s = await acme_setup()
+    c, responder, cache, manager = s.c, s.responder, s.cache, s.manager
     spec = acme_spec("app.test", "www.app.test")
 
     async with maintaining(manager, [spec], cache):
@@ -58,13 +55,12 @@ async def _txt_at(c, name: str) -> tuple[int, set[str]]:
 
 
 async def test_dns01_wildcard_and_apex_through_bind_records_removed(
-    components, echo_server, tmp_path, caplog
+    acme_setup, echo_server, caplog
 ):
     caplog.set_level(logging.DEBUG, logger="tlsproxy.certs.acme")
-    c = components()
-    cache = CertificateCache()
     # No HTTP server at all: an http-01 attempt could not succeed.
-    manager = AcmeManager(tmp_path / "data", c.settings(), context_factory, Http01Responder())
+    s = await acme_setup(serve_http01=False)
+    c, cache, manager = s.c, s.cache, s.manager
     spec = acme_spec("app.test", "*.app.test", challenge="dns-01")
 
     async with maintaining(manager, [spec], cache):
@@ -81,15 +77,10 @@ async def test_dns01_wildcard_and_apex_through_bind_records_removed(
     assert values == set(), f"TXT records left behind: {values} (rcode {rcode})"
 
 
-async def test_wildcard_uses_dns01_while_the_other_name_uses_http01(
-    components, http01_server, tmp_path, caplog
-):
+async def test_wildcard_uses_dns01_while_the_other_name_uses_http01(acme_setup, caplog):
     caplog.set_level(logging.INFO, logger="tlsproxy.certs.acme")
-    c = components()
-    responder = Http01Responder()
-    await http01_server(responder, c.http_port)
-    cache = CertificateCache()
-    manager = AcmeManager(tmp_path / "data", c.settings(), context_factory, responder)
+    s = await acme_setup()
+    c, cache, manager = s.c, s.cache, s.manager
     spec = acme_spec("api.test", "*.api.test")  # default challenge: http-01
 
     async with maintaining(manager, [spec], cache):
@@ -101,15 +92,10 @@ async def test_wildcard_uses_dns01_while_the_other_name_uses_http01(
     assert (await _txt_at(c, "_acme-challenge.api.test."))[1] == set()
 
 
-async def test_bad_nonces_are_retried_until_issuance_succeeds(
-    components, http01_server, tmp_path, caplog
-):
+async def test_bad_nonces_are_retried_until_issuance_succeeds(acme_setup, caplog):
     caplog.set_level(logging.DEBUG, logger="tlsproxy.certs.acme")
-    c = components(pebble_env={"PEBBLE_WFE_NONCEREJECT": "40"})
-    responder = Http01Responder()
-    await http01_server(responder, c.http_port)
-    cache = CertificateCache()
-    manager = AcmeManager(tmp_path / "data", c.settings(), context_factory, responder)
+    s = await acme_setup(pebble_env={"PEBBLE_WFE_NONCEREJECT": "40"})
+    cache, manager = s.cache, s.manager
 
     async with maintaining(manager, [acme_spec("app.test", "www.app.test")], cache):
         await installed(cache, "app.test")
@@ -120,14 +106,13 @@ async def test_bad_nonces_are_retried_until_issuance_succeeds(
 
 
 async def test_account_key_kept_and_account_registered_again_after_pebble_restart(
-    components, http01_server, tmp_path, caplog
+    acme_setup, tmp_path, caplog
 ):
     caplog.set_level(logging.INFO, logger="tlsproxy.certs.acme")
-    c = components()
-    responder = Http01Responder()
-    await http01_server(responder, c.http_port)
+    s = await acme_setup()
+    c = s.c
     storage = Storage(tmp_path / "data")
-    issuer = AcmeIssuer(c.settings(), storage, responder)
+    issuer = AcmeIssuer(c.settings(), storage, s.responder)
     stop = threading.Event()
 
     first = await issuer.issue(["app.test"], challenge=None, stop=stop)
@@ -146,10 +131,9 @@ async def test_account_key_kept_and_account_registered_again_after_pebble_restar
     assert len(serials) == 2
 
 
-async def test_failed_http01_challenge_is_reported_in_status(components, tmp_path):
-    c = components()  # nothing listens on Pebble's httpPort
-    cache = CertificateCache()
-    manager = AcmeManager(tmp_path / "data", c.settings(), context_factory, Http01Responder())
+async def test_failed_http01_challenge_is_reported_in_status(acme_setup):
+    s = await acme_setup(serve_http01=False)  # nothing listens on Pebble's httpPort
+    cache, manager = s.cache, s.manager
     spec = acme_spec("other.test")
 
     async with maintaining(manager, [spec], cache):

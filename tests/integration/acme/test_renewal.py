@@ -11,7 +11,6 @@ import dns.message
 
 from certs.acme_manager import AcmeManager
 from certs.cache import CertificateCache
-from certs.challenges.http01 import Http01Responder
 from certs.storage import Storage
 
 from .conftest import client_context, connect
@@ -29,13 +28,10 @@ async def _renewed(cache: CertificateCache, name: str, serial: int, limit: float
 
 
 async def test_renewed_on_its_own_new_handshakes_get_it_open_connections_keep_theirs(
-    components, http01_server, echo_server, tmp_path
+    acme_setup, echo_server, tmp_path
 ):
-    c = components(validity=VALIDITY)
-    responder = Http01Responder()
-    await http01_server(responder, c.http_port)
-    cache = CertificateCache()
-    manager = AcmeManager(tmp_path / "data", c.settings(), context_factory, responder, ratio=0.8)
+    s = await acme_setup(validity=VALIDITY, ratio=0.8)
+    c, cache, manager = s.c, s.cache, s.manager
     root = c.root_pem()
 
     async with maintaining(manager, [acme_spec("app.test")], cache):
@@ -57,22 +53,11 @@ async def test_renewed_on_its_own_new_handshakes_get_it_open_connections_keep_th
 
 
 async def test_pebble_down_while_due_old_cert_served_retries_logged_then_renewed(
-    components, http01_server, echo_server, tmp_path, caplog
+    acme_setup, echo_server, caplog
 ):
     caplog.set_level(logging.INFO, logger="tlsproxy.certs.acme")
-    c = components(validity=VALIDITY)
-    responder = Http01Responder()
-    await http01_server(responder, c.http_port)
-    cache = CertificateCache()
-    manager = AcmeManager(
-        tmp_path / "data",
-        c.settings(),
-        context_factory,
-        responder,
-        ratio=0.8,
-        retry_base=0.5,
-        retry_cap=2.0,
-    )
+    s = await acme_setup(validity=VALIDITY, ratio=0.8, retry_base=0.5, retry_cap=2.0)
+    c, cache, manager = s.c, s.cache, s.manager
     spec = acme_spec("app.test")
 
     async with maintaining(manager, [spec], cache):
@@ -100,18 +85,14 @@ async def test_pebble_down_while_due_old_cert_served_retries_logged_then_renewed
     assert status.last_error is None
 
 
-async def test_two_managers_on_one_data_dir_order_once(components, http01_server, tmp_path, caplog):
+async def test_two_managers_on_one_data_dir_order_once(acme_setup, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="tlsproxy.certs.acme")
-    c = components()
-    responder = Http01Responder()
-    await http01_server(responder, c.http_port)
-    caches = [CertificateCache(), CertificateCache()]
-    managers = [
-        AcmeManager(
-            tmp_path / "data", c.settings(), context_factory, responder, lock_busy_delay=0.1
-        )
-        for _ in caches
-    ]
+    s = await acme_setup(lock_busy_delay=0.1)
+    caches = [s.cache, CertificateCache()]
+    second = AcmeManager(
+        tmp_path / "data", s.c.settings(), context_factory, s.responder, lock_busy_delay=0.1
+    )
+    managers = [s.manager, second]
     spec = acme_spec("app.test", "www.app.test")
 
     async with maintaining(managers[0], [spec], caches[0]):
@@ -140,13 +121,10 @@ class _CancelOn(logging.Handler):
 
 
 async def test_task_cancelled_mid_order_gives_everything_back_and_restarts_as_on_reload(
-    components, http01_server, tmp_path
+    acme_setup,
 ):
-    c = components()
-    responder = Http01Responder()
-    await http01_server(responder, c.http_port)
-    cache = CertificateCache()
-    manager = AcmeManager(tmp_path / "data", c.settings(), context_factory, responder)
+    s = await acme_setup()
+    c, responder, cache, manager = s.c, s.responder, s.cache, s.manager
     # api.test by HTTP-01 (a token in the responder), *.api.test by DNS-01 (a TXT record).
     spec = acme_spec("api.test", "*.api.test")
     logger = logging.getLogger("tlsproxy.certs.acme")
