@@ -158,6 +158,7 @@ class Components:
     tls_port: int
     pebble_env: dict[str, str]
     validity: int | None
+    extra_config: dict[str, object] = field(default_factory=dict)
     named: subprocess.Popen | None = None
     pebble: subprocess.Popen | None = None
     logs: list[Path] = field(default_factory=list)
@@ -232,6 +233,7 @@ class Components:
         }
         if self.validity is not None:
             config["certificateValidityPeriod"] = self.validity
+        config.update(self.extra_config)
         (directory / "pebble-config.json").write_text(json.dumps({"pebble": config}))
         env = {
             **os.environ,
@@ -287,7 +289,11 @@ def components(tmp_path: Path, pebble_tls: PebbleTls) -> Iterator[StartComponent
         pytest.skip(MISSING)
     started: list[Components] = []
 
-    def start(pebble_env: dict[str, str] | None = None, validity: int | None = None) -> Components:
+    def start(
+        pebble_env: dict[str, str] | None = None,
+        validity: int | None = None,
+        extra_config: dict[str, object] | None = None,
+    ) -> Components:
         c = Components(
             root=tmp_path / f"components{len(started)}",
             tls=pebble_tls,
@@ -298,6 +304,7 @@ def components(tmp_path: Path, pebble_tls: PebbleTls) -> Iterator[StartComponent
             tls_port=free_port(),
             pebble_env={"PEBBLE_AUTHZREUSE": "0", **(pebble_env or {})},
             validity=validity,
+            extra_config=extra_config or {},
         )
         c.root.mkdir()
         started.append(c)
@@ -369,7 +376,8 @@ class AcmeSetup:
 def acme_setup(
     components: StartComponents, http01_server, tmp_path: Path
 ) -> Callable[..., Awaitable[AcmeSetup]]:
-    """start(pebble_env=, validity=, serve_http01=True, **AcmeManager keywords): named +
+    """start(pebble_env=, validity=, pebble_config=, serve_http01=True, settings={overrides},
+    **AcmeManager keywords): named +
     pebble, an HTTP-01 server on Pebble's httpPort (unless told not to) and an AcmeManager on
     tmp_path/data with an empty cache."""
 
@@ -377,16 +385,21 @@ def acme_setup(
         *,
         pebble_env: dict[str, str] | None = None,
         validity: int | None = None,
+        pebble_config: dict[str, object] | None = None,
         serve_http01: bool = True,
-        settings: AcmeSettings | None = None,
+        settings: dict[str, object] | None = None,
         **manager_kw: object,
     ) -> AcmeSetup:
-        c = components(pebble_env=pebble_env, validity=validity)
+        c = components(pebble_env=pebble_env, validity=validity, extra_config=pebble_config)
         responder = Http01Responder()
         if serve_http01:
             await http01_server(responder, c.http_port)
         manager = AcmeManager(
-            tmp_path / "data", settings or c.settings(), context_factory, responder, **manager_kw
+            tmp_path / "data",
+            c.settings(**(settings or {})),
+            context_factory,
+            responder,
+            **manager_kw,
         )
         return AcmeSetup(c, responder, CertificateCache(), manager)
 

@@ -164,3 +164,26 @@ async def test_dns_server_refusing_the_update_is_reported(components, tmp_path):
         await wait_for(lambda: manager.status([spec])[0].last_error, 20, "a recorded failure")
     error = manager.status([spec])[0].last_error
     assert f"127.0.0.1:{c.dns_port} rejected TSIG key" in error and "update" in error, error
+
+
+EAB_KID = "kid-1"
+EAB_KEY = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W"
+EAB_PEBBLE = {"externalAccountBindingRequired": True, "externalAccountMACKeys": {EAB_KID: EAB_KEY}}
+
+
+async def test_external_account_binding(acme_setup):
+    s = await acme_setup(
+        pebble_config=EAB_PEBBLE, settings={"eab_kid": EAB_KID, "eab_hmac_key": EAB_KEY}
+    )
+    async with maintaining(s.manager, [acme_spec("app.test")], s.cache):
+        cert = await installed(s.cache, "app.test")
+    verify_chain(cert.cert_file.read_bytes(), s.c.root_pem(), ["app.test"])
+
+
+async def test_missing_external_account_binding_is_a_clear_error(acme_setup):
+    s = await acme_setup(pebble_config=EAB_PEBBLE)
+    spec = acme_spec("app.test")
+    async with maintaining(s.manager, [spec], s.cache):
+        await wait_for(lambda: s.manager.status([spec])[0].last_error, 20, "a recorded failure")
+    error = s.manager.status([spec])[0].last_error
+    assert "requires external account binding" in error and "acme.eab_kid" in error
