@@ -4,16 +4,19 @@ prints. The file (JSON) is replaced atomically, so a reader never sees half of i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 STATUS_VERSION = 1
+log = logging.getLogger("tlsproxy.workers")
 
 
 @dataclass(frozen=True)
@@ -108,3 +111,43 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class StatusWriter:
+    """Rewrites the status file every `interval` seconds from `sources()` (e.g. the workers of
+    every supervisor), in a thread so the event loop never waits on the disk. `stop()` writes a
+    last snapshot, so the file shows the final states after the proxy is gone."""
+
+    def __init__(
+        self,
+        path: Path,
+        sources: Callable[[], Sequence[WorkerInfo]],
+        interval: float = 2.0,
+    ) -> None:
+        self.path = path
+        self.sources = sources
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="status")
+
+    async def write_now(self) -> None:
+        try:
+            await asyncio.to_thread(write_status, self.path, list(self.sources()))
+        except OSError as exc:
+            log.warning("cannot write the status file %s: %s", self.path, exc)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.write_now()
+
+    async def _run(self) -> None:
+        while True:
+            await self.write_now()
+            await asyncio.sleep(self.interval)

@@ -329,6 +329,7 @@ class WorkerSupervisor:
         self._published: tuple[UpstreamServer, ...] = ()
         self._tasks: set[asyncio.Task[object]] = set()
         self._replace_lock = asyncio.Lock()
+        self._rolling = asyncio.Lock()
         self._monitor: asyncio.Task[None] | None = None
         self._prestart_proc: ChildProcess | None = None
         self._stopping = False
@@ -380,6 +381,10 @@ class WorkerSupervisor:
         """Replace each worker in turn: the new one is ready before the old one is taken out
         of the upstream, drained and stopped. A replacement that fails to become ready stops the
         rollout (the old workers keep serving). Crash-looped slots get a fresh start."""
+        async with self._rolling:  # a second SIGHUP meanwhile runs a full round after this one
+            await self._rolling_restart()
+
+    async def _rolling_restart(self) -> None:
         log.info("upstream %s: rolling restart of %d workers", self.name, len(self._slots))
         for slot in list(self._slots):
             if self._stopping:
@@ -430,6 +435,15 @@ class WorkerSupervisor:
         w.requests += 1
         if w.limit is not None and w.requests >= w.limit:
             self._recycle(w, f"{w.requests} requests served (max_requests)")
+
+    def recycle(self, server: UpstreamServer, reason: str) -> bool:
+        """Replace the worker behind `server` gracefully (e.g. the HealthChecker found it hung:
+        a new one is started and made ready first). False if no such live worker."""
+        w = self._by_server.get(server)
+        if w is None:
+            return False
+        self._recycle(w, reason)
+        return True
 
     def snapshot(self) -> list[WorkerInfo]:
         now = time.monotonic()

@@ -4,7 +4,12 @@ from pathlib import Path
 
 import pytest
 
-from proxy.workers.status import WorkerInfo, format_status, read_status, write_status
+from proxy.workers.status import (
+    WorkerInfo,
+    format_status,
+    read_status,
+    write_status,
+)
 
 WORKERS = [
     WorkerInfo("app", "app-1", 4242, "up", 125.0, 17, 52 * 1024 * 1024, "unix:/run/a.sock", 0),
