@@ -136,10 +136,11 @@ class AcmeManager:
             state = await self._refresh_ari(spec, stored, state, stop)
         now = self._clock()
         decision = self._decide(now, stored, spec, state)
+        # Recorded before acting too: the check under the lock reads it back from storage.
+        await self._save_state(spec, state, decision, stored, loaded)
         if decision.at > now:
-            await self._save_state(spec, state, decision, stored, loaded)
             return min(decision.at - now, self.check_interval)
-        return await self._attempt(spec, stored, state, decision, cache_getter, stop)
+        return await self._attempt(spec, stored, cache_getter, stop)
 
     def _decide(
         self, now: float, stored: _Stored | None, spec: CertSpec, state: AcmeState
@@ -149,6 +150,7 @@ class AcmeManager:
             stored.info if stored else None,
             spec.hosts,
             state,
+            directory=self.settings.directory,
             ratio=self.ratio,
             base=self.retry_base,
             cap=self.retry_cap,
@@ -158,8 +160,6 @@ class AcmeManager:
         self,
         spec: CertSpec,
         stored: _Stored | None,
-        state: AcmeState,
-        decision: Decision,
         cache_getter: Callable[[], CertificateCache],
         stop: threading.Event,
     ) -> float:
@@ -175,48 +175,68 @@ class AcmeManager:
             )
             return self.lock_busy_delay
         try:
+            # Check again under the lock: another proxy on this data_dir may have renewed it
+            # (or failed and backed off) since we read storage.
             fresh = await asyncio.to_thread(self._read, spec)
-            if fresh is not None and (stored is None or fresh.info.serial != stored.info.serial):
-                # Someone else renewed while we were deciding: decide again on what is there.
+            state = await self._load_state(spec)
+            fresh_serial = fresh.info.serial if fresh else None
+            if fresh_serial != (stored.info.serial if stored else None):
                 log.info("%s: another process stored a new certificate; using it", spec.name)
                 return 0.0
-            log.info(
-                "ordering a certificate for %s (%s) from %s: %s",
-                spec.name,
-                ", ".join(spec.hosts),
-                self.settings.directory,
-                decision.reason,
-            )
-            started = self._clock()
-            try:
-                issued = await self.issuer.issue(spec.hosts, challenge=spec.challenge, stop=stop)
-                _check_issued(spec, issued.chain_pem, issued.key_pem)
-                files = await asyncio.to_thread(
-                    self.storage.save_certificate, spec.name, issued.chain_pem, issued.key_pem
-                )
-            except (CertError, OSError) as e:
-                retry_after = e.retry_after if isinstance(e, AcmeError) else None
-                await self._failed(spec, stored, state, started, describe_error(e), retry_after)
+            decision = self._decide(self._clock(), fresh, spec, state)
+            if decision.at > self._clock():
                 return 0.0
-            except Exception as e:
-                log.exception("unexpected error while ordering %s", spec.name)
-                await self._failed(spec, stored, state, started, describe_error(e), None)
-                return 0.0
+            new = await self._order(spec, fresh, state, decision, stop)
         finally:
             lock.__exit__(None, None, None)
+        if new is not None:
+            await self._install(spec, new, cache_getter)
+        return 0.0
+
+    async def _order(
+        self,
+        spec: CertSpec,
+        stored: _Stored | None,
+        state: AcmeState,
+        decision: Decision,
+        stop: threading.Event,
+    ) -> _Stored | None:
+        """Order, save, record; under the storage lock. None when it failed (logged)."""
+        log.info(
+            "ordering a certificate for %s (%s) from %s: %s",
+            spec.name,
+            ", ".join(spec.hosts),
+            self.settings.directory,
+            decision.reason,
+        )
+        started = self._clock()
+        try:
+            issued = await self.issuer.issue(spec.hosts, challenge=spec.challenge, stop=stop)
+            _check_issued(spec, issued.chain_pem, issued.key_pem)
+            files = await asyncio.to_thread(
+                self.storage.save_certificate, spec.name, issued.chain_pem, issued.key_pem
+            )
+        except (CertError, OSError) as e:
+            retry_after = e.retry_after if isinstance(e, AcmeError) else None
+            await self._failed(spec, stored, state, started, describe_error(e), retry_after)
+            return None
+        except Exception as e:
+            log.exception("unexpected error while ordering %s", spec.name)
+            await self._failed(spec, stored, state, started, describe_error(e), None)
+            return None
         new = _Stored(files, cert_info(load_certificates(files.chain_pem)[0]))
-        await self._install(spec, new, cache_getter)
-        state = state.succeeded(self._clock())
-        await self._save_state(spec, state, self._decide(self._clock(), new, spec, state), new)
+        now = self._clock()
+        state = state.succeeded(now, new.info.serial, self.settings.directory)
+        await self._save_state(spec, state, self._decide(now, new, spec, state), new)
         log.info(
             "certificate for %s issued by %s: serial %x, valid until %s (%.1fs)",
             spec.name,
             new.info.issuer,
             new.info.serial,
             new.info.not_after.isoformat(),
-            self._clock() - started,
+            now - started,
         )
-        return 0.0
+        return new
 
     async def _failed(
         self,

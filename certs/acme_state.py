@@ -6,7 +6,8 @@ process) shows what the running proxy decided. The keys `failures`, `next_attemp
 under `acme`.
 
 Decision, for one certificate:
-- none stored yet, or one that does not cover every host of the site: now;
+- none stored yet, one that does not cover every host of the site, or one not recorded as
+  issued through the configured ACME directory: now;
 - else the CA's ARI time when it gave one, else when 1/3 of the lifetime is left, moved earlier
   by a jitter drawn from the serial (certs.renewal.renewal_time: the same certificate gets the
   same time in every process and after every restart);
@@ -42,6 +43,8 @@ class AcmeState:
     next_renewal: float | None = None  # the running proxy's last decision, for `certs`
     reason: str | None = None
     decided_for: int | None = None  # serial the decision was made for (None: no certificate)
+    issued_serial: int | None = None  # the certificate the ACME CA below issued to us
+    issued_directory: str | None = None
 
     # -- state.json --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -62,6 +65,8 @@ class AcmeState:
             "next_renewal": self.next_renewal,
             "reason": self.reason,
             "decided_for": self.decided_for,
+            "issued_serial": self.issued_serial,
+            "issued_directory": self.issued_directory,
         }
         return data
 
@@ -71,7 +76,7 @@ class AcmeState:
         ari = data.get("ari") if isinstance(data.get("ari"), dict) else {}
         return cls(
             failures=_int(data.get("failures")) or 0,
-            last_error=data.get("last_error") if isinstance(data.get("last_error"), str) else None,
+            last_error=_str(data.get("last_error")),
             last_attempt=_num(acme.get("last_attempt")),
             retry_spread=_num(acme.get("retry_spread")) or 0.0,
             retry_after=_num(acme.get("retry_after")),
@@ -79,8 +84,10 @@ class AcmeState:
             ari_renewal_at=_num(acme.get("ari_renewal_at")),
             ari_next_check=_num(acme.get("ari_next_check")),
             next_renewal=_num(acme.get("next_renewal")),
-            reason=acme.get("reason") if isinstance(acme.get("reason"), str) else None,
+            reason=_str(acme.get("reason")),
             decided_for=_int(acme.get("decided_for")),
+            issued_serial=_int(acme.get("issued_serial")),
+            issued_directory=_str(acme.get("issued_directory")),
         )
 
     # -- transitions -------------------------------------------------------------------------
@@ -94,9 +101,11 @@ class AcmeState:
             retry_after=retry_after,
         )
 
-    def succeeded(self, now: float) -> AcmeState:
+    def succeeded(self, now: float, serial: int, directory: str) -> AcmeState:
         return replace(
             self,
+            issued_serial=serial,
+            issued_directory=directory,
             failures=0,
             last_error=None,
             last_attempt=now,
@@ -142,12 +151,14 @@ def decide(
     hosts: Sequence[str],
     state: AcmeState,
     *,
+    directory: str | None = None,
     ratio: float = DEFAULT_RATIO,
     jitter_fraction: float = DEFAULT_JITTER,
     base: float = RETRY_BASE,
     cap: float = RETRY_CAP,
 ) -> Decision:
-    """When to order next for one certificate, and why."""
+    """When to order next for one certificate, and why. With `directory`, a certificate that
+    the state does not record as issued through that ACME directory is replaced at once."""
     if info is None:
         due, reason = now, "no certificate yet"
     else:
@@ -155,6 +166,11 @@ def decide(
         ari_at = state.ari_renewal_at if state.ari_serial == info.serial else None
         if missing:
             due, reason = now, f"hosts changed: {', '.join(missing)} not covered"
+        elif directory is not None and (
+            state.issued_serial != info.serial or state.issued_directory != directory
+        ):
+            # E.g. left over from tls = "internal", or from another CA (staging -> production).
+            due, reason = now, f"not issued through {directory}"
         elif info.not_after.timestamp() <= now:
             due, reason = now, "expired"
         elif ari_at is not None:
@@ -186,6 +202,10 @@ def _fraction(ratio: float) -> str:
 
 def _num(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _int(value: Any) -> int | None:

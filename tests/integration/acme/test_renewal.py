@@ -11,7 +11,9 @@ import dns.message
 
 from certs.acme_manager import AcmeManager
 from certs.cache import CertificateCache
+from certs.keys import chain_to_pem, private_key_to_pem
 from certs.storage import Storage
+from tests.unit.certs.factory import make_ca, make_leaf
 
 from .conftest import client_context, connect
 from .helpers import acme_spec, context_factory, installed, maintaining, verify_chain, wait_for
@@ -148,3 +150,21 @@ async def test_task_cancelled_mid_order_gives_everything_back_and_restarts_as_on
     # The storage lock is free again and the next task finishes the job.
     async with maintaining(manager, [spec], cache):
         await installed(cache, "api.test", limit=10)
+
+
+async def test_a_stored_certificate_from_another_ca_is_served_then_replaced_at_once(
+    acme_setup, tmp_path
+):
+    # As after switching a site from tls = "internal" to tls = "acme".
+    ca = make_ca("local CA")
+    leaf, key = make_leaf(ca, ["app.test"])
+    storage = Storage(tmp_path / "data")
+    storage.save_certificate("app.test", chain_to_pem([leaf, ca[0]]), private_key_to_pem(key))
+    s = await acme_setup()
+    spec = acme_spec("app.test")
+
+    async with maintaining(s.manager, [spec], s.cache):
+        renewed = await _renewed(s.cache, "app.test", leaf.serial_number, 10)
+    assert "Pebble" in renewed.info.issuer
+    [status] = s.manager.status([spec])
+    assert status.issuer == renewed.info.issuer and "1/3 of the lifetime" in status.renewal_reason

@@ -11,6 +11,7 @@ from certs.models import CertInfo
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 DAY = 86400.0
+DIRECTORY = "https://ca.test/dir"
 
 
 def info(days: float = 90, serial: int = 1234, hosts=("app.test",)) -> CertInfo:
@@ -98,7 +99,7 @@ def test_failed_attempts_push_the_next_one_out() -> None:
     assert d.at == now + 60 and d.reason.startswith("retry after 1 failed attempt(s)")
     state = state.failed(now, "boom", None, 0.0).failed(now, "boom", None, 0.0)
     assert decide(now, info(), ["app.test"], state).at == now + 240
-    state = state.succeeded(now)
+    state = state.succeeded(now, 1234, DIRECTORY)
     assert state.failures == 0 and state.last_error is None
     assert decide(now, info(), ["app.test"], state).at <= now
 
@@ -135,3 +136,14 @@ def test_state_round_trips_and_keeps_the_keys_certificate_manager_reads() -> Non
 
 def test_unreadable_state_is_an_empty_state() -> None:
     assert AcmeState.from_dict({"failures": "many", "acme": [], "ari": 3}) == AcmeState()
+
+
+def test_a_certificate_not_issued_through_the_directory_is_replaced_now() -> None:
+    ours = AcmeState().succeeded(at(0), 1234, DIRECTORY)
+    assert decide(at(1), info(), ["app.test"], ours, directory=DIRECTORY).at > at(50)
+    # Left over from tls = "internal" (no record), or issued by another CA (staging):
+    for state in (AcmeState(), ours):
+        d = decide(at(1), info(), ["app.test"], state, directory="https://other.test/dir")
+        assert d.at == at(1) and d.reason == "not issued through https://other.test/dir"
+    other_cert = decide(at(1), info(serial=99), ["app.test"], ours, directory=DIRECTORY)
+    assert other_cert.at == at(1)
