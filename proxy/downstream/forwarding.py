@@ -35,6 +35,7 @@ _XFF = 5
 _XFPROTO = 6
 _XFHOST = 7
 _FORWARDED = 8
+_CODING = 9
 _HOP_BY_HOP: dict[bytes, int] = {
     b"connection": _CONNECTION,
     b"keep-alive": _DROP,
@@ -53,6 +54,7 @@ _REQUEST_ACTIONS: dict[bytes, int] = {
     b"x-forwarded-proto": _XFPROTO,
     b"x-forwarded-host": _XFHOST,
     b"forwarded": _FORWARDED,
+    b"transfer-encoding": _CODING,
 }
 # Transfer-Encoding leaves the response: the client side frames the body itself.
 _RESPONSE_ACTIONS: dict[bytes, int] = {**_HOP_BY_HOP, b"transfer-encoding": _DROP}
@@ -163,6 +165,7 @@ def request_head(
     connection: list[bytes] | None = None
     forwarding: list[tuple[int, bytes]] | None = None
     te_trailers = False
+    chunked = False
     for name, value in headers:
         action = actions.get(name)
         if action is None:
@@ -178,6 +181,9 @@ def request_head(
                 append(b"upgrade: " + value + b"\r\n")
         elif action == _TE:
             te_trailers = te_trailers or _accepts_trailers(value)
+        elif action == _CODING:
+            chunked = True
+            append(b"transfer-encoding: " + value + b"\r\n")
         elif action != _DROP:
             if forwarding is None:
                 forwarding = []
@@ -191,6 +197,11 @@ def request_head(
             # start with the lowercased name, so a prefix test finds them.
             prefixes = tuple(name + b":" for name in listed)
             parts[4:] = [line for line in parts[4:] if not line.startswith(prefixes)]
+    if chunked:
+        # h11 lets chunked win over a Content-Length sent with it. Callers should answer such
+        # a request 400 before getting here; should one slip through, RFC 9112 6.3 has an
+        # intermediary drop the Content-Length, so no upstream can frame the body differently.
+        parts[4:] = [line for line in parts[4:] if not line.startswith(b"content-length:")]
 
     if te_trailers:  # RFC 9110 10.1.4: a sender of TE also sends the "TE" connection option
         append(_TE_UPGRADE_LINES if upgrade else _TE_LINES)
@@ -251,3 +262,39 @@ def response_headers(
     if upgrade:
         out.append((b"connection", b"upgrade"))
     return out
+
+
+class BareLineFeeds:
+    """Spots a bare LF (one without its CR) in a request head that arrives in pieces.
+
+    h11 accepts LF alone as a line end; RFC 9112 2.2 lets a server reject it, and a proxy should,
+    because other parsers along the way may split the head differently. Feed every chunk while
+    a head is being received; `feed` is True once a bare LF was seen, and stops looking after
+    the blank line that ends the head (the body may hold any byte) until `reset()`.
+    """
+
+    __slots__ = ("_done", "_tail")
+
+    def __init__(self) -> None:
+        self._tail = b""  # the last bytes before this chunk: a CRLF or the end of the head may span
+        self._done = False
+
+    def reset(self) -> None:
+        """A new head starts (after the previous message was received in full)."""
+        self._tail = b""
+        self._done = False
+
+    def feed(self, data: bytes) -> bool:
+        if self._done or not data:
+            return False
+        window = self._tail + data if self._tail else data
+        end = window.find(b"\r\n\r\n")
+        if end >= 0:
+            self._done = True
+            window = window[: end + 4]
+        if window.count(b"\n") != window.count(b"\r\n"):
+            return True
+        # An LF opening the kept tail was counted with its CR this time; without the CR next
+        # time it would look bare, so it is left out (it cannot start a CRLF CRLF anyway).
+        self._tail = window[-3:].lstrip(b"\n")
+        return False

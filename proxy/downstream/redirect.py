@@ -20,6 +20,7 @@ from typing import Protocol
 
 import h11
 
+from proxy.downstream.forwarding import BareLineFeeds
 from proxy.downstream.responses import (
     error_response,
     https_location,
@@ -51,6 +52,7 @@ class RedirectProtocol(asyncio.Protocol):
         self._limits = limits
         self._transport: asyncio.Transport | None = None
         self._conn = self._new_conn()
+        self._bare_lf = BareLineFeeds()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_is_idle = False
         self._receiving = False  # some bytes of the current request head have arrived
@@ -71,6 +73,9 @@ class RedirectProtocol(asyncio.Protocol):
         if self._closing:
             return
         try:
+            if self._bare_lf.feed(data):
+                self._finish(error_response(400, close=True), close=True)
+                return
             self._conn.receive_data(data)
             if not self._receiving:
                 self._receiving = True
@@ -137,17 +142,23 @@ class RedirectProtocol(asyncio.Protocol):
 
     def _answer(self, request: h11.Request) -> None:
         close = request.http_version != b"1.1"
-        has_body = False
+        length: bytes | None = None
+        chunked = False
         host: bytes | None = None
         for name, value in request.headers:
             if name == b"host":
                 host = value
             elif name == b"connection":
                 close = close or b"close" in value.lower()
-            elif name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
-                has_body = True
-        close = close or has_body
+            elif name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                chunked = True
         head = request.method == b"HEAD"
+        if chunked and length is not None:  # ambiguous framing: a smuggling attempt
+            self._finish(error_response(400, close=True, head=head), close=True)
+            return
+        close = close or chunked or (length is not None and length != b"0")
         if head or request.method == b"GET":
             if request.target.startswith(ACME_PREFIX):
                 self._finish(self._challenge(request.target, head, close), close)
@@ -187,6 +198,10 @@ class RedirectProtocol(asyncio.Protocol):
         """The request was answered: start afresh on what the client already pipelined."""
         data, closed = self._conn.trailing_data
         self._conn = self._new_conn()
+        self._bare_lf.reset()
+        if self._bare_lf.feed(data):
+            self._finish(error_response(400, close=True), close=True)
+            return
         if data:
             self._conn.receive_data(data)
         if closed:

@@ -4,7 +4,12 @@ import h11
 import pytest
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from proxy.downstream.forwarding import TrustedProxies, request_head, response_headers
+from proxy.downstream.forwarding import (
+    BareLineFeeds,
+    TrustedProxies,
+    request_head,
+    response_headers,
+)
 
 UNTRUSTED = TrustedProxies()
 
@@ -328,3 +333,54 @@ def test_response_101_keeps_upgrade_and_says_connection_upgrade():
     server.next_event()
     server.send(h11.InformationalResponse(status_code=101, headers=out))
     assert server.our_state is h11.SWITCHED_PROTOCOL
+
+
+def test_content_length_beside_chunked_never_reaches_the_upstream():
+    req = parse(
+        request_head(
+            b"POST",
+            b"/",
+            [(b"host", b"a"), (b"content-length", b"5"), (b"transfer-encoding", b"chunked")],
+            client_ip="1.2.3.4",
+            host=b"a",
+            trusted=UNTRUSTED,
+            upgrade=False,
+        )
+    )
+    assert values(req, b"transfer-encoding") == [b"chunked"]
+    assert values(req, b"content-length") == []
+
+
+GOOD_HEAD = b"GET / HTTP/1.1\r\nHost: a\r\nX: y\r\n\r\n"
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, len(GOOD_HEAD)])
+def test_crlf_head_in_any_pieces_has_no_bare_lf(size):
+    scanner = BareLineFeeds()
+    pieces = [GOOD_HEAD[i : i + size] for i in range(0, len(GOOD_HEAD), size)]
+    assert not any(scanner.feed(piece) for piece in pieces)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET / HTTP/1.1\nHost: a\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\n\n",
+        b"GET / HTTP/1.1\r\nHost: a\n\n",
+        b"\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+    ],
+)
+@pytest.mark.parametrize("size", [1, 2, 3, 100])
+def test_bare_lf_is_found_in_any_pieces(head, size):
+    scanner = BareLineFeeds()
+    pieces = [head[i : i + size] for i in range(0, len(head), size)]
+    assert any(scanner.feed(piece) for piece in pieces)
+
+
+def test_body_after_the_head_is_not_scanned_until_reset():
+    scanner = BareLineFeeds()
+    assert not scanner.feed(GOOD_HEAD + b"body\nwith\nlf")
+    assert not scanner.feed(b"more\n\n")
+    scanner.reset()
+    assert scanner.feed(b"GET / HTTP/1.1\n")
