@@ -377,12 +377,28 @@ class WorkerSupervisor:
         log.info("upstream %s: %d of %d workers up", self.name, up, len(self._slots))
         self._monitor = self._task(self._monitor_loop(), "monitor")
 
-    async def rolling_restart(self) -> None:
-        """Replace each worker in turn: the new one is ready before the old one is taken out
+    async def rolling_restart(self, config: UpstreamConfig | None = None) -> None:
+        """The deploy step (SIGHUP): run the prestart steps again (new code may bring new
+        migrations; if one fails, the rollout is cancelled and the old workers keep serving),
+        then replace each worker in turn: the new one is ready before the old one is taken out
         of the upstream, drained and stopped. A replacement that fails to become ready stops the
-        rollout (the old workers keep serving). Crash-looped slots get a fresh start."""
+        rollout. Crash-looped slots get a fresh start.
+
+        `config`: the re-read upstream config (same name); new workers use its command, env and
+        limits, and a changed `workers` number grows or shrinks the set afterwards."""
         async with self._rolling:  # a second SIGHUP meanwhile runs a full round after this one
+            if config is not None:
+                if config.command is None:
+                    raise ValueError(f"upstream {config.name!r} has no command to supervise")
+                self.config = config
+                self._argv = shlex.split(config.command)
+            try:
+                await self._prestart()
+            except PrestartError as exc:
+                log.error("upstream %s: rolling restart cancelled: %s", self.name, exc)
+                return
             await self._rolling_restart()
+            await self._resize()
 
     async def _rolling_restart(self) -> None:
         log.info("upstream %s: rolling restart of %d workers", self.name, len(self._slots))
@@ -397,9 +413,33 @@ class WorkerSupervisor:
             if slot.worker is None or slot.lock.locked():
                 continue  # restarting right now: it comes up with the new code anyway
             if not await self._replace(slot, "rolling restart"):
-                log.error("upstream %s: rolling restart stopped at %s", self.name, slot.tag)
+                if not self._stopping:
+                    log.error("upstream %s: rolling restart stopped at %s", self.name, slot.tag)
                 return
         log.info("upstream %s: rolling restart done", self.name)
+
+    async def _resize(self) -> None:
+        """Match the slot count to a changed fixed `workers` ("auto" keeps what start chose)."""
+        want = self.config.workers
+        if not isinstance(want, int) or self._stopping:
+            return
+        if want != len(self._slots):
+            log.info("upstream %s: %d workers -> %d", self.name, len(self._slots), want)
+        while len(self._slots) < want and not self._stopping:
+            slot = self._new_slot()
+            if await self._start_in_slot(slot):
+                self._watch(slot)
+        while len(self._slots) > want and not self._stopping:
+            slot = self._slots.pop()
+            if slot.watcher is not None:
+                slot.watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await slot.watcher
+            slot.worker = None
+            self._publish()
+            # the slot's worker, and one its watcher may have been starting
+            leaving = [w for w in self._by_server.values() if w.slot is slot]
+            await asyncio.gather(*(self._retire(w) for w in leaving))
 
     async def stop(self) -> None:
         """Take every worker out of the upstream, SIGTERM them all, SIGKILL those still running
@@ -693,6 +733,8 @@ class WorkerSupervisor:
                     self._recycle_failed(old)
                     return False
                 if not await self._wait_ready(new):
+                    if self._stopping:
+                        return False
                     log.error(
                         "%s: replacement pid %d did not become ready (%s); pid %d keeps serving",
                         slot.tag,

@@ -244,3 +244,44 @@ async def test_stop_kills_a_worker_that_ignores_sigterm(supervise, worker_log) -
     assert pid_gone(pid)  # type: ignore[arg-type]
     assert pool.servers == ()
     assert any("did not stop 0.5s after SIGTERM: SIGKILL" in m for m in messages(worker_log))
+
+
+async def test_rolling_restart_runs_prestart_again_and_a_failure_cancels_it(
+    supervise, worker_log, tmp_path: Path
+) -> None:
+    marker = tmp_path / "prestart.txt"
+    env = (("PIDAPP_PRESTART_MARKER", str(marker)),)
+    sup, pool = supervise(upstream(workers=1, prestart=(f"echo v1 >> {marker}",), env=env))
+    await sup.start()
+    first = sup.snapshot()[0].pid
+
+    # a deploy with a migration that fails: nothing is replaced
+    broken = upstream(workers=1, prestart=("echo cannot migrate; exit 4",), env=env)
+    await sup.rolling_restart(broken)
+    assert sup.snapshot()[0].pid == first
+    cancelled = [m for m in messages(worker_log, logging.ERROR) if "cancelled" in m]
+    assert len(cancelled) == 1 and "exit status 4" in cancelled[0]
+
+    # the fixed deploy: its prestart runs once, before the new worker starts
+    fixed = upstream(workers=1, prestart=(f"echo v2 >> {marker}",), env=env)
+    await sup.rolling_restart(fixed)
+    assert marker.read_text() == "v1\nv2\n"
+    (server,) = pool.servers
+    assert (await pool.get_from(server, "/prestart")).json() == {"seen": "v1\nv2\n"}
+    assert sup.snapshot()[0].pid != first
+
+
+async def test_rolling_restart_with_a_new_worker_count_grows_and_shrinks(supervise) -> None:
+    sup, pool = supervise(upstream(workers=1))
+    await sup.start()
+    await sup.rolling_restart(upstream(workers=3))
+    assert len(pool.servers) == 3
+    assert [w.worker for w in sup.snapshot()] == ["app-1", "app-2", "app-3"]
+    three = {w.pid for w in sup.snapshot()}
+    await sup.rolling_restart(upstream(workers=1))
+    assert len(pool.servers) == 1
+    (only,) = sup.snapshot()
+    assert only.worker == "app-1" and only.state == "up"
+    assert all(pid_gone(p) for p in three)  # type: ignore[arg-type]
+    for _ in range(3):
+        assert (await pool.request("/")) == {"pid": only.pid}
