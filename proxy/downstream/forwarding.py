@@ -36,6 +36,7 @@ _XFPROTO = 6
 _XFHOST = 7
 _FORWARDED = 8
 _CODING = 9
+_LENGTH = 10
 _HOP_BY_HOP: dict[bytes, int] = {
     b"connection": _CONNECTION,
     b"keep-alive": _DROP,
@@ -55,6 +56,7 @@ _REQUEST_ACTIONS: dict[bytes, int] = {
     b"x-forwarded-host": _XFHOST,
     b"forwarded": _FORWARDED,
     b"transfer-encoding": _CODING,
+    b"content-length": _LENGTH,
 }
 # Transfer-Encoding leaves the response: the client side frames the body itself.
 _RESPONSE_ACTIONS: dict[bytes, int] = {**_HOP_BY_HOP, b"transfer-encoding": _DROP}
@@ -159,60 +161,82 @@ def request_head(
     value (for X-Forwarded-Host and Forwarded host=); `upgrade` keeps Upgrade with
     "Connection: upgrade".
     """
+    head = _request_head(method, target, headers, client_ip, host, trusted, upgrade, None)
+    if isinstance(head, bytes):
+        return head
+    # The client's Connection header named more headers as hop-by-hop (rare): go again with
+    # those names dropped like the standard ones.
+    actions = {**_REQUEST_ACTIONS, **dict.fromkeys(head, _DROP)}
+    result = _request_head(method, target, headers, client_ip, host, trusted, upgrade, actions)
+    assert isinstance(result, bytes)
+    return result
+
+
+def _request_head(
+    method: bytes,
+    target: bytes,
+    headers: Sequence[tuple[bytes, bytes]],
+    client_ip: str,
+    host: bytes,
+    trusted: TrustedProxies,
+    upgrade: bool,
+    actions: dict[bytes, int] | None,
+) -> bytes | set[bytes]:
+    """The head, or on the first pass the set of extra names Connection lists (if any)."""
     parts = [method, b" ", target, b" HTTP/1.1\r\n"]
-    append = parts.append
-    actions = _REQUEST_ACTIONS
+    extend = parts.extend  # one join of many small pieces beats concatenating each line
+    first_pass = actions is None
+    if actions is None:
+        actions = _REQUEST_ACTIONS
     connection: list[bytes] | None = None
     forwarding: list[tuple[int, bytes]] | None = None
     te_trailers = False
     chunked = False
+    length: bytes | None = None
     for name, value in headers:
         action = actions.get(name)
         if action is None:
             if name.startswith(b"proxy-"):
                 continue
-            append(name + b": " + value + b"\r\n")
+            extend((name, b": ", value, b"\r\n"))
         elif action == _CONNECTION:
-            if connection is None:
-                connection = []
-            connection.append(value)
+            if first_pass and value.lower() not in _HARMLESS_OPTIONS:
+                if connection is None:
+                    connection = []
+                connection.append(value)
         elif action == _UPGRADE:
             if upgrade:
-                append(b"upgrade: " + value + b"\r\n")
+                extend((b"upgrade: ", value, b"\r\n"))
         elif action == _TE:
             te_trailers = te_trailers or _accepts_trailers(value)
         elif action == _CODING:
             chunked = True
-            append(b"transfer-encoding: " + value + b"\r\n")
+            extend((b"transfer-encoding: ", value, b"\r\n"))
+        elif action == _LENGTH:
+            length = value
         elif action != _DROP:
             if forwarding is None:
                 forwarding = []
             forwarding.append((action, value))
 
     if connection is not None:
-        options = _connection_options(connection)
-        listed = options - _HARMLESS_OPTIONS - _PROTECTED
+        listed = _connection_options(connection) - _HARMLESS_OPTIONS - _PROTECTED
         if listed:
-            # Names the client declared hop-by-hop: drop them from what was kept. The lines
-            # start with the lowercased name, so a prefix test finds them.
-            prefixes = tuple(name + b":" for name in listed)
-            parts[4:] = [line for line in parts[4:] if not line.startswith(prefixes)]
-    if chunked:
+            return listed
+    if length is not None and not chunked:
         # h11 lets chunked win over a Content-Length sent with it. Callers should answer such
         # a request 400 before getting here; should one slip through, RFC 9112 6.3 has an
         # intermediary drop the Content-Length, so no upstream can frame the body differently.
-        parts[4:] = [line for line in parts[4:] if not line.startswith(b"content-length:")]
-
+        extend((b"content-length: ", length, b"\r\n"))
     if te_trailers:  # RFC 9110 10.1.4: a sender of TE also sends the "TE" connection option
-        append(_TE_UPGRADE_LINES if upgrade else _TE_LINES)
+        parts.append(_TE_UPGRADE_LINES if upgrade else _TE_LINES)
     elif upgrade:
-        append(b"connection: upgrade\r\n")
-
+        parts.append(b"connection: upgrade\r\n")
     if forwarding is not None and trusted.contains(client_ip):
-        append(_appended_lines(forwarding, client_ip, host))
+        parts.append(_appended_lines(forwarding, client_ip, host))
     else:
-        append(_replacement_lines(client_ip, host))
-    append(b"\r\n")
+        parts.append(_replacement_lines(client_ip, host))
+    parts.append(b"\r\n")
     return b"".join(parts)
 
 
