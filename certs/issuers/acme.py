@@ -338,11 +338,13 @@ class AcmeSession:
         self.client = client.ClientV2(directory, net)
         if not account:
             return
-        regr = self._load_account()
-        if regr is None:
-            self.register()
-        else:
-            net.account = regr
+        # Under the lock: two orders starting together (or two proxies) register once.
+        with self.storage.lock("acme-account"):
+            regr = self._load_account()
+            if regr is None:
+                self._register()
+            else:
+                net.account = regr
 
     def _load_or_make_key(self) -> jose.JWKEC:
         # Two proxies sharing data_dir must end up with one key: decide under the lock.
@@ -373,6 +375,11 @@ class AcmeSession:
     def register(self) -> None:
         """Register the account key (again): a CA that already knows it hands back the same
         account; one that forgot it (Pebble after a restart) makes a new one."""
+        with self.storage.lock("acme-account"):
+            self._register()
+
+    def _register(self) -> None:
+        """register() for a caller holding the account lock."""
         assert self.client is not None and self.account_key is not None
         net = self.client.net
         net.account = None
@@ -400,8 +407,7 @@ class AcmeSession:
             regr = messages.RegistrationResource(body=messages.Registration(), uri=e.location)
             net.account = regr
         data = {"directory": self.settings.directory, "registration": regr.to_json()}
-        with self.storage.lock("acme-account"):
-            self.storage.write(self.account_path, json.dumps(data, indent=1).encode())
+        self.storage.write(self.account_path, json.dumps(data, indent=1).encode())
         log.info("ACME account registered at %s: %s", self.settings.directory, regr.uri)
 
     # -- requests ------------------------------------------------------------------------

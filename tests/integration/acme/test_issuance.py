@@ -187,3 +187,14 @@ async def test_missing_external_account_binding_is_a_clear_error(acme_setup):
         await wait_for(lambda: s.manager.status([spec])[0].last_error, 20, "a recorded failure")
     error = s.manager.status([spec])[0].last_error
     assert "requires external account binding" in error and "acme.eab_kid" in error
+
+
+async def test_two_sites_ordered_together_share_one_account(acme_setup, caplog):
+    caplog.set_level(logging.INFO, logger="tlsproxy.certs.acme")
+    s = await acme_setup()
+    specs = [acme_spec("app.test"), acme_spec("*.api.test")]
+    async with maintaining(s.manager, specs, s.cache):
+        await installed(s.cache, "app.test")
+        await installed(s.cache, "*.api.test")
+    registered = [r for r in caplog.records if "account registered" in r.getMessage()]
+    assert len(registered) == 1
