@@ -14,8 +14,9 @@ from certs.acme_manager import AcmeManager
 from certs.cache import CertificateCache
 from certs.challenges.http01 import Http01Responder
 from certs.issuers.acme import AcmeIssuer, directory_slug
-from certs.keys import cert_info, load_certificates
+from certs.keys import cert_info, chain_to_pem, load_certificates
 from certs.storage import Storage
+from tests.unit.certs.factory import make_ca
 
 from .conftest import client_context, connect
 from .helpers import acme_spec, context_factory, installed, maintaining, verify_chain, wait_for
@@ -198,3 +199,15 @@ async def test_two_sites_ordered_together_share_one_account(acme_setup, caplog):
         await installed(s.cache, "*.api.test")
     registered = [r for r in caplog.records if "account registered" in r.getMessage()]
     assert len(registered) == 1
+
+
+async def test_wrong_ca_bundle_is_a_clear_error(acme_setup, tmp_path):
+    other_ca = tmp_path / "other-ca.pem"
+    other_ca.write_bytes(chain_to_pem([make_ca("not Pebble's CA")[0]]))
+    s = await acme_setup(settings={"ca_bundle": other_ca})
+    spec = acme_spec("app.test")
+    async with maintaining(s.manager, [spec], s.cache):
+        await wait_for(lambda: s.manager.status([spec])[0].last_error, 20, "a recorded failure")
+    error = s.manager.status([spec])[0].last_error
+    assert "cannot verify the HTTPS certificate of ACME server" in error
+    assert "acme.ca_bundle" in error and "CERTIFICATE_VERIFY_FAILED" in error
