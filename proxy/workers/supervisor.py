@@ -349,7 +349,13 @@ class WorkerSupervisor:
         os.chmod(self.run_dir, 0o700)  # only the proxy's user may connect to worker sockets
         await self._prestart()
         first = self._new_slot()
-        worker = self._spawn(first)
+        try:
+            worker = self._spawn(first)
+        except OSError as exc:
+            raise StartupError(
+                f"upstream {self.name}: cannot run the worker command "
+                f"{self.config.command!r}: {exc.strerror or exc}"
+            ) from None
         if not await self._wait_ready(worker):
             why = self._why_not_ready(worker)
             tail = list(worker.proc.tail)
@@ -362,17 +368,14 @@ class WorkerSupervisor:
                 f"{self.config.command}\n{shown}"
             )
         self._go_up(first, worker)
+        self._watch(first)
         plan = plan_workers(
             self.config.workers, self.cpus, read_rss_tree(worker.pid), read_mem_available()
         )
         if plan.message:
             log.warning("upstream %s: %s", self.name, plan.message)
         rest = [self._new_slot() for _ in range(plan.count - 1)]
-        if rest:
-            await asyncio.gather(*(self._start_in_slot(slot) for slot in rest))
-        for slot in self._slots:
-            if slot.worker is not None:
-                self._watch(slot)
+        await asyncio.gather(*(self._bring_up(slot) for slot in rest))
         up = sum(1 for s in self._slots if s.worker is not None)
         log.info("upstream %s: %d of %d workers up", self.name, up, len(self._slots))
         self._monitor = self._task(self._monitor_loop(), "monitor")
@@ -400,6 +403,10 @@ class WorkerSupervisor:
             await self._rolling_restart()
             await self._resize()
 
+    async def _bring_up(self, slot: _Slot) -> None:
+        if await self._start_in_slot(slot):
+            self._watch(slot)
+
     async def _rolling_restart(self) -> None:
         log.info("upstream %s: rolling restart of %d workers", self.name, len(self._slots))
         for slot in list(self._slots):
@@ -407,8 +414,7 @@ class WorkerSupervisor:
                 return
             if slot.worker is None and slot.state == "crashloop":
                 slot.policy.reset()
-                if await self._start_in_slot(slot):
-                    self._watch(slot)
+                await self._bring_up(slot)
                 continue
             if slot.worker is None or slot.lock.locked():
                 continue  # restarting right now: it comes up with the new code anyway
@@ -426,9 +432,7 @@ class WorkerSupervisor:
         if want != len(self._slots):
             log.info("upstream %s: %d workers -> %d", self.name, len(self._slots), want)
         while len(self._slots) < want and not self._stopping:
-            slot = self._new_slot()
-            if await self._start_in_slot(slot):
-                self._watch(slot)
+            await self._bring_up(self._new_slot())
         while len(self._slots) > want and not self._stopping:
             slot = self._slots.pop()
             if slot.watcher is not None:

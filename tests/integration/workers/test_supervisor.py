@@ -285,3 +285,12 @@ async def test_rolling_restart_with_a_new_worker_count_grows_and_shrinks(supervi
     assert all(pid_gone(p) for p in three)  # type: ignore[arg-type]
     for _ in range(3):
         assert (await pool.request("/")) == {"pid": only.pid}
+
+
+async def test_a_command_that_cannot_run_is_a_startup_error(supervise) -> None:
+    sup, pool = supervise(upstream(command="/nonexistent/uvicorn app:app --uds {socket}"))
+    with pytest.raises(StartupError) as caught:
+        await sup.start()
+    assert "cannot run the worker command" in str(caught.value)
+    assert "No such file or directory" in str(caught.value)
+    assert pool.changes == []
