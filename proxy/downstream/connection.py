@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
 
 import h11
@@ -38,12 +39,32 @@ _BUSY = 2  # an exchange is in flight
 _CLOSING = 3
 
 _LINGER = 2.0  # after an error reply, read (and drop) the rest of a body this long, then close
+_HEAD_END = re.compile(rb"\n\r?\n")  # where h11 ends a head
+
+
+def head_problem(raw: bytes, max_bytes: int) -> int:
+    """0 if the request head at the start of `raw` is clean, else the status to answer.
+
+    h11 is lenient where a proxy must not be: it accepts bare LF line ends and unfolds
+    obs-fold (the upstream would see a different message than a strict peer would), and it
+    checks the head size only while the head is incomplete, so one large read slips through.
+    """
+    match = _HEAD_END.search(raw)
+    end = match.end() if match is not None else len(raw)
+    if end > max_bytes:
+        return 431
+    if raw.count(b"\n", 0, end) != raw.count(b"\r\n", 0, end):
+        return 400  # a bare LF
+    if raw.find(b"\n ", 0, end) >= 0 or raw.find(b"\n\t", 0, end) >= 0:
+        return 400  # obs-fold
+    return 0
 
 
 class DownstreamProtocol(asyncio.Protocol):
     __slots__ = (
         "_closed",
         "_deadline",
+        "_head_chunks",
         "_loop",
         "_on_close",
         "_pipelined",
@@ -81,6 +102,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self._pipelined = False
         self._processing = False
         self._wait = _IDLE
+        self._head_chunks: list[bytes] = []  # the raw bytes of the head being received
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -116,6 +138,8 @@ class DownstreamProtocol(asyncio.Protocol):
             if wait == _IDLE:
                 self._wait = _HEAD
                 self._deadline = self._loop.time() + self.limits.header_read_timeout
+            if wait != _BUSY:
+                self._head_chunks.append(data)
             self.h11.receive_data(data)
             self._process()
         except Exception:
@@ -219,6 +243,13 @@ class DownstreamProtocol(asyncio.Protocol):
             self._set_deadline(self._deadline)  # a partial head: make sure its timer runs
 
     def _begin(self, request: h11.Request) -> None:
+        chunks = self._head_chunks
+        raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        problem = head_problem(raw, self.limits.max_header_bytes)
+        if problem:
+            self._reject(problem)
+            return
         self._wait = _BUSY
         started = self._loop.time() if self.state.access_log.enabled else 0.0
         exchange = self.exchange = Exchange(self, request, started)
@@ -249,6 +280,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self._set_deadline(self._loop.time() + self.limits.idle_timeout)
         if self._pipelined:
             self._pipelined = False
+            self._head_chunks.append(conn.trailing_data[0])
             self.gate.resume(PIPELINE)
             self._process()
 

@@ -155,6 +155,11 @@ class Exchange:
         if site is None:
             self._reply_error(status)
             return
+        if length is not None and self.req_chunked:
+            # RFC 9112 6.1: a request smuggling signature. h11 would use the chunked framing
+            # but the upstream might not; nobody downstream of us gets to choose.
+            self._reply_error(400)
+            return
         if request.method == b"CONNECT":
             self._reply_error(405)
             return
