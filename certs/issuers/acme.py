@@ -18,6 +18,7 @@ sleep once the asyncio side is cancelled (a thread cannot be cancelled from outs
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import hashlib
 import json
@@ -61,7 +62,8 @@ NONCE_RETRIES = 10
 INLINE_WAIT_MAX = 30.0
 SERVER_BUSY_RETRIES = 3
 ORDER_DEADLINE = 180.0  # from new order to certificate, validation included
-NETWORK_TIMEOUT = 30
+NETWORK_TIMEOUT = 20  # per connect / read; a thread stuck in one holds up process exit
+ACME_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -490,6 +492,22 @@ class AcmeSession:
 
 # -- the asyncio side --------------------------------------------------------------------------
 
+_EXECUTOR: concurrent.futures.ThreadPoolExecutor | None = None
+_EXECUTOR_LOCK = threading.Lock()
+
+
+def _executor() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads ACME requests run in: their own few, so that many certificates ordered at
+    once (each thread waits on a CA for seconds) never starve the default executor the rest
+    of the proxy uses. Shared by every AcmeIssuer (a reload makes new ones)."""
+    global _EXECUTOR
+    with _EXECUTOR_LOCK:
+        if _EXECUTOR is None:
+            _EXECUTOR = concurrent.futures.ThreadPoolExecutor(
+                max_workers=ACME_THREADS, thread_name_prefix="acme"
+            )
+        return _EXECUTOR
+
 
 @dataclass(frozen=True)
 class Issued:
@@ -515,7 +533,8 @@ class AcmeIssuer:
 
     async def _run(self, stop: threading.Event, fn: Callable[..., T], *args: Any) -> T:
         try:
-            return await asyncio.to_thread(fn, *args)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(_executor(), functools.partial(fn, *args))
         except asyncio.CancelledError:
             stop.set()
             raise
@@ -577,7 +596,7 @@ class AcmeIssuer:
             ", ".join(f"{p.host} {p.type}" for p in plan) or "none",
             f", {reused} authorization(s) already valid" if reused else "",
         )
-        dns_client = self._dns_client() if records else None
+        dns_client = await asyncio.to_thread(self._dns_client) if records else None
         published = []
         try:
             for p in http:

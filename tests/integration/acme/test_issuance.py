@@ -211,3 +211,17 @@ async def test_wrong_ca_bundle_is_a_clear_error(acme_setup, tmp_path):
     error = s.manager.status([spec])[0].last_error
     assert "cannot verify the HTTPS certificate of ACME server" in error
     assert "acme.ca_bundle" in error and "CERTIFICATE_VERIFY_FAILED" in error
+
+
+async def test_authorizations_the_ca_still_holds_are_not_answered_again(acme_setup, caplog):
+    caplog.set_level(logging.INFO, logger="tlsproxy.certs.acme")
+    s = await acme_setup(pebble_env={"PEBBLE_AUTHZREUSE": "100"})
+    stop = threading.Event()
+    await s.manager.issuer.issue(["app.test", "www.app.test"], challenge=None, stop=stop)
+    second = await s.manager.issuer.issue(["app.test", "www.app.test"], challenge=None, stop=stop)
+    verify_chain(second.chain_pem, s.c.root_pem(), ["app.test", "www.app.test"])
+    orders = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ACME order")]
+    assert "2 challenge(s) to answer" in orders[0]
+    assert (
+        "0 challenge(s) to answer" in orders[1] and "2 authorization(s) already valid" in orders[1]
+    )
