@@ -66,7 +66,7 @@ def proxy_config(servers: list[str], limits: dict | None = None, **upstream: obj
     return {
         "server": {"https": ["127.0.0.1:0"], "http": []},
         "limits": limits or {},
-        "site": [{"hosts": [HOST, "other.test"], "upstream": "app"}],
+        "site": [{"hosts": [HOST, "other.test", "127.0.0.1"], "upstream": "app"}],
         "upstream": {"app": {"servers": servers, **upstream}},
     }
 
