@@ -3,6 +3,7 @@ the account across a Pebble restart, and a challenge that fails."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import stat
 import threading
@@ -225,3 +226,32 @@ async def test_authorizations_the_ca_still_holds_are_not_answered_again(acme_set
     assert (
         "0 challenge(s) to answer" in orders[1] and "2 authorization(s) already valid" in orders[1]
     )
+
+
+async def test_event_loop_stays_responsive_while_orders_run(acme_setup):
+    # Pebble pauses up to 1 s before each validation: the orders stay in flight a while.
+    s = await acme_setup(pebble_env={"PEBBLE_VA_NOSLEEP": "0", "PEBBLE_VA_SLEEPTIME": "1"})
+    specs = [
+        acme_spec("app.test", "www.app.test"),
+        acme_spec("api.test", "*.api.test"),
+        acme_spec("other.test", challenge="dns-01"),
+    ]
+    loop = asyncio.get_running_loop()
+    lags: list[float] = []
+
+    async def sample() -> None:
+        while True:
+            start = loop.time()
+            await asyncio.sleep(0.005)
+            lags.append(loop.time() - start - 0.005)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        async with maintaining(s.manager, specs, s.cache):
+            for spec in specs:
+                await installed(s.cache, spec.name, limit=30)
+    finally:
+        sampler.cancel()
+    assert len(lags) > 10
+    # A blocking ACME call on the loop would stall it for a whole validation (up to 1 s here).
+    assert max(lags) < 0.1, f"event loop blocked for {max(lags) * 1000:.0f} ms"
