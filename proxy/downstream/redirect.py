@@ -95,7 +95,10 @@ class RedirectProtocol(asyncio.Protocol):
         except Exception:
             log.exception("http listener: unexpected error, closing the connection")
             self._abort()
-        return False  # complete requests were answered already; the transport closes
+            return False
+        # While writing is paused, pipelined requests still wait in h11's buffer: stay
+        # half-open, resume_writing answers them and closes on h11's ConnectionClosed.
+        return self._paused and not self._closing
 
     def pause_writing(self) -> None:
         # The client pipelines faster than it reads answers: stop reading until it catches up.

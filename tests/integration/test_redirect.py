@@ -6,6 +6,7 @@ each scenario is bounded by asyncio.timeout so a hang fails instead of blocking 
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Callable, Coroutine
 
 import h11
@@ -304,27 +305,48 @@ def test_idle_timer_restarts_for_each_request(run):
     run(scenario())
 
 
-def test_client_that_does_not_read_is_paused_then_fully_answered(run):
+@pytest.mark.parametrize("half_close", [False, True])
+def test_client_that_does_not_read_is_paused_then_fully_answered(run, half_close):
+    pauses = []
+
+    class Counting(RedirectProtocol):
+        def connection_made(self, transport) -> None:
+            # Small kernel buffers on both ends, so a few hundred KB fill them.
+            transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            super().connection_made(transport)
+
+        def pause_writing(self) -> None:
+            pauses.append(1)
+            super().pause_writing()
+
     async def scenario():
-        async with serve() as port:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            count = 20000
-            request = b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n"
-            payload = b"".join(request % i for i in range(count))
-
-            async def send():
-                writer.write(payload + b"GET /end HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-                await writer.drain()
-
-            sender = asyncio.create_task(send())
-            await asyncio.sleep(0.3)  # let the server fill its write buffer and pause
-            raw = await reader.read()
-            await sender
-            writer.close()
-            got = responses(raw, [b"GET"] * (count + 1))
-            assert len(got) == count + 1
-            assert got[1234][1][b"location"] == b"https://a:8443/1234"
-            assert got[-1][1][b"location"] == b"https://a:8443/end"
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: Counting(HTTPS_PORT, None, Limits()), "127.0.0.1", 0
+        )
+        port = server.sockets[0].getsockname()[1]
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills up early
+        sock.connect(("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        count = 10_000  # ~600 KB of answers: more than the socket buffers hold
+        payload = b"".join(b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(count))
+        if half_close:  # the requests end with the client's FIN instead of Connection: close
+            writer.write(payload)
+            writer.write_eof()
+        else:
+            writer.write(payload + b"GET /end HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        await asyncio.sleep(0.3)  # nobody reads: the server's write buffer fills up
+        raw = await reader.read()
+        writer.close()
+        server.close()
+        assert pauses, "the scenario did not make the server pause"
+        assert raw.count(b"HTTP/1.1 308 Permanent Redirect\r\n") == count + (not half_close)
+        assert raw.find(b"https://a:8443/1234\r\n") < raw.find(b"https://a:8443/1235\r\n")
+        last = b"https://a:8443/%d\r\n" % (count - 1)
+        assert raw.find(last) > raw.find(b"https://a:8443/9990\r\n") > 0
+        # the first few parse as valid HTTP/1.1 one after another
+        assert [s for s, _, _ in responses(raw[:2000], [b"GET"] * 5)] == [308] * 5
 
     run(scenario())
 
