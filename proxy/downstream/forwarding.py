@@ -288,13 +288,14 @@ def response_headers(
     return out
 
 
-class BareLineFeeds:
-    """Spots a bare LF (one without its CR) in a request head that arrives in pieces.
+class StrictHeadScanner:
+    """Spots what h11 tolerates in a request head but a proxy must refuse (400), as it arrives.
 
-    h11 accepts LF alone as a line end; RFC 9112 2.2 lets a server reject it, and a proxy should,
-    because other parsers along the way may split the head differently. Feed every chunk while
-    a head is being received; `feed` is True once a bare LF was seen, and stops looking after
-    the blank line that ends the head (the body may hold any byte) until `reset()`.
+    h11 accepts a bare LF (one without its CR) as a line end and unfolds obs-fold (a line that
+    starts with a space or tab). RFC 9112 2.2 and 5.2 let a server reject both, and a proxy
+    should: another parser along the way may split the same bytes differently. Feed every chunk
+    while a head is being received; `feed` is True once the head is malformed, and stops looking
+    after the blank line that ends the head (the body may hold any byte) until `reset()`.
     """
 
     __slots__ = ("_done", "_tail")
@@ -316,7 +317,11 @@ class BareLineFeeds:
         if end >= 0:
             self._done = True
             window = window[: end + 4]
-        if window.count(b"\n") != window.count(b"\r\n"):
+        if (
+            window.count(b"\n") != window.count(b"\r\n")
+            or b"\r\n " in window
+            or b"\r\n\t" in window
+        ):
             return True
         # An LF opening the kept tail was counted with its CR this time; without the CR next
         # time it would look bare, so it is left out (it cannot start a CRLF CRLF anyway).

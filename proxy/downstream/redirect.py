@@ -20,7 +20,7 @@ from typing import Protocol
 
 import h11
 
-from proxy.downstream.forwarding import BareLineFeeds
+from proxy.downstream.forwarding import StrictHeadScanner
 from proxy.downstream.responses import (
     error_response,
     https_location,
@@ -52,7 +52,7 @@ class RedirectProtocol(asyncio.Protocol):
         self._limits = limits
         self._transport: asyncio.Transport | None = None
         self._conn = self._new_conn()
-        self._bare_lf = BareLineFeeds()
+        self._strict = StrictHeadScanner()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_is_idle = False
         self._receiving = False  # some bytes of the current request head have arrived
@@ -73,7 +73,7 @@ class RedirectProtocol(asyncio.Protocol):
         if self._closing:
             return
         try:
-            if self._bare_lf.feed(data):
+            if self._strict.feed(data):
                 self._finish(error_response(400, close=True), close=True)
                 return
             self._conn.receive_data(data)
@@ -201,8 +201,8 @@ class RedirectProtocol(asyncio.Protocol):
         """The request was answered: start afresh on what the client already pipelined."""
         data, closed = self._conn.trailing_data
         self._conn = self._new_conn()
-        self._bare_lf.reset()
-        if self._bare_lf.feed(data):
+        self._strict.reset()
+        if self._strict.feed(data):
             self._finish(error_response(400, close=True), close=True)
             return
         if data:

@@ -5,7 +5,7 @@ import pytest
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from proxy.downstream.forwarding import (
-    BareLineFeeds,
+    StrictHeadScanner,
     TrustedProxies,
     request_head,
     response_headers,
@@ -356,7 +356,7 @@ GOOD_HEAD = b"GET / HTTP/1.1\r\nHost: a\r\nX: y\r\n\r\n"
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5, len(GOOD_HEAD)])
 def test_crlf_head_in_any_pieces_has_no_bare_lf(size):
-    scanner = BareLineFeeds()
+    scanner = StrictHeadScanner()
     pieces = [GOOD_HEAD[i : i + size] for i in range(0, len(GOOD_HEAD), size)]
     assert not any(scanner.feed(piece) for piece in pieces)
 
@@ -369,18 +369,21 @@ def test_crlf_head_in_any_pieces_has_no_bare_lf(size):
         b"GET / HTTP/1.1\r\nHost: a\r\n\n",
         b"GET / HTTP/1.1\r\nHost: a\n\n",
         b"\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n 2\r\n\r\n",  # obs-fold
+        b"GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n\t2\r\n\r\n",
+        b"GET / HTTP/1.1\r\n Host: a\r\n\r\n",  # whitespace before the first field
     ],
 )
 @pytest.mark.parametrize("size", [1, 2, 3, 100])
-def test_bare_lf_is_found_in_any_pieces(head, size):
-    scanner = BareLineFeeds()
+def test_bare_lf_and_obs_fold_are_found_in_any_pieces(head, size):
+    scanner = StrictHeadScanner()
     pieces = [head[i : i + size] for i in range(0, len(head), size)]
     assert any(scanner.feed(piece) for piece in pieces)
 
 
 def test_body_after_the_head_is_not_scanned_until_reset():
-    scanner = BareLineFeeds()
-    assert not scanner.feed(GOOD_HEAD + b"body\nwith\nlf")
+    scanner = StrictHeadScanner()
+    assert not scanner.feed(GOOD_HEAD + b"body\nwith\nlf\r\n folded")
     assert not scanner.feed(b"more\n\n")
     scanner.reset()
     assert scanner.feed(b"GET / HTTP/1.1\n")
