@@ -296,16 +296,25 @@ class _Network(client.ClientNetwork):
         return self._retrying(lambda: parent(url, content_type, **kwargs))
 
 
+def _reason(e: requests.exceptions.RequestException) -> str:
+    """urllib3's innermost reason ("... [Errno 111] Connection refused") rather than the whole
+    "HTTPSConnectionPool(...): Max retries exceeded ..." wrapping."""
+    inner = e.args[0] if e.args else None
+    reason = getattr(inner, "reason", None)
+    return str(reason) if reason is not None else str(e)
+
+
 def _describe(e: BaseException, directory: str) -> AcmeError | None:
     """One line naming the cause, for logs and `tlsproxy certs`; None for a bug."""
     if isinstance(e, AcmeError):
         return e
     if isinstance(e, requests.exceptions.SSLError):
         return AcmeError(
-            f"cannot verify the HTTPS certificate of ACME server {directory} (acme.ca_bundle?): {e}"
+            f"cannot verify the HTTPS certificate of ACME server {directory}"
+            f" (acme.ca_bundle?): {_reason(e)}"
         )
     if isinstance(e, requests.exceptions.RequestException):
-        return AcmeError(f"cannot reach ACME server {directory}: {e}")
+        return AcmeError(f"cannot reach ACME server {directory}: {_reason(e)}")
     if isinstance(e, messages.Error):
         return AcmeError(f"ACME server error: {e}")
     if isinstance(e, acme_errors.Error | jose.errors.Error | ValueError):
