@@ -58,30 +58,17 @@ def _now(clock: Callable[[], float]) -> datetime:
     return datetime.fromtimestamp(int(clock()), UTC)
 
 
-def _ca_key_usage() -> x509.KeyUsage:
+def _key_usage(*, ca: bool) -> x509.KeyUsage:
+    # A CA signs certificates and CRLs; a leaf's EC key only signs the handshake (it never
+    # encrypts a premaster secret, so no key_encipherment).
     return x509.KeyUsage(
         digital_signature=True,
         content_commitment=False,
         key_encipherment=False,
         data_encipherment=False,
         key_agreement=False,
-        key_cert_sign=True,
-        crl_sign=True,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
-def _leaf_key_usage() -> x509.KeyUsage:
-    # EC keys sign the handshake; they never encrypt a premaster secret.
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=False,
-        crl_sign=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
         encipher_only=False,
         decipher_only=False,
     )
@@ -110,7 +97,7 @@ def _make_root(now: datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
         .not_valid_before(now - MAX_BACKDATE)
         .not_valid_after(now + ROOT_LIFETIME)
         .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
-        .add_extension(_ca_key_usage(), critical=True)
+        .add_extension(_key_usage(ca=True), critical=True)
         .add_extension(ski, critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -131,7 +118,7 @@ def _make_intermediate(
         .not_valid_before(now - MAX_BACKDATE)
         .not_valid_after(min(now + INTERMEDIATE_LIFETIME, root.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_ca_key_usage(), critical=True)
+        .add_extension(_key_usage(ca=True), critical=True)
         # Limits what a leaked intermediate key could sign to TLS server certificates.
         .add_extension(_SERVER_AUTH, critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -309,7 +296,7 @@ class LocalCA:
             .not_valid_before(now - backdate)
             .not_valid_after(min(now + self.leaf_lifetime, self.intermediate.not_valid_after_utc))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_leaf_key_usage(), critical=True)
+            .add_extension(_key_usage(ca=False), critical=True)
             .add_extension(_SERVER_AUTH, critical=False)
             # SAN is critical when the subject is empty (RFC 5280 4.2.1.6).
             .add_extension(

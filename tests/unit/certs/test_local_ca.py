@@ -91,6 +91,8 @@ def test_leaf(storage, clock):
     ]
     assert list(ext(leaf, x509.ExtendedKeyUsage).value) == [ExtendedKeyUsageOID.SERVER_AUTH]
     assert not ext(leaf, x509.BasicConstraints).value.ca
+    usage = ext(leaf, x509.KeyUsage).value
+    assert usage.digital_signature and not usage.key_cert_sign and not usage.key_encipherment
     assert (
         ext(leaf, x509.AuthorityKeyIdentifier).value.key_identifier
         == ext(ca.intermediate, x509.SubjectKeyIdentifier).value.digest
