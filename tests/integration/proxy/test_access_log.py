@@ -1,0 +1,79 @@
+"""The access log on the proxy's stdout: one line per request, readable by default, JSON on
+request; each names the status and the upstream."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+
+from tests.integration.harness import AppProcess, basic_config
+from tests.integration.proxy.conftest import MakeProxy
+from tests.integration.proxy.support import Proxy
+
+
+def lines_with(proxy: Proxy, token: str, timeout: float = 5.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [line for line in proxy.access_log().splitlines() if token in line]
+        if found or time.monotonic() > deadline:
+            time.sleep(0.2)  # a second line for the same request would show up by now
+            return [line for line in proxy.access_log().splitlines() if token in line]
+        time.sleep(0.05)
+
+
+def misdirected(proxy: Proxy, token: str) -> int:
+    with proxy.conn("localhost") as conn:
+        conn.send(f"GET /x?t={token} HTTP/1.1\r\nHost: elsewhere.test\r\n\r\n".encode())
+        return conn.response().status
+
+
+def test_text_access_log_one_line_per_request(
+    make_proxy: MakeProxy, example_app: AppProcess
+) -> None:
+    proxy = make_proxy(basic_config(example_app.server))
+    token = uuid.uuid4().hex
+    with proxy.client() as client:
+        assert client.get(proxy.url(f"/healthz?t={token}")).status_code == 200
+        assert client.post(proxy.url(f"/echo?t={token}x"), content=b"a" * 1000).content == (
+            b"a" * 1000
+        )
+    (line,) = lines_with(proxy, f't={token}"')  # the GET only
+    assert f'"GET /healthz?t={token} HTTP/1.1"' in line or f'"GET /healthz?t={token}"' in line
+    assert " 200 " in line
+    assert f"upstream={example_app.server}" in line
+    assert "sni=localhost" in line
+    assert "127.0.0.1" in line
+    (post,) = lines_with(proxy, f"t={token}x")
+    assert " 200 " in post and "POST" in post
+    bytes_in = re.search(r"\bin=(\d+)", post)
+    assert bytes_in is not None and int(bytes_in[1]) >= 1000, post
+
+    status = misdirected(proxy, token + "m")
+    (error_line,) = lines_with(proxy, token + "m")
+    assert f" {status} " in error_line
+
+
+def test_json_access_log(make_proxy: MakeProxy, example_app: AppProcess) -> None:
+    proxy = make_proxy(basic_config(example_app.server, extra_server='access_log = "json"'))
+    token = uuid.uuid4().hex
+    with proxy.client() as client:
+        assert client.get(proxy.url(f"/bytes/5000?t={token}")).status_code == 200
+        assert client.post(proxy.url(f"/echo?t={token}p"), content=b"b" * 1000).status_code == 200
+    lines_with(proxy, token + "p")
+    records = [json.loads(line) for line in proxy.access_log().splitlines() if line.strip()]
+    (get,) = [r for r in records if r["target"] == f"/bytes/5000?t={token}"]
+    assert get["status"] == 200
+    assert get["method"] == "GET"
+    assert get["upstream"] == example_app.server
+    assert get["sni"] == "localhost"
+    assert get["host"].startswith("localhost")
+    assert get["client"].startswith("127.0.0.1")
+    assert get["bytes_out"] >= 5000
+    assert isinstance(get["duration_ms"], int | float)
+    assert isinstance(get["time"], int | float)
+    (post,) = [r for r in records if r["target"] == f"/echo?t={token}p"]
+    assert post["method"] == "POST"
+    assert post["bytes_in"] >= 1000
+    assert post["bytes_out"] >= 1000
