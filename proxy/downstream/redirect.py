@@ -27,11 +27,11 @@ from proxy.downstream.responses import (
     plain_response,
     redirect_response,
 )
-from proxy.logs import log
+from proxy.logs import AccessLog, log
 
 ACME_PREFIX = b"/.well-known/acme-challenge/"
 _TOKEN_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
-_STATUS_HINTS = frozenset((400, 413, 431))
+_STATUS_HINTS = frozenset((400, 413, 431, 501))
 
 
 class RedirectLimits(Protocol):
@@ -45,11 +45,18 @@ AcmeResponder = Callable[[str], "str | None"]
 
 class RedirectProtocol(asyncio.Protocol):
     def __init__(
-        self, https_port: int, acme_responder: AcmeResponder | None, limits: RedirectLimits
+        self,
+        https_port: int,
+        acme_responder: AcmeResponder | None,
+        limits: RedirectLimits,
+        access_log: AccessLog | None = None,
     ) -> None:
         self._https_port = https_port
         self._acme = acme_responder
         self._limits = limits
+        self._access = access_log if access_log is not None and access_log.enabled else None
+        self._client = "-"
+        self._started = 0.0  # loop time of the current request's first byte (for the access log)
         self._transport: asyncio.Transport | None = None
         self._conn = self._new_conn()
         self._strict = StrictHeadScanner()
@@ -67,6 +74,10 @@ class RedirectProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, so no isinstance check here.
         self._transport = transport  # type: ignore[assignment]
+        if self._access is not None:
+            peer = transport.get_extra_info("peername")
+            self._client = str(peer[0]) if isinstance(peer, tuple) else "-"
+            self._started = asyncio.get_running_loop().time()
         self._arm(self._limits.header_read_timeout, self._on_header_timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -79,6 +90,8 @@ class RedirectProtocol(asyncio.Protocol):
             self._conn.receive_data(data)
             if not self._receiving:
                 self._receiving = True
+                if self._access is not None:
+                    self._started = asyncio.get_running_loop().time()
                 if self._timer is not None and self._timer_is_idle:
                     self._arm(self._limits.header_read_timeout, self._on_header_timeout)
             self._process()
@@ -144,6 +157,25 @@ class RedirectProtocol(asyncio.Protocol):
             # Data never arrives: requests with a body close the connection in _answer.
 
     def _answer(self, request: h11.Request) -> None:
+        response, close = self._response(request)
+        self._finish(response, close)
+        if self._access is not None:
+            host = next((v for n, v in request.headers if n == b"host"), None)
+            self._access.emit(
+                client=self._client,
+                sni=None,
+                host=host,
+                method=request.method,
+                target=request.target,
+                status=int(response[9:12]),  # every canned answer starts "HTTP/1.1 NNN "
+                bytes_in=0,  # bodies are never read here
+                bytes_out=len(response),
+                upstream="-",
+                duration=asyncio.get_running_loop().time() - self._started,
+            )
+
+    def _response(self, request: h11.Request) -> tuple[bytes, bool]:
+        """The answer to a request, and whether the connection closes after it."""
         close = request.http_version != b"1.1"
         length: bytes | None = None
         chunked = False
@@ -159,18 +191,14 @@ class RedirectProtocol(asyncio.Protocol):
                 chunked = True
         head = request.method == b"HEAD"
         if chunked and length is not None:  # ambiguous framing: a smuggling attempt
-            self._finish(error_response(400, close=True, head=head), close=True)
-            return
+            return error_response(400, close=True, head=head), True
         close = close or chunked or (length is not None and length != b"0")
-        if head or request.method == b"GET":
-            if request.target.startswith(ACME_PREFIX):
-                self._finish(self._challenge(request.target, head, close), close)
-                return
+        if (head or request.method == b"GET") and request.target.startswith(ACME_PREFIX):
+            return self._challenge(request.target, head, close), close
         location = https_location(host, request.target, self._https_port)
         if location is None:
-            self._finish(error_response(400, close=True, head=head), close=True)
-            return
-        self._finish(redirect_response(location, close=close), close)
+            return error_response(400, close=True, head=head), True
+        return redirect_response(location, close=close), close
 
     def _challenge(self, target: bytes, head: bool, close: bool) -> bytes:
         token = target[len(ACME_PREFIX) :]
@@ -211,6 +239,8 @@ class RedirectProtocol(asyncio.Protocol):
             self._conn.receive_data(b"")
         self._receiving = bool(data)
         if data:
+            if self._access is not None:
+                self._started = asyncio.get_running_loop().time()
             self._arm(self._limits.header_read_timeout, self._on_header_timeout)
         else:
             self._arm(self._limits.idle_timeout, self._on_idle_timeout, idle=True)

@@ -17,16 +17,18 @@ _REASONS: dict[int, bytes] = {
     308: b"Permanent Redirect",
     400: b"Bad Request",
     404: b"Not Found",
+    405: b"Method Not Allowed",
     408: b"Request Timeout",
     413: b"Content Too Large",
     421: b"Misdirected Request",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
+    501: b"Not Implemented",
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
 }
-ERROR_STATUSES = (400, 404, 408, 413, 421, 431, 500, 502, 503, 504)
+ERROR_STATUSES = (400, 404, 405, 408, 413, 421, 431, 500, 501, 502, 503, 504)
 
 
 def reason(status: int) -> bytes:

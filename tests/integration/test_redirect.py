@@ -6,6 +6,8 @@ each scenario is bounded by asyncio.timeout so a hang fails instead of blocking 
 
 import asyncio
 import contextlib
+import json
+import logging
 import socket
 from collections.abc import AsyncIterator, Callable, Coroutine
 
@@ -16,6 +18,7 @@ import uvloop
 
 from proxy.config import Limits
 from proxy.downstream.redirect import RedirectProtocol
+from proxy.logs import AccessLog
 
 HTTPS_PORT = 8443
 TOKENS = {"tok_en-1": "tok_en-1.thumbprint"}
@@ -363,3 +366,89 @@ def test_bare_lf_in_a_pipelined_request_is_400_after_the_good_ones(run):
             assert [status for status, _, _ in got] == [308, 308, 400]
 
     run(scenario())
+
+
+def test_unsupported_transfer_coding_is_501(run):
+    async def scenario():
+        async with serve() as port:
+            raw = await talk(port, b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n")
+            [(status, headers, _)] = responses(raw, [b"POST"])
+            assert (status, headers[b"connection"]) == (501, b"close")
+
+    run(scenario())
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_access_log_line_per_request(run, fmt):
+    logger = logging.getLogger("tlsproxy.access")
+    handler = _Lines()
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: RedirectProtocol(HTTPS_PORT, TOKENS.get, Limits(), AccessLog(fmt)),
+            "127.0.0.1",
+            0,
+        )
+        port = server.sockets[0].getsockname()[1]
+        await talk(
+            port,
+            b"GET /x HTTP/1.1\r\nHost: a.test\r\n\r\n"
+            b"GET /.well-known/acme-challenge/tok_en-1 HTTP/1.1\r\nHost: a.test\r\n\r\n"
+            b"GET /y HTTP/1.1\r\nHost: bad host\r\n\r\n",
+        )
+        server.close()
+
+    try:
+        run(scenario())
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    assert len(handler.lines) == 3
+    if fmt == "json":
+        records = [json.loads(line) for line in handler.lines]
+        assert [(r["target"], r["status"]) for r in records] == [
+            ("/x", 308),
+            ("/.well-known/acme-challenge/tok_en-1", 200),
+            ("/y", 400),
+        ]
+        assert records[0]["client"] == "127.0.0.1"
+        assert records[0]["host"] == "a.test"
+    else:
+        assert '"GET /x" 308' in handler.lines[0]
+        assert '"GET /.well-known/acme-challenge/tok_en-1" 200' in handler.lines[1]
+        assert '"GET /y" 400' in handler.lines[2]
+
+
+def test_access_log_off_writes_nothing(run):
+    logger = logging.getLogger("tlsproxy.access")
+    handler = _Lines()
+    logger.addHandler(handler)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: RedirectProtocol(HTTPS_PORT, None, Limits(), AccessLog("off")), "127.0.0.1", 0
+        )
+        port = server.sockets[0].getsockname()[1]
+        raw = await talk(port, b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        assert raw.startswith(b"HTTP/1.1 308 ")
+        server.close()
+
+    try:
+        run(scenario())
+    finally:
+        logger.removeHandler(handler)
+    assert handler.lines == []
