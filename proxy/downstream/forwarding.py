@@ -3,9 +3,11 @@
 Hop-by-hop headers (RFC 9110 7.6.1) describe one connection and must not cross the proxy:
 Connection and every name it lists, Keep-Alive, Proxy-* (and the bare "Proxy" header, so an app
 never sees it as HTTP_PROXY: "httpoxy"), TE (only "trailers" is forwarded), Trailer (this proxy
-drops trailers in both directions), Upgrade outside an upgrade. Content-Length and
-Transfer-Encoding: chunked stay on the request: the data path re-sends the body with the framing
-h11 already validated.
+drops trailers in both directions), Upgrade outside an upgrade. Content-Length or
+Transfer-Encoding: chunked stays on the request: the data path re-sends the body with the
+framing h11 already validated (never both: with chunked, a Content-Length is dropped).
+Connection cannot list Host or the framing headers away, and whatever it lists cannot remove the
+forwarding headers this proxy adds.
 
 Forwarding headers are set from what this proxy saw. A client that is not a trusted proxy cannot
 inject them: X-Forwarded-For/-Proto/-Host and Forwarded are replaced. From a trusted proxy they
@@ -16,6 +18,8 @@ only added when missing.
 
 The hot path is `request_head`: one dict lookup per header, one bytes join per request, and the
 per-client forwarding lines cached.
+
+`StrictHeadScanner` refuses what h11 lets through in a request head (bare LF, obs-fold).
 """
 
 from __future__ import annotations
