@@ -431,8 +431,9 @@ class WorkerSupervisor:
             return
         if want != len(self._slots):
             log.info("upstream %s: %d workers -> %d", self.name, len(self._slots), want)
-        while len(self._slots) < want and not self._stopping:
-            await self._bring_up(self._new_slot())
+        if len(self._slots) < want:
+            more = [self._new_slot() for _ in range(want - len(self._slots))]
+            await asyncio.gather(*(self._bring_up(slot) for slot in more))
         while len(self._slots) > want and not self._stopping:
             slot = self._slots.pop()
             if slot.watcher is not None:

@@ -187,3 +187,11 @@ async def supervise(
         await sup.stop()
         assert all(pid_gone(p) for p in pids), "stop() left a worker running"
     shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """The proxy runs on uvloop by default: supervise workers on it here too (its subprocess
+    and reader machinery differs from asyncio's)."""
+    import uvloop
+
+    return {"uvloop": uvloop.new_event_loop}
