@@ -115,7 +115,7 @@ class ProxyServer:
 
     def _new_redirect(self, https_port: int) -> RedirectProtocol:
         lookup = self.http01.lookup if self.http01 is not None else None
-        return RedirectProtocol(https_port, lookup, self._limits())
+        return RedirectProtocol(https_port, lookup, self._limits(), self.access_log)
 
     def _start_background(self, config: Config) -> None:
         specs = cert_specs(config)
