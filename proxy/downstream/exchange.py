@@ -5,9 +5,8 @@ Callbacks, not a task: the client connection calls `on_request_data`/`on_request
 upstream response parser calls `on_head`/`on_body`/`on_end`, and each pushes bytes straight to
 the other transport. A task exists only while a new upstream connection is being opened.
 
-h11 on the client side: h11 parses the request; the response bytes are written here, and h11
-is told only that "a response" was sent and ended (a prebuilt zero-length Response event), which
-keeps its keep-alive/pipelining state machine in step without formatting every header twice.
+h11 on the client side parses the request; the response bytes are written here, and the
+keep-alive cycle is the client connection's (see connection.py).
 
 Framing to the client: a Content-Length response passes through as is; a chunked or
 close-delimited one is re-chunked (HTTP/1.1 client) or sent close-delimited (HTTP/1.0).
@@ -33,9 +32,6 @@ if TYPE_CHECKING:
     from proxy.upstream.connection import UpstreamConnection
     from proxy.upstream.pool import ServerSlot, UpstreamPool
 
-# h11 needs to see a response go out to move on to the next request; this one is never written.
-_H11_RESPONSE = h11.Response(status_code=200, headers=[(b"content-length", b"0")])
-_H11_END = h11.EndOfMessage()
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 _CRLF = b"\r\n"
@@ -73,6 +69,7 @@ class Exchange:
         "down",
         "expect_continue",
         "finished",
+        "has_body",
         "head",
         "head_sent",
         "host",
@@ -110,6 +107,7 @@ class Exchange:
         self.head_sent = False
         self.pending: list[bytes] = []  # request body bytes (framed) not yet written upstream
         self.req_chunked = False
+        self.has_body = False  # will h11 deliver body events for this request
         self.req_done = False
         self.body_in = 0
         self.body_sent = False
@@ -149,6 +147,7 @@ class Exchange:
                 self.expect_continue = value.lower() == b"100-continue"
             else:
                 upgrade = True
+        self.has_body = self.req_chunked or bool(length)
         down = self.down
         state = down.state
         site, status = state.router.route(down.sni, self.host)
@@ -313,7 +312,6 @@ class Exchange:
         parts.append(_CRLF)
         self.resp_head = b"".join(parts)
         self.resp_started = True
-        self.down.h11.send(_H11_RESPONSE)
 
     def on_body(self, data: bytes) -> None:
         if self.tunnel:
@@ -340,7 +338,6 @@ class Exchange:
             self._write(_LAST_CHUNK if head is None else head + _LAST_CHUNK)
         elif head is not None:
             self._write(head)
-        self.down.h11.send(_H11_END)
         up = self.up
         request_complete = self.req_done and not self.pending and not self.connecting
         self._give_back(up, reusable=request_complete)
