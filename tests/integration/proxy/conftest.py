@@ -69,3 +69,10 @@ def make_module_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Make
         yield factory
     finally:
         factory.stop_all()
+
+
+@pytest.fixture(scope="session")
+def uds_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppProcess]:
+    """examples/app.py on a unix socket."""
+    with running(AppProcess(tmp_path_factory.mktemp("uds-app"), uds=True)) as app:
+        yield app

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import ssl
 
 import httpx
@@ -13,7 +14,7 @@ from websockets.asyncio.client import connect as ws_connect
 
 from tests.integration.harness import AppProcess, basic_config
 from tests.integration.proxy.conftest import MakeProxy
-from tests.integration.proxy.support import Proxy, Response
+from tests.integration.proxy.support import Proxy, Response, parse_responses, wait_tcp_closed
 
 SECOND_SITE = """
 [[site]]
@@ -21,11 +22,21 @@ hosts = ["second.test"]
 tls = "internal"
 upstream = "app"
 """
+SINK_SITE = """
+[[site]]
+hosts = ["sink.test"]
+tls = "internal"
+upstream = "sink"
+
+[upstream.sink]
+servers = ["{server}"]
+"""
 
 
 @pytest.fixture(scope="module")
-def proxy(make_module_proxy: MakeProxy, example_app: AppProcess) -> Proxy:
-    return make_module_proxy(basic_config(example_app.server, http=True, extra=SECOND_SITE))
+def proxy(make_module_proxy: MakeProxy, example_app: AppProcess, sink_app: AppProcess) -> Proxy:
+    extra = SECOND_SITE + SINK_SITE.format(server=sink_app.server)
+    return make_module_proxy(basic_config(example_app.server, http=True, extra=extra))
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +182,73 @@ def test_http_listener_redirects_to_https(proxy: Proxy) -> None:
             assert tls.get(target.replace("/some/path", "/healthz")).text == "ok"
         acme = client.get(f"{base}/.well-known/acme-challenge/x", headers={"Host": "app.test"})
         assert acme.status_code == 404
+
+
+def test_head_response_has_no_body_and_keeps_the_connection_in_step(proxy: Proxy) -> None:
+    with proxy.conn("app.test") as conn:
+        # FastAPI answers HEAD on a GET route with 405: a head announcing a body it must not send.
+        conn.send(b"HEAD /healthz HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        head = conn.response(b"HEAD")
+        assert int(head.header("content-length") or 0) > 0
+        assert head.body == b""
+        # The connection is still in step: the next answer is the next request's.
+        conn.send(b"GET /healthz HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        assert conn.response().body == b"ok"
+
+
+def test_expect_100_continue(proxy: Proxy) -> None:
+    # The sink app reads the body before answering, so uvicorn sends 100 Continue first.
+    with proxy.conn("sink.test") as conn:
+        conn.send(
+            b"POST /sink HTTP/1.1\r\nHost: sink.test\r\nContent-Length: 5\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        conn.sock.settimeout(5)
+        interim = conn.sock.recv(65536)
+        assert interim.startswith(b"HTTP/1.1 100 "), interim
+        conn.send(b"hello")
+        rest = interim.partition(b"\r\n\r\n")[2]
+        while b"}" not in rest:
+            chunk = conn.sock.recv(65536)
+            assert chunk, rest
+            rest += chunk
+        (final,) = parse_responses(rest, [b"POST"])
+        assert final.status == 200
+        assert json.loads(final.body)["bytes"] == 5
+
+
+def test_the_standard_asyncio_loop_works_too(
+    make_proxy: MakeProxy, example_app: AppProcess
+) -> None:
+    proxy = make_proxy(basic_config(example_app.server), start=False)
+    proxy.loop = "asyncio"
+    proxy.start()
+    with proxy.client() as client:
+        assert client.get(proxy.url("/healthz")).text == "ok"
+        assert client.post(proxy.url("/echo"), content=b"z" * 100_000).content == b"z" * 100_000
+    assert "Traceback" not in proxy.log()
+
+
+def test_garbage_does_not_hurt_the_process(proxy: Proxy) -> None:
+    # Not TLS at all.
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        assert wait_tcp_closed(sock, 5.0) is not None
+    # A TLS record header followed by junk.
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"\x16\x03\x01\x00\x40" + bytes(range(64)))
+        assert wait_tcp_closed(sock, 5.0) is not None
+    # Not HTTP inside TLS.
+    with proxy.conn("app.test") as conn:
+        conn.send(b"\x00\x01\x02 hello there\r\n\r\n")
+        assert conn.response().status == 400
+    assert get(proxy, "app.test", b"GET /healthz HTTP/1.1\r\nHost: app.test\r\n\r\n").body == b"ok"
+    assert "Traceback" not in proxy.log()
+
+
+def test_unix_socket_upstream(make_proxy: MakeProxy, uds_app: AppProcess) -> None:
+    proxy = make_proxy(basic_config(uds_app.server))
+    with proxy.client() as client:
+        assert client.get(proxy.url("/healthz")).text == "ok"
+        body = client.get(proxy.url("/bytes/300000")).content
+        assert body == b"x" * 300_000

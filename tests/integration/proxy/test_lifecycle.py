@@ -160,3 +160,12 @@ def test_sigterm_cuts_requests_longer_than_shutdown_grace(
     assert time.monotonic() - signalled < 4
     result = flight.wait(5)
     assert isinstance(result, httpx.HTTPError), result  # cut, never a complete response
+
+
+def test_sigint_stops_like_sigterm(make_proxy: MakeProxy, example_app: AppProcess) -> None:
+    proxy = make_proxy(basic_config(example_app.server))
+    assert served(proxy, "app.test") == 200
+    proxy.signal(signal.SIGINT)
+    assert proxy.proc.wait(10) == 0
+    assert "SIGINT: draining" in proxy.log()
+    assert "Traceback" not in proxy.log()

@@ -85,7 +85,7 @@ def test_slowloris_is_cut_off_by_header_read_timeout(proxy: Proxy) -> None:
             if time.monotonic() - start > 6:
                 break
     assert closed_after is not None, "a header byte every 0.3 s kept the connection open"
-    assert 0.7 <= closed_after <= 2.5, closed_after
+    assert 0.7 <= closed_after <= 3.0, closed_after
     if received:  # a 408 is optional, but if the proxy answers it must be a valid 408
         assert parse_responses(received, [b"GET"])[0].status == 408
 
@@ -115,7 +115,7 @@ def test_tcp_client_that_never_handshakes_is_closed_after_handshake_timeout(prox
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
         waited = wait_tcp_closed(sock, 5.0)
     assert waited is not None, "a silent TCP client was kept forever"
-    assert 0.7 <= waited <= 2.5, waited
+    assert 0.7 <= waited <= 3.0, waited
 
 
 # --- sizes --------------------------------------------------------------------------------------
