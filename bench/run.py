@@ -1,0 +1,1136 @@
+#!/usr/bin/env python3
+"""tlsproxy against nginx (one worker) as TLS terminators in front of the same fast upstream.
+
+    python bench/run.py [--quick] [--duration 10] [--connections 50] [--profile]
+
+Pinning on a 2-core machine: the terminator under test (nginx with ONE worker, or tlsproxy) runs
+alone on core 0; the load side (wrk, the nginx upstream, this script) shares core 1. Never both
+terminators at once. Each workload is measured as wrk sees it (requests/s, p99) and per
+core-second of the terminator's own CPU (utime + stime from /proc/PID/stat of its processes),
+because wrk shares its core with the upstream and may saturate before the terminator does.
+The end-to-end row puts examples/app.py (uvicorn, 2 workers) behind each terminator with
+nothing pinned: the number a user of a 2-core machine feels.
+
+Standard library only (plus nginx, wrk, openssl and taskset as commands). Everything listens on
+127.0.0.1, lives in a temporary directory, runs for a bounded time, and every process started
+here is stopped on exit, Ctrl-C or error. Results: a markdown table on stdout, JSON in
+bench/results/ (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
+HOST = "127.0.0.1"
+SERVER_NAME = "localhost"
+TERMINATOR_CPU = 0
+LOAD_CPU = 1
+SMALL_BODY = '{"message":"hello"}'
+MIB = 1 << 20
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+DEFAULT_PROXY_CMD = "{python} -m proxy run -c {config}"
+TERMINATORS = ("nginx", "tlsproxy")
+
+# Targets from issue 2, as ratios tlsproxy / nginx(1 worker) unless absolute.
+TARGETS = {
+    "keepalive.per_core_second": (">=", 0.35),
+    "handshake.per_core_second": (">=", 0.80),
+    "bulk.per_core_second": (">=", 1.00),
+    "e2e.rps": (">=", 0.85),
+    "e2e.p99": ("<=", 1.30),
+}
+TARGET_IDLE_RSS_MIB = 40.0
+TARGET_PER_CONNECTION_KIB = 64.0
+
+
+class BenchError(Exception):
+    """A setup step failed; the message says which and where its log is."""
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it if this script dies, even from SIGKILL."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Processes:
+    """Every process this script starts, each in its own process group, stopped in reverse."""
+
+    def __init__(self, logdir: Path, pin: bool) -> None:
+        self.logdir = logdir
+        self.pin = pin
+        self.running: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(
+        self, name: str, argv: Sequence[str], cpus: Sequence[int] | None, cwd: Path | None = None
+    ) -> subprocess.Popen[bytes]:
+        argv = list(argv)
+        if cpus is not None and self.pin:
+            # taskset execs the command: the pid we get is the command's own.
+            argv = ["taskset", "-c", ",".join(map(str, cpus)), *argv]
+        with open(self.logdir / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        self.running.append((name, proc))
+        return proc
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        path = self.logdir / f"{name}.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        # Whatever is left of its group (nginx or uvicorn workers of a leader that died first).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        self.running = [(n, p) for n, p in self.running if p is not proc]
+
+    def stop_all(self) -> None:
+        for _, proc in reversed(list(self.running)):
+            with contextlib.suppress(Exception):
+                self.stop(proc, timeout=5.0)
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = _read_stat(int(entry.name))
+        except OSError:
+            continue
+        children.setdefault(stat[0], []).append(int(entry.name))
+    return children
+
+
+def process_tree(pid: int) -> list[int]:
+    children = _children_map()
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, ()))
+    return tree
+
+
+def _read_stat(pid: int) -> tuple[int, int]:
+    """(ppid, utime + stime in clock ticks) from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+    # The command name may contain spaces and parentheses: split after the last ')'.
+    fields = data[data.rindex(b")") + 2 :].split()
+    return int(fields[1]), int(fields[11]) + int(fields[12])
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    ticks = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            ticks += _read_stat(pid)[1]
+    return ticks / CLK_TCK
+
+
+def memory_kib(pids: Sequence[int]) -> dict[str, int]:
+    """VmRSS and VmHWM summed over the processes (nginx: master + worker)."""
+    total = {"VmRSS": 0, "VmHWM": 0}
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in total:
+                    total[key] += int(value.split()[0])
+    return {"rss_kib": total["VmRSS"], "hwm_kib": total["VmHWM"]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+# --- clients -----------------------------------------------------------------------------------
+
+
+def _client_context() -> ssl.SSLContext:
+    # A benchmark client: the chain is checked once by the probe, not per connection.
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+@dataclass
+class Probe:
+    status: int
+    body: bytes
+    cert_der: bytes | None = None
+    version: str | None = None
+    cipher: str | None = None
+
+
+def http_get(port: int, path: str = "/", tls: bool = True, timeout: float = 3.0) -> Probe:
+    request = f"GET {path} HTTP/1.1\r\nHost: {SERVER_NAME}\r\nConnection: close\r\n\r\n"
+    with socket.create_connection((HOST, port), timeout=timeout) as raw:
+        sock: Any = raw
+        probe = Probe(0, b"")
+        if tls:
+            sock = _client_context().wrap_socket(raw, server_hostname=SERVER_NAME)
+            probe.cert_der = sock.getpeercert(binary_form=True)
+            probe.version = sock.version()
+            probe.cipher = (sock.cipher() or ("?",))[0]
+        sock.sendall(request.encode())
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    data = b"".join(chunks)
+    head, _, probe.body = data.partition(b"\r\n\r\n")
+    parts = head.split(b" ", 2)
+    probe.status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    return probe
+
+
+def wait_ready(
+    check: Callable[[], bool],
+    proc: subprocess.Popen[bytes],
+    what: str,
+    procs: Processes,
+    timeout: float = 30.0,
+) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{what} exited with {proc.returncode}:\n{procs.log_tail(what)}")
+        try:
+            if check():
+                return
+        except (OSError, ValueError) as exc:
+            last = exc
+        time.sleep(0.1)
+    raise BenchError(f"{what} not ready after {timeout:.0f}s ({last}):\n{procs.log_tail(what)}")
+
+
+async def _hold_idle_connections(
+    port: int, count: int, measure: Callable[[], dict[str, int]]
+) -> tuple[int, dict[str, int]]:
+    """Open `count` TLS connections, one request each, keep them idle, measure, drop them."""
+    ctx = _client_context()
+    gate = asyncio.Semaphore(50)  # below the listen backlog: no SYN retransmit stalls
+    # The writers, not just their transports: a StreamWriter closes its transport when collected.
+    writers: list[asyncio.StreamWriter] = []
+    request = f"GET / HTTP/1.1\r\nHost: {SERVER_NAME}\r\n\r\n".encode()
+
+    async def one() -> bool:
+        async with gate:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(HOST, port, ssl=ctx, server_hostname=SERVER_NAME), 15
+            )
+            writers.append(writer)
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 15)
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            await asyncio.wait_for(reader.readexactly(length), 15)
+            return head.startswith(b"HTTP/1.1 200")
+
+    try:
+        outcomes = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
+        await asyncio.sleep(1.0)  # let the terminator free its handshake state
+        still_open = sum(not w.transport.is_closing() for w in writers)
+        measured = measure()
+        ok = sum(o is True for o in outcomes)
+        return min(ok, still_open), measured
+    finally:
+        for writer in writers:
+            writer.transport.abort()
+        await asyncio.sleep(0.2)
+
+
+# --- certificates ------------------------------------------------------------------------------
+
+_KEY_OIDS = {
+    # DER of the OIDs (tag, length, value) as they appear in a certificate's SubjectPublicKeyInfo.
+    "ec": bytes.fromhex("06072a8648ce3d0201"),
+    "rsa": bytes.fromhex("06092a864886f70d010101"),
+    "ed25519": bytes.fromhex("06032b6570"),
+}
+_CURVE_OIDS = {
+    "P-256": bytes.fromhex("06082a8648ce3d030107"),
+    "P-384": bytes.fromhex("06052b81040022"),
+}
+
+
+def key_kind(cert_der: bytes) -> str:
+    """The leaf's key type ("ec:P-256", "rsa", ...): handshake cost depends on it."""
+    for kind, oid in _KEY_OIDS.items():
+        if oid in cert_der:
+            if kind == "ec":
+                curve = next((c for c, o in _CURVE_OIDS.items() if o in cert_der), "P-256")
+                return f"ec:{curve}"
+            return kind
+    return "ec:P-256"
+
+
+def _newkey_args(kind: str) -> list[str]:
+    if kind.startswith("ec:"):
+        return ["-newkey", "ec", "-pkeyopt", f"ec_paramgen_curve:{kind[3:]}"]
+    if kind == "rsa":
+        return ["-newkey", "rsa:2048"]
+    return ["-newkey", kind]
+
+
+def served_chain_length(port: int) -> int:
+    out = subprocess.run(
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"{HOST}:{port}",
+            "-servername",
+            SERVER_NAME,
+            "-showcerts",
+        ],
+        input=b"",
+        capture_output=True,
+        timeout=10,
+        check=False,
+    ).stdout
+    return max(out.count(b"-----BEGIN CERTIFICATE-----"), 1)
+
+
+def make_chain(directory: Path, kind: str, chain_length: int) -> tuple[Path, Path]:
+    """A root, an intermediate when `chain_length` > 1, and a leaf for localhost; nginx serves
+    the leaf and the intermediate, like tlsproxy's local CA does."""
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, capture_output=True, check=True)
+
+    def issue(name: str, subject: str, issuer: str, extensions: str) -> None:
+        openssl(
+            "req",
+            "-new",
+            *_newkey_args(kind),
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            subject,
+        )
+        (directory / f"{name}.ext").write_text(extensions)
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            f"{issuer}.pem",
+            "-CAkey",
+            f"{issuer}.key",
+            "-set_serial",
+            str(int.from_bytes(os.urandom(8), "big")),
+            "-days",
+            "2",
+            "-extfile",
+            f"{name}.ext",
+            "-out",
+            f"{name}.pem",
+        )
+
+    openssl(
+        "req",
+        "-x509",
+        "-new",
+        *_newkey_args(kind),
+        "-nodes",
+        "-keyout",
+        "root.key",
+        "-out",
+        "root.pem",
+        "-subj",
+        "/CN=bench root",
+        "-days",
+        "2",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    )
+    issuer = "root"
+    if chain_length > 1:
+        issue(
+            "intermediate",
+            "/CN=bench intermediate",
+            "root",
+            "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\n",
+        )
+        issuer = "intermediate"
+    issue(
+        "leaf",
+        f"/CN={SERVER_NAME}",
+        issuer,
+        f"subjectAltName=DNS:{SERVER_NAME},IP:{HOST}\nextendedKeyUsage=serverAuth\n"
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n",
+    )
+    chain = directory / "chain.pem"
+    parts = [directory / "leaf.pem"] + (
+        [directory / "intermediate.pem"] if chain_length > 1 else []
+    )
+    chain.write_bytes(b"".join(p.read_bytes() for p in parts))
+    return chain, directory / "leaf.key"
+
+
+# --- wrk ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    title: str
+    path: str
+    connections: int
+    headers: tuple[str, ...] = ()
+
+
+def run_wrk(
+    port: int, workload: Workload, duration: float, cpus: Sequence[int] | None, pin: bool
+) -> dict[str, Any]:
+    argv = [
+        "wrk",
+        "-t1",
+        f"-c{workload.connections}",
+        f"-d{max(duration, 1):.0f}s",
+        "--timeout",
+        "10s",
+        "--latency",
+        "-s",
+        str(BENCH / "report.lua"),
+        "-H",
+        f"Host: {SERVER_NAME}",
+    ]
+    for header in workload.headers:
+        argv += ["-H", header]
+    argv.append(f"https://{HOST}:{port}{workload.path}")
+    if cpus is not None and pin:
+        argv = ["taskset", "-c", ",".join(map(str, cpus)), *argv]
+    done = subprocess.run(argv, capture_output=True, timeout=duration + 60, check=False)
+    out = done.stdout.decode(errors="replace")
+    line = next((x for x in out.splitlines() if x.startswith("BENCH_JSON ")), None)
+    if done.returncode != 0 or line is None:
+        raise BenchError(f"wrk failed ({done.returncode}): {out}{done.stderr.decode()}")
+    raw = json.loads(line.removeprefix("BENCH_JSON "))
+    seconds = raw["duration_us"] / 1e6
+    lat = raw["latency_us"]
+    return {
+        "requests": raw["requests"],
+        "seconds": seconds,
+        "bytes": raw["bytes"],
+        "errors": {k: v for k, v in raw["errors"].items() if v},
+        "rps": raw["requests"] / seconds,
+        "mib_per_s": raw["bytes"] / MIB / seconds,
+        "latency_ms": {k: v / 1000 for k, v in lat.items()},
+    }
+
+
+def measure(
+    pids: Sequence[int],
+    port: int,
+    workload: Workload,
+    duration: float,
+    cpus: Sequence[int] | None,
+    pin: bool,
+) -> dict[str, Any]:
+    before = cpu_seconds(pids)
+    result = run_wrk(port, workload, duration, cpus, pin)
+    cpu = cpu_seconds(pids) - before
+    result["terminator_cpu_s"] = cpu
+    result["terminator_cores_busy"] = cpu / result["seconds"]
+    # The unit the issue's targets are stated in: work per second of the terminator's CPU.
+    work = result["bytes"] / MIB if workload.name == "bulk" else result["requests"]
+    result["per_core_second"] = work / cpu if cpu > 0 else None
+    return result
+
+
+# --- the bench ---------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, tmp: Path, procs: Processes) -> None:
+        self.args = args
+        self.tmp = tmp
+        self.procs = procs
+        self.pin = procs.pin
+        self.terminator_cpus = [TERMINATOR_CPU] if self.pin else None
+        self.load_cpus = [LOAD_CPU] if self.pin else None
+        self.upstream_port = free_port()
+        self.app_port = free_port()
+        self.port = free_port()
+        self.chain = self.key = Path()
+        self.tls_info: dict[str, Any] = {}
+        self.workloads = (
+            Workload("keepalive", "keep-alive, small response", "/", args.connections),
+            Workload(
+                "handshake",
+                "one request per new TLS connection",
+                "/",
+                args.connections,
+                ("Connection: close",),
+            ),
+            Workload("bulk", "1 MiB responses", "/1m", args.bulk_connections),
+        )
+        (tmp / "tmp").mkdir()
+        (tmp / "www").mkdir()
+        (tmp / "www" / "1m").write_bytes(os.urandom(MIB))
+
+    # configs
+
+    def _nginx_conf(self, template: str, name: str, **values: object) -> Path:
+        text = (BENCH / template).read_text()
+        values = {
+            "USER": "user root;" if os.geteuid() == 0 else "",
+            "DIR": self.tmp,
+            "SMALL_BODY": SMALL_BODY + "\\n",
+            **values,
+        }
+        for key, value in values.items():
+            text = text.replace(f"@{key}@", str(value))
+        path = self.tmp / name
+        path.write_text(text)
+        return path
+
+    def _tlsproxy_conf(self, upstream_port: int, name: str) -> Path:
+        path = self.tmp / name
+        path.write_text(
+            f"""[server]
+https = ["{HOST}:{self.port}"]
+http = []
+data_dir = "{self.tmp / "tlsproxy-data"}"
+default_site = "{SERVER_NAME}"
+access_log = "off"
+log_level = "warning"
+shutdown_grace = "2s"
+
+[[site]]
+hosts = ["{SERVER_NAME}"]
+tls = "internal"
+upstream = "app"
+
+[upstream.app]
+servers = ["{HOST}:{upstream_port}"]
+"""
+        )
+        return path
+
+    # processes
+
+    def start_upstream(self) -> None:
+        conf = self._nginx_conf("nginx-upstream.conf", "upstream.conf", PORT=self.upstream_port)
+        proc = self.procs.start("upstream", self._nginx_argv(conf), self.load_cpus)
+
+        def ready() -> bool:
+            return http_get(self.upstream_port, tls=False).status == 200
+
+        wait_ready(ready, proc, "upstream", self.procs)
+
+    def _nginx_argv(self, conf: Path) -> list[str]:
+        return [
+            "nginx",
+            "-p",
+            str(self.tmp),
+            "-e",
+            str(self.tmp / f"{conf.stem}-early.log"),
+            "-c",
+            str(conf),
+        ]
+
+    def start_app(self) -> None:
+        argv = [
+            self.args.python,
+            "-m",
+            "uvicorn",
+            "examples.app:app",
+            "--host",
+            HOST,
+            "--port",
+            str(self.app_port),
+            "--workers",
+            "2",
+            "--proxy-headers",
+            "--forwarded-allow-ips",
+            HOST,
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ]
+        proc = self.procs.start("app", argv, [TERMINATOR_CPU, LOAD_CPU], cwd=REPO)
+
+        def ready() -> bool:
+            return http_get(self.app_port, "/healthz", tls=False).status == 200
+
+        wait_ready(ready, proc, "app", self.procs, timeout=60)
+
+    def start_terminator(
+        self, which: str, upstream_port: int, cpus: Sequence[int] | None
+    ) -> subprocess.Popen[bytes]:
+        if which == "nginx":
+            conf = self._nginx_conf(
+                "nginx-tls.conf",
+                "tls.conf",
+                PORT=self.port,
+                UPSTREAM_PORT=upstream_port,
+                CHAIN=self.chain,
+                KEY=self.key,
+            )
+            argv = self._nginx_argv(conf)
+        else:
+            conf = self._tlsproxy_conf(upstream_port, f"tlsproxy-{upstream_port}.toml")
+            argv = shlex.split(
+                self.args.proxy_cmd.format(
+                    python=self.args.python,
+                    config=conf,
+                    port=self.port,
+                    dir=self.tmp,
+                    upstream=f"{HOST}:{upstream_port}",
+                    chain=self.chain,
+                    key=self.key,
+                )
+            )
+        proc = self.procs.start(which, argv, cpus, cwd=REPO)
+
+        def ready() -> bool:
+            return http_get(self.port).status == 200
+
+        wait_ready(ready, proc, which, self.procs, timeout=60)
+        return proc
+
+    # phases
+
+    def prepare_certificates(self) -> None:
+        """nginx gets a chain like the one tlsproxy serves (key type and length)."""
+        kind, length = "ec:P-256", 2
+        if "tlsproxy" in self.args.only:
+            proc = self.start_terminator("tlsproxy", self.upstream_port, self.terminator_cpus)
+            try:
+                probe = http_get(self.port)
+                assert probe.cert_der is not None
+                kind, length = key_kind(probe.cert_der), served_chain_length(self.port)
+                self.tls_info["tlsproxy"] = {
+                    "key": kind,
+                    "chain": length,
+                    "version": probe.version,
+                    "cipher": probe.cipher,
+                }
+            finally:
+                self.procs.stop(proc)
+        self.chain, self.key = make_chain(self.tmp / "certs", kind, length)
+        self.tls_info["nginx"] = {"key": kind, "chain": length}
+
+    def micro(self, which: str, first: bool) -> dict[str, Any]:
+        proc = self.start_terminator(which, self.upstream_port, self.terminator_cpus)
+        try:
+            pids = process_tree(proc.pid)
+            probe = http_get(self.port)
+            self.tls_info[which].update(version=probe.version, cipher=probe.cipher)
+            result: dict[str, Any] = {"processes": len(pids)}
+            if first:
+                result["memory"] = self.idle_memory(pids)
+            for workload in self.workloads:
+                if self.args.warmup > 0:
+                    run_wrk(self.port, workload, self.args.warmup, self.load_cpus, self.pin)
+                result[workload.name] = measure(
+                    pids, self.port, workload, self.args.duration, self.load_cpus, self.pin
+                )
+                self._say(f"  {which} {workload.name}: {_brief(result[workload.name])}")
+            if first:
+                result["memory"]["peak_kib"] = memory_kib(pids)["hwm_kib"]
+            if which == "tlsproxy" and first and self.args.profile:
+                result["profile"] = self.profile(proc.pid)
+            return result
+        finally:
+            self.procs.stop(proc)
+
+    def idle_memory(self, pids: Sequence[int]) -> dict[str, Any]:
+        idle = memory_kib(pids)["rss_kib"]
+        count = self.args.idle_connections
+
+        def rss() -> dict[str, int]:
+            return memory_kib(pids)
+
+        opened, loaded = asyncio.run(_hold_idle_connections(self.port, count, rss))
+        delta = loaded["rss_kib"] - idle
+        return {
+            "idle_kib": idle,
+            "idle_connections": opened,
+            "with_connections_kib": loaded["rss_kib"],
+            "per_connection_kib": delta / opened if opened else None,
+        }
+
+    def e2e(self, which: str) -> dict[str, Any]:
+        both = [TERMINATOR_CPU, LOAD_CPU] if self.pin else None
+        proc = self.start_terminator(which, self.app_port, both)
+        try:
+            workload = Workload("e2e", "example app", "/", self.args.connections)
+            # Even in --quick: the app's first requests (both workers, new pooled connections)
+            # are much slower than the rest and would decide a 1 s run.
+            run_wrk(self.port, workload, max(self.args.warmup, 1.0), both, self.pin)
+            result = measure(
+                process_tree(proc.pid), self.port, workload, self.args.duration, both, self.pin
+            )
+            self._say(f"  {which} e2e: {_brief(result)}")
+            return result
+        finally:
+            self.procs.stop(proc)
+
+    def profile(self, pid: int) -> dict[str, Any]:
+        """py-spy on the tlsproxy process under the keep-alive workload (a separate run)."""
+        py_spy = shutil.which("py-spy") or str(Path(self.args.python).parent / "py-spy")
+        if not Path(py_spy).exists():
+            return {"error": "py-spy not found"}
+        out = self.args.out_dir / f"profile-{time.strftime('%Y%m%dT%H%M%S')}.txt"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        seconds = max(int(self.args.duration), 2)
+        spy = subprocess.Popen(
+            [
+                py_spy,
+                "record",
+                "--pid",
+                str(pid),
+                "--duration",
+                str(seconds),
+                "--rate",
+                "250",
+                "--format",
+                "raw",
+                "--function",
+                "--nonblocking",
+                "--output",
+                str(out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            run_wrk(self.port, self.workloads[0], seconds, self.load_cpus, self.pin)
+            _, err = spy.communicate(timeout=seconds + 30)
+        finally:
+            if spy.poll() is None:
+                spy.kill()
+                spy.wait()
+        if not out.exists():
+            return {"error": f"py-spy wrote nothing: {err.decode(errors='replace')[-300:]}"}
+        return {"file": str(out), **top_costs(out.read_text())}
+
+    @staticmethod
+    def _say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _brief(r: dict[str, Any]) -> str:
+    errors = f" errors={r['errors']}" if r["errors"] else ""
+    return (
+        f"{r['rps']:.0f} req/s, {r['mib_per_s']:.1f} MiB/s, p99 {r['latency_ms']['p99']:.2f} ms,"
+        f" terminator {r['terminator_cores_busy']:.2f} cores{errors}"
+    )
+
+
+def top_costs(collapsed: str, top: int = 10) -> dict[str, Any]:
+    """Self and inclusive sample counts per function from py-spy's collapsed stacks."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = stack.split(";")
+        own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    rows = (
+        [
+            {"function": name, "self": n / total, "inclusive": inclusive[name] / total}
+            for name, n in own.most_common(top)
+        ]
+        if total
+        else []
+    )
+    return {"samples": total, "top_self": rows}
+
+
+# --- summary -----------------------------------------------------------------------------------
+
+
+def median_results(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per workload, the round with the median requests/s (its numbers stay consistent)."""
+    merged = dict(rounds[0])
+    for key, value in rounds[0].items():
+        if isinstance(value, dict) and "rps" in value:
+            ordered = sorted((r[key] for r in rounds), key=lambda r: r["rps"])
+            merged[key] = {**ordered[len(ordered) // 2], "rounds_rps": [r["rps"] for r in ordered]}
+    return merged
+
+
+def _get(results: dict[str, Any], which: str, *path: str) -> float | None:
+    node: Any = results.get(which)
+    for key in path:
+        if not isinstance(node, dict) or node.get(key) is None:
+            return None
+        node = node[key]
+    return float(node)
+
+
+def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The comparison as data: metric, both values, ratio, target and whether it is met."""
+    spec = [
+        ("keepalive", "rps", "keep-alive, small response: requests/s", "{:,.0f}"),
+        ("keepalive", "latency_ms.p99", "keep-alive, small response: p99 latency (ms)", "{:.2f}"),
+        ("keepalive", "terminator_cores_busy", "keep-alive: terminator CPU (cores busy)", "{:.2f}"),
+        ("keepalive", "per_core_second", "keep-alive: requests per core-second", "{:,.0f}"),
+        ("handshake", "rps", "new TLS connection per request: connections/s", "{:,.0f}"),
+        ("handshake", "latency_ms.p99", "new connection: p99 latency (ms)", "{:.2f}"),
+        (
+            "handshake",
+            "terminator_cores_busy",
+            "new connection: terminator CPU (cores busy)",
+            "{:.2f}",
+        ),
+        ("handshake", "per_core_second", "new connection: handshakes per core-second", "{:,.0f}"),
+        ("bulk", "mib_per_s", "1 MiB responses: MiB/s", "{:,.0f}"),
+        ("bulk", "terminator_cores_busy", "1 MiB responses: terminator CPU (cores busy)", "{:.2f}"),
+        ("bulk", "per_core_second", "1 MiB responses: MiB/s per core-second", "{:,.0f}"),
+        ("memory", "idle_kib", "idle RSS (MiB)", "mib"),
+        (
+            "memory",
+            "with_connections_kib",
+            "RSS with the idle keep-alive TLS connections (MiB)",
+            "mib",
+        ),
+        ("memory", "per_connection_kib", "RSS per idle TLS connection (KiB)", "{:.1f}"),
+        ("memory", "peak_kib", "peak RSS, VmHWM (MiB)", "mib"),
+        ("e2e", "rps", "end to end, example app on 2 uvicorn workers: requests/s", "{:,.0f}"),
+        ("e2e", "latency_ms.p99", "end to end: p99 latency (ms)", "{:.2f}"),
+    ]
+    out = []
+    for section, field_path, title, fmt in spec:
+        path = (section, *field_path.split("."))
+        a, b = _get(results, "nginx", *path), _get(results, "tlsproxy", *path)
+        if a is None and b is None:
+            continue
+        key = f"{section}.{field_path.split('.')[-1]}"
+        target, met = TARGETS.get(key), None
+        ratio = b / a if a and b is not None else None
+        if target and ratio is not None:
+            met = ratio >= target[1] if target[0] == ">=" else ratio <= target[1]
+        target_text = f"{target[0]} {target[1]:.2f}" if target else ""
+        if field_path == "idle_kib" and b is not None:
+            target_text, met = f"<= {TARGET_IDLE_RSS_MIB:.0f} MiB", b / 1024 <= TARGET_IDLE_RSS_MIB
+        if field_path == "per_connection_kib" and b is not None:
+            target_text = f"<= {TARGET_PER_CONNECTION_KIB:.0f} KiB"
+            met = b <= TARGET_PER_CONNECTION_KIB
+        out.append(
+            {
+                "metric": title,
+                "nginx": a,
+                "tlsproxy": b,
+                "ratio": ratio,
+                "target": target_text,
+                "met": met,
+                "format": fmt,
+            }
+        )
+    return out
+
+
+def markdown(table: list[dict[str, Any]]) -> str:
+    def show(value: float | None, fmt: str) -> str:
+        if value is None:
+            return "-"
+        return f"{value / 1024:.1f}" if fmt == "mib" else fmt.format(value)
+
+    lines = [
+        "| metric | nginx, 1 worker | tlsproxy | tlsproxy / nginx | target |",
+        "|---|---|---|---|---|",
+    ]
+    for row in table:
+        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
+        mark = {True: " (met)", False: " (NOT met)", None: ""}[row["met"]]
+        target = f"{row['target']}{mark}" if row["target"] else ""
+        lines.append(
+            f"| {row['metric']} | {show(row['nginx'], row['format'])} | "
+            f"{show(row['tlsproxy'], row['format'])} | {ratio} | {target} |"
+        )
+    return "\n".join(lines)
+
+
+def _versions(python: str) -> dict[str, str]:
+    def first_line(argv: list[str]) -> str:
+        try:
+            done = subprocess.run(argv, capture_output=True, timeout=10, check=False)
+        except OSError as exc:
+            return str(exc)
+        return (done.stdout or done.stderr).decode(errors="replace").strip().splitlines()[0]
+
+    commit = first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    return {
+        "nginx": first_line(["nginx", "-v"]),
+        "wrk": first_line(["wrk", "-v"]),
+        "python": first_line([python, "--version"]),
+        "openssl": first_line(["openssl", "version"]),
+        "commit": commit,
+        "kernel": platform.release(),
+    }
+
+
+def _loadavg() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: 1 s per workload, no warm-up, 100 idle connections",
+    )
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per measured workload")
+    p.add_argument("--warmup", type=float, default=None, help="seconds of warm-up (default 2)")
+    p.add_argument("--connections", type=int, default=50, help="wrk connections (small bodies)")
+    p.add_argument("--bulk-connections", type=int, default=10, help="wrk connections for 1 MiB")
+    p.add_argument(
+        "--idle-connections",
+        type=int,
+        default=None,
+        help="idle keep-alive TLS connections for the memory row (default 1000)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="alternate the terminators this many times; report the median round",
+    )
+    p.add_argument(
+        "--only",
+        default=",".join(TERMINATORS),
+        help="comma list of terminators to run (nginx,tlsproxy)",
+    )
+    p.add_argument("--no-e2e", dest="e2e", action="store_false", help="skip the example app row")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also record a py-spy profile of tlsproxy under the keep-alive load",
+    )
+    p.add_argument(
+        "--proxy-cmd",
+        default=DEFAULT_PROXY_CMD,
+        help="command for the proxy under test; placeholders {python} {config} {port}"
+        " {upstream} {chain} {key} {dir} (default: %(default)s)",
+    )
+    p.add_argument("--python", default=sys.executable, help="interpreter for tlsproxy and uvicorn")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON file to write (default bench/results/bench-TIME.json)",
+    )
+    p.add_argument("--keep-temp", action="store_true", help="keep the temp dir (configs, logs)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.duration = min(args.duration, 1.0)
+        args.idle_connections = args.idle_connections or 100
+        args.warmup = 0.0 if args.warmup is None else args.warmup
+    args.warmup = 2.0 if args.warmup is None else args.warmup
+    args.idle_connections = args.idle_connections or 1000
+    args.only = [t.strip() for t in args.only.split(",") if t.strip()]
+    unknown = set(args.only) - set(TERMINATORS)
+    if unknown:
+        p.error(f"--only: unknown terminator(s) {', '.join(sorted(unknown))}")
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    args.out = args.out or BENCH / "results" / f"bench-{stamp}.json"
+    args.out_dir = args.out.parent
+    return args
+
+
+def _raise_nofile() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard)
+        )
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    missing = [c for c in ("nginx", "wrk", "openssl") if shutil.which(c) is None]
+    if missing:
+        print(
+            f"missing commands: {', '.join(missing)} (apt-get install -y nginx wrk openssl)",
+            file=sys.stderr,
+        )
+        return 2
+    cpus = sorted(os.sched_getaffinity(0))
+    pin = (
+        len(cpus) >= 2 and {TERMINATOR_CPU, LOAD_CPU} <= set(cpus) and bool(shutil.which("taskset"))
+    )
+    if not pin:
+        print(
+            "warning: fewer than 2 usable cores or no taskset: nothing is pinned", file=sys.stderr
+        )
+    _raise_nofile()
+    load_before = _loadavg()
+    if load_before > 0.5:
+        print(f"warning: load average {load_before:.2f}: the machine is not quiet", file=sys.stderr)
+    tmp = Path(tempfile.mkdtemp(prefix="tlsproxy-bench-"))
+    (tmp / "logs").mkdir()
+    procs = Processes(tmp / "logs", pin)
+    started = time.time()
+    try:
+        with _sigterm_as_exit():
+            if pin:
+                os.sched_setaffinity(0, {LOAD_CPU})  # this script and its clients: the load core
+            bench = Bench(args, tmp, procs)
+            bench.start_upstream()
+            bench.prepare_certificates()
+            rounds: dict[str, list[dict[str, Any]]] = {t: [] for t in args.only}
+            for n in range(args.rounds):
+                order = args.only if n % 2 == 0 else list(reversed(args.only))
+                for which in order:
+                    Bench._say(f"round {n + 1}/{args.rounds}: {which}")
+                    rounds[which].append(bench.micro(which, first=n == 0))
+            results: dict[str, Any] = {t: median_results(r) for t, r in rounds.items()}
+            if args.e2e:
+                bench.start_app()
+                for which in args.only:
+                    results[which]["e2e"] = bench.e2e(which)
+    except BenchError as exc:
+        print(
+            f"bench failed: {exc}\n(logs in {tmp / 'logs'}; rerun with --keep-temp to keep)",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        procs.stop_all()
+        if not args.keep_temp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            print(f"temp dir kept: {tmp}", file=sys.stderr)
+
+    table = rows(results)
+    report = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "seconds": round(time.time() - started, 1),
+        "settings": {
+            "duration": args.duration,
+            "warmup": args.warmup,
+            "connections": args.connections,
+            "bulk_connections": args.bulk_connections,
+            "idle_connections": args.idle_connections,
+            "rounds": args.rounds,
+            "proxy_cmd": args.proxy_cmd,
+            "pinned": pin,
+            "terminator_cpu": TERMINATOR_CPU if pin else None,
+            "load_cpu": LOAD_CPU if pin else None,
+        },
+        "machine": {
+            "cpus": len(cpus),
+            "loadavg_before": load_before,
+            "loadavg_after": _loadavg(),
+            **_versions(args.python),
+        },
+        "tls": bench.tls_info,
+        "results": results,
+        "table": [{k: v for k, v in row.items() if k != "format"} for row in table],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    print(markdown(table))
+    errors = {
+        f"{t}.{w}": r[w]["errors"]
+        for t, r in results.items()
+        for w in r
+        if isinstance(r[w], dict) and r[w].get("errors")
+    }
+    if errors:
+        print(f"\nwrk reported errors: {errors}")
+    print(f"\nTLS: {json.dumps(bench.tls_info)}")
+    profile = results.get("tlsproxy", {}).get("profile")
+    if profile and profile.get("top_self"):
+        print(f"\ntlsproxy profile ({profile['samples']} samples, {profile['file']}):")
+        print("| self | inclusive | function |\n|---|---|---|")
+        for row in profile["top_self"]:
+            print(f"| {row['self']:.1%} | {row['inclusive']:.1%} | {row['function']} |")
+    elif profile:
+        print(f"\nprofile: {profile.get('error')}")
+    print(f"\nJSON: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
