@@ -79,6 +79,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "_request_done",
         "_timer",
         "_timer_at",
+        "_tls",
         "_wait",
         "client_ip",
         "draining",
@@ -110,6 +111,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self._pipelined = False
         self._request_done = False  # the current request was read completely
         self._client_eof = False
+        self._tls = False
         self._processing = False
         self._wait = _IDLE
         self._head_chunks: list[bytes] = []  # the raw bytes of the head being received
@@ -125,6 +127,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
+            self._tls = True
             self.sni = getattr(ssl_object, "tlsproxy_sni", None)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
@@ -164,19 +167,20 @@ class DownstreamProtocol(asyncio.Protocol):
         try:
             if self.tunnel is not None:
                 self.tunnel.client_eof()
-                return True
+                return None if self._tls else True
             if self._wait == _CLOSING:
                 return False
             if self.exchange is None:
                 self._close()
                 return False
             if self._request_done:
-                # A client may half-close after its request; the response can still go out.
+                # A client may half-close after its request; the response can still go out
+                # (over TCP: a TLS transport closes after EOF whatever we answer).
                 self._client_eof = True
-                return True
+                return None if self._tls else True
             self.h11.receive_data(b"")
             self._process()  # h11 reports the incomplete body
-            return True
+            return None if self._tls else True
         except Exception:
             self.internal_error()
             return False

@@ -168,6 +168,13 @@ class UpstreamPool:
             idle.remove(conn)
         conn.closed = True
 
+    def outstanding(self, server: UpstreamServer) -> int:
+        """Requests in flight to `server` (0 for a server this pool does not know)."""
+        for slot in self.slots:
+            if slot.server == server:
+                return slot.outstanding
+        return 0
+
     @property
     def idle_count(self) -> int:
         return sum(len(slot.idle) for slot in self.slots)
