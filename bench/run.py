@@ -836,31 +836,21 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The comparison as data: metric, both values, ratio, target and whether it is met."""
     spec = [
         ("keepalive", "rps", "keep-alive, small response: requests/s", "{:,.0f}"),
-        ("keepalive", "latency_ms.p99", "keep-alive, small response: p99 latency (ms)", "{:.2f}"),
-        ("keepalive", "terminator_cores_busy", "keep-alive: terminator CPU (cores busy)", "{:.2f}"),
+        ("keepalive", "latency_ms.p99", "keep-alive: p99 latency (ms)", "{:.2f}"),
+        ("keepalive", "terminator_cores_busy", "keep-alive: terminator cores busy", "{:.2f}"),
         ("keepalive", "per_core_second", "keep-alive: requests per core-second", "{:,.0f}"),
-        ("handshake", "rps", "new TLS connection per request: connections/s", "{:,.0f}"),
+        ("handshake", "rps", "new TLS connection per request: conn/s", "{:,.0f}"),
         ("handshake", "latency_ms.p99", "new connection: p99 latency (ms)", "{:.2f}"),
-        (
-            "handshake",
-            "terminator_cores_busy",
-            "new connection: terminator CPU (cores busy)",
-            "{:.2f}",
-        ),
+        ("handshake", "terminator_cores_busy", "new connection: terminator cores busy", "{:.2f}"),
         ("handshake", "per_core_second", "new connection: handshakes per core-second", "{:,.0f}"),
         ("bulk", "mib_per_s", "1 MiB responses: MiB/s", "{:,.0f}"),
-        ("bulk", "terminator_cores_busy", "1 MiB responses: terminator CPU (cores busy)", "{:.2f}"),
+        ("bulk", "terminator_cores_busy", "1 MiB responses: terminator cores busy", "{:.2f}"),
         ("bulk", "per_core_second", "1 MiB responses: MiB/s per core-second", "{:,.0f}"),
         ("memory", "idle_kib", "idle RSS (MiB)", "mib"),
-        (
-            "memory",
-            "with_connections_kib",
-            "RSS with the idle keep-alive TLS connections (MiB)",
-            "mib",
-        ),
+        ("memory", "with_connections_kib", "RSS with the idle TLS connections (MiB)", "mib"),
         ("memory", "per_connection_kib", "RSS per idle TLS connection (KiB)", "{:.1f}"),
         ("memory", "peak_kib", "peak RSS, VmHWM (MiB)", "mib"),
-        ("e2e", "rps", "end to end, example app on 2 uvicorn workers: requests/s", "{:,.0f}"),
+        ("e2e", "rps", "end to end, example app, 2 uvicorn workers: req/s", "{:,.0f}"),
         ("e2e", "latency_ms.p99", "end to end: p99 latency (ms)", "{:.2f}"),
     ]
     out = []
