@@ -144,15 +144,19 @@ async def probe(server: UpstreamServer, path: str, timeout: float) -> bool:  # n
             writer.close()
 
 
+HealthMap = Mapping[UpstreamServer, ServerHealth]
+
+
 class HealthChecker:
     """Probes every server in `health` each `config.health_interval` and feeds the results
-    into its ServerHealth. `health` is read afresh each round, so the owner (the pool) may add
-    and remove servers while this runs. `on_change(server, up)` is called on each transition."""
+    into its ServerHealth. `health` (a mapping, or a function returning one, e.g. built from
+    the pool's current servers) is read afresh each round, so the owner may add and remove
+    servers while this runs. `on_change(server, up)` is called on each transition."""
 
     def __init__(
         self,
         config: UpstreamConfig,
-        health: Mapping[UpstreamServer, ServerHealth],
+        health: HealthMap | Callable[[], HealthMap],
         *,
         on_change: Callable[[UpstreamServer, bool], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -181,14 +185,15 @@ class HealthChecker:
 
     async def check_once(self) -> None:
         """One round: every server probed concurrently, results applied at one `now`."""
-        servers = list(self.health)
+        health = self.health() if callable(self.health) else self.health
+        servers = list(health)
         if not servers:
             return
         timeout = self.config.health_timeout
         results = await asyncio.gather(*(probe(s, self.path, timeout) for s in servers))
         now = self.clock()
         for server, ok in zip(servers, results, strict=True):
-            state = self.health.get(server)
+            state = health.get(server)
             if state is None:  # removed while we probed
                 continue
             if state.probe_result(ok, now):

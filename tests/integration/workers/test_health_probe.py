@@ -44,12 +44,17 @@ async def test_checker_marks_the_dead_server_down_and_keeps_the_live_one(supervi
     (live,) = pool.servers
     with tempfile.TemporaryDirectory() as d:
         dead = UpstreamServer(path=str(Path(d) / "nobody.sock"))
-        config = upstream(health_interval=0.05, unhealthy_threshold=2, healthy_threshold=2)
+        config = upstream(health_interval=0.05, unhealthy_threshold=3, healthy_threshold=2)
         health = {s: ServerHealth.from_config(config) for s in (live, dead)}
         changes: list[tuple[UpstreamServer, bool]] = []
-        checker = HealthChecker(config, health, on_change=lambda s, up: changes.append((s, up)))
+        checker = HealthChecker(
+            config, lambda: health, on_change=lambda s, up: changes.append((s, up))
+        )
         await checker.check_once()
         assert health[dead].is_up(0.0)  # one failure is below the threshold
+        # a plain mapping works as well as a function returning one
+        await HealthChecker(config, health).check_once()
+        assert health[dead].fails == 2
         checker.start()
         for _ in range(100):
             if changes:
