@@ -56,6 +56,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 # sun_path is 108 bytes on Linux including the terminating NUL.
 _MAX_SOCKET_PATH = 107
 _TAIL_LINES = 30
+# One counter for the whole process: two supervisors of the same upstream (a reload that builds
+# a new one while the old one drains) never pick the same socket path.
+_socket_numbers = itertools.count(1)
 
 
 class PrestartError(StartupError):
@@ -333,7 +336,6 @@ class WorkerSupervisor:
         self._monitor: asyncio.Task[None] | None = None
         self._prestart_proc: ChildProcess | None = None
         self._stopping = False
-        self._seq = 0
 
     # --- public -------------------------------------------------------------------------------
 
@@ -552,11 +554,10 @@ class WorkerSupervisor:
         return env
 
     def _listen_address(self) -> tuple[UpstreamServer, dict[str, str]]:
-        self._seq += 1
         values: dict[str, str] = {}
         server: UpstreamServer | None = None
         if "{socket}" in self.config.command:  # type: ignore[operator]
-            path = self.run_dir / f"{self.name}-{self._seq}.sock"
+            path = self.run_dir / f"{self.name}-{next(_socket_numbers)}.sock"
             if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
                 raise StartupError(
                     f"upstream {self.name}: worker socket path {path} is longer than "
