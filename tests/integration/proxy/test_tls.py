@@ -101,9 +101,10 @@ def test_each_sni_name_gets_its_own_sites_certificate(
     assert files.serial_number == other_leaf.cert.serial_number
     assert dns_names(files) == ["other.test"]
 
-    # Names compare case-insensitively.
-    upper = cert_for(sni_proxy, "-servername", "OTHER.Test")
-    assert upper is not None and upper.serial_number == other_leaf.cert.serial_number
+    # Names compare case-insensitively, and a trailing dot is ignored.
+    for spelling in ("OTHER.Test", "other.test."):
+        got = cert_for(sni_proxy, "-servername", spelling)
+        assert got is not None and got.serial_number == other_leaf.cert.serial_number, spelling
 
 
 def test_wildcard_covers_one_label_only(sni_proxy: Proxy) -> None:
