@@ -138,7 +138,11 @@ def cmd_certs(config: Config) -> int:
 def cmd_status(config: Config) -> int:
     from proxy.workers.status import format_status
 
-    print(format_status(config.server.data_dir / "status.json"))
+    path = config.server.data_dir / "status.json"
+    try:
+        print(format_status(path), end="")
+    except FileNotFoundError:
+        return _fail(f"no status file at {path}: no proxy with supervised workers has run", 1)
     return EXIT_OK
 
 

@@ -24,7 +24,7 @@ from proxy.certificates import (
     default_cert_name,
     uses_acme,
 )
-from proxy.config import Config, load_config
+from proxy.config import Config, UpstreamServer, load_config
 from proxy.downstream.connection import DownstreamProtocol
 from proxy.downstream.redirect import RedirectProtocol
 from proxy.errors import ConfigError, StartupError
@@ -32,6 +32,8 @@ from proxy.listeners import ConnectionRegistry, HttpsListener, bind_socket, clos
 from proxy.logs import AccessLog, log, setup_logging
 from proxy.state import ProxyState
 from proxy.tls import CertificateSelector, server_context
+from proxy.workers.status import StatusWriter
+from proxy.workers.supervisor import WorkerSupervisor
 
 
 class ProxyServer:
@@ -47,6 +49,10 @@ class ProxyServer:
         self.plain_servers: list[asyncio.base_events.Server] = []
         self.background: dict[str, asyncio.Task] = {}
         self.http01 = None
+        self.supervisors: dict[str, WorkerSupervisor] = {}
+        self.status_writer: StatusWriter | None = None
+        self._workers_reload_running = False
+        self._workers_reload_again = False
         self.stopping = asyncio.Event()
         self.draining = False
         self._reload_lock = asyncio.Lock()
@@ -67,6 +73,19 @@ class ProxyServer:
 
             self.http01 = Http01Responder()
         await self._bind(config)
+        try:
+            await self._start_workers(config)
+        except BaseException:
+            await self._stop_workers()
+            for listener in self.https_listeners:
+                listener.stop_accepting()
+            for server in self.plain_servers:
+                await close_plain_server(server)
+            raise
+        for listener in self.https_listeners:
+            listener.start()
+        for server in self.plain_servers:
+            await server.start_serving()
         self._start_background(config)
         for listener in self.https_listeners:
             log.info("listening https://%s", _sockname(listener.address))
@@ -97,13 +116,104 @@ class ProxyServer:
                     handshake_timeout=lambda: self._limits().handshake_timeout,
                     max_connections=lambda: self._limits().max_connections,
                 )
-                listener.start()
                 self.https_listeners.append(listener)
         https_port = self.https_listeners[0].address[1]
         for kind, sock in socks:
             if kind == "http":
-                server = await loop.create_server(lambda: self._new_redirect(https_port), sock=sock)
+                server = await loop.create_server(
+                    lambda: self._new_redirect(https_port), sock=sock, start_serving=False
+                )
                 self.plain_servers.append(server)
+
+    # --- supervised workers ---------------------------------------------------------------
+
+    async def _start_workers(self, config: Config) -> None:
+        """Prestart steps and workers of every upstream with a `command`, before any client is
+        accepted: the first request must find a worker ready."""
+        for name, upstream in config.upstreams.items():
+            if upstream.command is None or name in self.supervisors:
+                continue
+            supervisor = WorkerSupervisor(
+                upstream,
+                config.server.data_dir / "run",
+                lambda servers, n=name: self._pool(n).set_servers(servers),
+                cwd=config.source.parent if config.source else None,
+                outstanding=lambda server, n=name: self._outstanding(n, server),
+            )
+            self.supervisors[name] = supervisor
+            try:
+                await supervisor.start()
+            except StartupError as exc:
+                exc.exit_code = 2  # the deployment is wrong (a failed migration, a bad command)
+                raise
+        if self.supervisors and self.status_writer is None:
+            self.status_writer = StatusWriter(
+                config.server.data_dir / "status.json",
+                lambda: [w for sup in self.supervisors.values() for w in sup.snapshot()],
+            )
+            self.status_writer.start()
+
+    def _pool(self, name: str):
+        assert self.state is not None
+        return self.state.pools[name]
+
+    def _outstanding(self, name: str, server: UpstreamServer) -> int:
+        pool = self.state.pools.get(name) if self.state else None
+        if pool is None:
+            return 0
+        counter = getattr(pool, "outstanding_of", None)
+        if counter is not None:
+            return counter(server)
+        return sum(slot.outstanding for slot in pool.slots if slot.server == server)
+
+    def _queue_workers_reload(self, old: Config) -> None:
+        # Cancelling a rolling restart half-way would strand the replacement it was starting,
+        # so reloads that come while one runs are folded into one more pass after it.
+        if self._workers_reload_running:
+            self._workers_reload_again = True
+            return
+        self._workers_reload_running = True
+        self._restart_task("workers-reload", lambda: self._workers_reload_loop(old))
+
+    async def _workers_reload_loop(self, old: Config) -> None:
+        try:
+            while True:
+                self._workers_reload_again = False
+                new = self.config
+                await self._reload_workers(old, new)
+                old = new
+                if not self._workers_reload_again:
+                    return
+        finally:
+            self._workers_reload_running = False
+
+    async def _reload_workers(self, old: Config, new: Config) -> None:
+        """SIGHUP is how new code is deployed: every supervised upstream gets a rolling
+        restart (new worker ready before the old one leaves); removed upstreams stop, new ones
+        start."""
+        for name in list(self.supervisors):
+            if new.upstreams.get(name) is None or new.upstreams[name].command is None:
+                supervisor = self.supervisors.pop(name)
+                await supervisor.stop()
+        for name, supervisor in self.supervisors.items():
+            self._pool(name).set_servers(supervisor.servers)
+        await self._start_workers(new)
+        await asyncio.gather(
+            *(
+                sup.rolling_restart(new.upstreams[name])
+                for name, sup in self.supervisors.items()
+                if old.upstreams.get(name) is not None and old.upstreams[name].command
+            ),
+            return_exceptions=True,
+        )
+
+    async def _stop_workers(self) -> None:
+        await asyncio.gather(
+            *(sup.stop() for sup in self.supervisors.values()), return_exceptions=True
+        )
+        if self.status_writer is not None:
+            await self.status_writer.stop()
+            self.status_writer = None
 
     def _limits(self):
         assert self.state is not None
@@ -198,6 +308,8 @@ class ProxyServer:
 
                 self.http01 = Http01Responder()
             self._start_background(new)
+            if self.supervisors or any(u.command for u in new.upstreams.values()):
+                self._queue_workers_reload(old)
             retired = [p for name, p in old_state.pools.items() if reused.get(name) is not p]
             if retired:
                 asyncio.get_running_loop().create_task(self._retire_pools(retired, new))
@@ -256,6 +368,7 @@ class ProxyServer:
                 _abort(protocol)
         for name in list(self.background):
             self._stop_task(name)
+        await self._stop_workers()
         if self.state is not None:
             with contextlib.suppress(Exception):
                 await self.state.close()

@@ -35,6 +35,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -549,6 +550,12 @@ class WorkerSupervisor:
         env = dict(os.environ)
         env.update(self.config.env)
         env.setdefault("PYTHONUNBUFFERED", "1")  # output reaches the log line by line
+        # `.venv/bin/tlsproxy run` without an activated venv must still find the uvicorn (or
+        # alembic) installed beside it: the interpreter's bin directory goes last on PATH.
+        bin_dir = os.path.dirname(sys.executable)
+        path = env.get("PATH", os.defpath)
+        if bin_dir not in path.split(os.pathsep):
+            env["PATH"] = f"{path}{os.pathsep}{bin_dir}" if path else bin_dir
         if tag is not None:
             env["TLSPROXY_WORKER"] = tag
         return env
