@@ -14,7 +14,14 @@ import pytest
 
 from tests.integration.harness import AppProcess, basic_config, free_port
 from tests.integration.proxy.conftest import MakeProxy
-from tests.integration.proxy.support import REGISTRY_BUG, Proxy
+from tests.integration.proxy.support import (
+    REGISTRY_BUG,
+    Proxy,
+    issue,
+    make_ca,
+    proxy_config,
+    served_certificate,
+)
 
 NEW_SITE = """
 [[site]]
@@ -169,3 +176,38 @@ def test_sigint_stops_like_sigterm(make_proxy: MakeProxy, example_app: AppProces
     assert proxy.proc.wait(10) == 0
     assert "SIGINT: draining" in proxy.log()
     assert "Traceback" not in proxy.log()
+
+
+def test_sighup_rereads_certificate_files(make_proxy: MakeProxy, example_app: AppProcess) -> None:
+    ca = make_ca()
+    proxy = make_proxy(basic_config(example_app.server), start=False)
+    certs = proxy.dir / "certs"
+    first = issue(ca, ["files.test"])
+    cert, key = first.write(certs, "files")
+    tls = f'{{ cert = "{cert}", key = "{key}" }}'
+    proxy.config_file.write_text(
+        proxy_config(
+            [(["localhost"], "app"), (["files.test"], "app", tls)], {"app": example_app.server}
+        )
+    )
+    proxy.start()
+    assert served_certificate(proxy.port, "-servername", "files.test").serial_number == (
+        first.cert.serial_number
+    )
+    # Renewed files: new handshakes get the new certificate after SIGHUP.
+    second = issue(ca, ["files.test"])
+    second.write(certs, "files")
+    mark = len(proxy.log())
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_for_log(r"reloaded", start=mark)
+    assert served_certificate(proxy.port, "-servername", "files.test").serial_number == (
+        second.cert.serial_number
+    )
+    # An expired replacement is refused: the reload fails and the good certificate stays.
+    issue(ca, ["files.test"], valid_from_days=-10, valid_until_days=-1).write(certs, "files")
+    mark = len(proxy.log())
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_for_log(r"reload failed.*expired", start=mark)
+    assert served_certificate(proxy.port, "-servername", "files.test").serial_number == (
+        second.cert.serial_number
+    )
