@@ -17,6 +17,7 @@ connection close without the final chunk, so no truncated body looks complete.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import h11
@@ -54,6 +55,19 @@ _REQUEST_FIELDS = {
     b"upgrade": _UPGRADE,
 }
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
+
+
+def _fields(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """h11's (lowercased name, value) pairs as a plain list.
+
+    h11's Headers is a Sequence whose iteration builds each pair through __getitem__; on this
+    path that cost as much as routing. Its storage of (raw name, name, value) is read directly
+    when present (h11 0.11 to 0.16 at least), through the public interface otherwise.
+    """
+    full = getattr(headers, "_full_items", None)
+    if full is not None:
+        return [(name, value) for _, name, value in full]
+    return list(headers)
 
 
 def _has_token(value: bytes, token: bytes) -> bool:
@@ -130,7 +144,8 @@ class Exchange:
         """Route the request and send it upstream (or answer it with a canned error)."""
         length = None
         upgrade = False
-        for name, value in request.headers:
+        fields = _fields(request.headers)
+        for name, value in fields:
             kind = _REQUEST_FIELDS.get(name)
             if kind is None:
                 continue
@@ -174,7 +189,7 @@ class Exchange:
         self.head = request_head(
             request.method,
             request.target,
-            request.headers,
+            fields,
             client_ip=down.client_ip,
             host=self.host or b"",
             trusted=state.trusted,
@@ -287,17 +302,22 @@ class Exchange:
             self.expect_continue = False
             self._write(_CONTINUE)
 
-    def on_head(self, status: int, phrase: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    def on_head(
+        self, status: int, phrase: bytes, headers: list[tuple[bytes, bytes]] | None
+    ) -> None:
         self.status = status
         if status == 101:
-            self._start_tunnel(phrase, headers)
+            self._start_tunnel(phrase, headers or [])
             return
         self.tunnel = False
         up = self.up
         assert up is not None
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, phrase or reason(status))]
-        for name, value in response_headers(headers):
-            parts += (name, b": ", value, _CRLF)
+        if headers is None:  # nothing to rewrite: the upstream's own bytes go on
+            parts = [up.parser.raw_head]
+        else:
+            parts = [b"HTTP/1.1 %d %s\r\n" % (status, phrase or reason(status))]
+            for name, value in response_headers(headers):
+                parts += (name, b": ", value, _CRLF)
         body = up.parser.body
         if body == CHUNKED or body == UNTIL_CLOSE:
             if self.http10:

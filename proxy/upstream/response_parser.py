@@ -5,7 +5,10 @@ way httptools works, because on the hot path an event object per message would c
 the parsing. The handler (the exchange) gets:
 
     on_informational(status, headers)  a 1xx other than 101 (100 Continue, 103 ...)
-    on_head(status, reason, headers)   the final head; `parser.body` tells the framing
+    on_head(status, reason, headers)   the final head; `parser.body` tells the framing.
+                                       headers is None when the head is HTTP/1.1 and has no
+                                       hop-by-hop field: `parser.raw_head` (status line and
+                                       fields, without the blank line) can go out verbatim
     on_body(data)                      body bytes, de-chunked; after a 101, the tunnel's bytes
     on_end()                           the message is complete
 
@@ -45,6 +48,13 @@ _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([^\x00-\x08\x0
 # HTAB and visible/obs-text bytes; CR, LF and other controls are refused (this also refuses
 # obs-fold, which starts a line with whitespace, and bare LF).
 _HEADER_BLOCK = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*")
+# The fields the parser must see (framing) or the proxy must not pass on (hop-by-hop, as in
+# proxy.downstream.forwarding). One regex pass finds them; a head without any is passed on as is.
+_SPECIAL_FIELD = re.compile(
+    rb"^(content-length|transfer-encoding|connection|keep-alive|te|trailer|upgrade|proxy"
+    rb"|proxy-[!#$%&'*+.^_`|~0-9a-z-]*):[ \t]*(.*?)[ \t]*\r\n",
+    re.IGNORECASE | re.MULTILINE,
+)
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?")
 
 
@@ -54,7 +64,9 @@ class ResponseError(Exception):
 
 class ResponseHandler(Protocol):
     def on_informational(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
-    def on_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None: ...
+    def on_head(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]] | None
+    ) -> None: ...
     def on_body(self, data: bytes) -> None: ...
     def on_end(self) -> None: ...
 
@@ -74,6 +86,7 @@ class ResponseParser:
         "handler",
         "keep_alive",
         "max_header_bytes",
+        "raw_head",
         "received",
     )
 
@@ -89,6 +102,7 @@ class ResponseParser:
         self.body = NO_BODY
         self.content_length = 0
         self.keep_alive = False  # valid after on_head: may the connection carry another request
+        self.raw_head = b""
         self.received = 0  # bytes of this response seen so far (0: nothing arrived yet)
 
     def start(self, handler: ResponseHandler, *, head_request: bool = False) -> None:
@@ -201,22 +215,26 @@ class ResponseParser:
             raise ResponseError("malformed header section from upstream")
         http11 = match.group(1) == b"1"
         status = int(match.group(2))
-        headers: list[tuple[bytes, bytes]] = []
         lengths: list[bytes] | None = None
         codings: list[bytes] | None = None
         connection: list[bytes] | None = None
-        if head_end > line_end:
-            for line in data[line_end + 2 : head_end].split(b"\r\n"):
-                name, _, value = line.partition(b":")
-                name = name.lower()
-                value = value.strip(b" \t")
-                headers.append((name, value))
-                if name == b"content-length":
-                    lengths = [value] if lengths is None else [*lengths, value]
-                elif name == b"transfer-encoding":
-                    codings = [value] if codings is None else [*codings, value]
-                elif name == b"connection":
-                    connection = [value] if connection is None else [*connection, value]
+        hop_by_hop = False
+        for field in _SPECIAL_FIELD.finditer(data, line_end + 2, head_end + 2):
+            name = field.group(1).lower()
+            value = field.group(2)
+            if name == b"content-length":
+                lengths = [value] if lengths is None else [*lengths, value]
+                continue
+            hop_by_hop = True
+            if name == b"transfer-encoding":
+                codings = [value] if codings is None else [*codings, value]
+            elif name == b"connection":
+                connection = [value] if connection is None else [*connection, value]
+        headers: list[tuple[bytes, bytes]] | None = None
+        if hop_by_hop or status < 200 or not http11:
+            headers = _field_list(data, line_end + 2, head_end)
+        else:
+            self.raw_head = data[pos : head_end + 2]
         pos = head_end + 4
         handler = self.handler
         assert handler is not None
@@ -224,11 +242,11 @@ class ResponseParser:
             if status == 101:
                 self._state = _SWITCHED
                 self.body = SWITCHED
-                handler.on_head(status, match.group(3) or b"", headers)
+                handler.on_head(status, match.group(3) or b"", headers or [])
                 if pos < len(data):
                     handler.on_body(data[pos:])
                 return len(data)
-            handler.on_informational(status, headers)
+            handler.on_informational(status, headers or [])
             return pos
         self.keep_alive = http11 and not (connection and _has_token(connection, b"close"))
         self._choose_framing(status, lengths, codings, http11)
@@ -337,6 +355,17 @@ class ResponseParser:
         ):
             raise ResponseError("malformed or oversized trailer section from upstream")
         return line_end + 2
+
+
+def _field_list(data: bytes, start: int, end: int) -> list[tuple[bytes, bytes]]:
+    """(lowercased name, value) pairs of a validated header section."""
+    if end <= start:
+        return []
+    fields = []
+    for line in data[start:end].split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        fields.append((name.lower(), value.strip(b" \t")))
+    return fields
 
 
 def _content_length(values: list[bytes]) -> int:

@@ -56,11 +56,9 @@ SPLITS = [None, 1, 2, 7]
 def test_content_length(split):
     raw = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A:  b \r\n\r\nhello"
     events, parser = parse(raw, split=split)
-    assert events == [
-        ("head", 200, b"OK", [(b"content-length", b"5"), (b"x-a", b"b")]),
-        ("body", b"hello"),
-        ("end",),
-    ]
+    # no hop-by-hop field: no list is built, the head can go on verbatim
+    assert events == [("head", 200, b"OK", None), ("body", b"hello"), ("end",)]
+    assert parser.raw_head == b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A:  b \r\n"
     assert parser.body == LENGTH and parser.content_length == 5
     assert parser.keep_alive and parser.done
 
@@ -110,7 +108,7 @@ def test_100_continue_then_final(split):
     events, _ = parse(raw, split=split)
     assert events == [
         ("info", 100, []),
-        ("head", 201, b"Created", [(b"content-length", b"2")]),
+        ("head", 201, b"Created", None),
         ("body", b"ok"),
         ("end",),
     ]
@@ -125,6 +123,21 @@ def test_101_switches_and_passes_the_rest(split):
         ("body", b"\x81\x02hi"),
     ]
     assert parser.body == SWITCHED and parser.switched
+
+
+@pytest.mark.parametrize(
+    "field", [b"Connection: keep-alive", b"Keep-Alive: timeout=5", b"Proxy-X: 1", b"Upgrade: h2c"]
+)
+def test_hop_by_hop_fields_give_the_field_list(field):
+    raw = b"HTTP/1.1 200 OK\r\nX-A: 1\r\n" + field + b"\r\ncontent-length: 0\r\n\r\n"
+    events, _ = parse(raw)
+    name, _, value = field.partition(b": ")
+    assert events[0][3] == [(b"x-a", b"1"), (name.lower(), value), (b"content-length", b"0")]
+
+
+def test_http10_head_is_never_passed_on_verbatim():
+    events, _ = parse(b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n")
+    assert events[0][3] == [(b"content-length", b"0")]
 
 
 def test_keep_alive_rules():
