@@ -5,14 +5,16 @@ headers ...) gets 400 and the connection closes before the upstream sees a byte 
 request. What h11 tolerates and a proxy must not (Content-Length with Transfer-Encoding, bare
 LF, obs-fold, a complete head over max_header_bytes) is refused here too: 400 or 431.
 
-One h11 connection per request: h11 parses the head and the body, and this class runs the
-keep-alive cycle itself (HTTP/1.1 without "Connection: close", the request read completely,
-the response complete). Measured here, h11's own send/start_next_cycle bookkeeping cost as
-much as the parsing; a fresh h11.Connection costs a tenth of that.
+h11 at the parser level: its request-head reader and its Content-Length/chunked body readers
+over its receive buffer (the very code h11.Connection runs), while this class runs the
+request/response cycle (keep-alive: HTTP/1.1 without "Connection: close", the request read
+completely, the response complete). Measured here, h11.Connection's state machine around the
+readers cost as much as the parsing itself on this, the hottest path of the program. The
+readers live in h11's private modules: h11 is pinned to a minor version for that reason.
 
 Requests on one connection are served one at a time, in order: bytes that arrive after a
-request was read completely (a pipelined request) are held in h11's buffer and reading stops;
-when the response is done those bytes start the next request before waiting for more.
+request was read completely (a pipelined request) stay in the receive buffer and reading
+stops; when the response is done those bytes start the next request before waiting for more.
 
 Timers: one per connection with a deadline that is only moved, not re-created, per request:
 - before the first byte of a request: `idle_timeout` (or `header_read_timeout` for the first
@@ -30,6 +32,8 @@ import re
 from collections.abc import Callable
 
 import h11
+from h11._readers import ChunkedReader, ContentLengthReader, maybe_read_from_IDLE_client
+from h11._receivebuffer import ReceiveBuffer
 
 from proxy.downstream.exchange import Exchange
 from proxy.downstream.flow import PEER_BUSY, PIPELINE, ReadGate, tune_write_buffer
@@ -68,6 +72,8 @@ def head_problem(raw: bytes, max_bytes: int) -> int:
 
 class DownstreamProtocol(asyncio.Protocol):
     __slots__ = (
+        "_body",
+        "_buf",
         "_client_eof",
         "_closed",
         "_deadline",
@@ -85,7 +91,6 @@ class DownstreamProtocol(asyncio.Protocol):
         "draining",
         "exchange",
         "gate",
-        "h11",
         "limits",
         "sni",
         "state",
@@ -99,7 +104,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self.limits = state.limits
         self._on_close: Callable[[DownstreamProtocol], None] | None = on_close
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        self.h11: h11.Connection = None  # type: ignore[assignment]
+        self._buf = ReceiveBuffer()  # bytes from the client not parsed yet
+        self._body: ContentLengthReader | ChunkedReader | None = None  # reading a request body
         self.gate: ReadGate = None  # type: ignore[assignment]
         self.exchange: Exchange | None = None
         self.tunnel: Exchange | None = None
@@ -132,7 +138,6 @@ class DownstreamProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.client_ip = peer[0]
-        self.h11 = self._new_h11()
         self.gate = ReadGate(transport)
         tune_write_buffer(transport)  # type: ignore[arg-type]
         self._set_deadline(self._loop.time() + self.limits.header_read_timeout)
@@ -146,8 +151,8 @@ class DownstreamProtocol(asyncio.Protocol):
         if wait == _CLOSING:
             return  # lingering after an error reply: drop the rest of the body
         if wait == _BUSY and self._request_done:
-            # The next (pipelined) request: it waits in h11's buffer for its turn.
-            self.h11.receive_data(data)
+            # The next (pipelined) request: it waits in the buffer for its turn.
+            self._buf += data
             if not self._pipelined:
                 self._pipelined = True
                 self.gate.pause(PIPELINE)
@@ -158,7 +163,7 @@ class DownstreamProtocol(asyncio.Protocol):
                 self._deadline = self._loop.time() + self.limits.header_read_timeout
             if wait != _BUSY:
                 self._head_chunks.append(data)
-            self.h11.receive_data(data)
+            self._buf += data
             self._process()
         except Exception:
             self.internal_error()
@@ -178,9 +183,13 @@ class DownstreamProtocol(asyncio.Protocol):
                 # (over TCP: a TLS transport closes after EOF whatever we answer).
                 self._client_eof = True
                 return None if self._tls else True
-            self.h11.receive_data(b"")
-            self._process()  # h11 reports the incomplete body
-            return None if self._tls else True
+            if self._body is not None:
+                self._body.read_eof()  # raises: the body is incomplete
+            self._close()
+            return False
+        except h11.ProtocolError as exc:
+            self._reject(exc.error_status_hint)
+            return False
         except Exception:
             self.internal_error()
             return False
@@ -225,34 +234,45 @@ class DownstreamProtocol(asyncio.Protocol):
     # --- requests -------------------------------------------------------------------------
 
     def _process(self) -> None:
-        """Hand h11's events to the exchange until h11 needs more bytes or holds them back."""
+        """Parse what the buffer holds: a request head, then its body, handed to the exchange."""
         if self._processing:
             return  # called again from inside the loop (an exchange ended): the loop goes on
         self._processing = True
+        buf = self._buf
         try:
             while self._wait != _CLOSING:
-                try:
-                    event = self.h11.next_event()
-                except h11.RemoteProtocolError as exc:
-                    self._reject(exc.error_status_hint)
-                    break
-                kind = type(event)
-                if kind is h11.Data:
-                    self.exchange.on_request_data(event.data)  # type: ignore[union-attr]
-                elif kind is h11.Request:
-                    exchange = self._begin(event)  # type: ignore[arg-type]
-                    if exchange is not None and not exchange.has_body:
-                        # Nothing more to read for this one (h11's EndOfMessage is skipped).
+                body = self._body
+                if body is None:
+                    if self._wait == _BUSY:
+                        break  # the request is read; what follows waits for the response
+                    request = maybe_read_from_IDLE_client(buf)
+                    if request is None:
+                        if len(buf) > self.limits.max_header_bytes:
+                            self._reject(431)
+                        break
+                    exchange = self._begin(request)
+                    if exchange is None:
+                        break
+                    if not exchange.has_body:
                         self._end_of_request(exchange)
                         break
-                elif kind is h11.EndOfMessage:
+                    self._body = (
+                        ChunkedReader()
+                        if exchange.req_chunked
+                        else ContentLengthReader(exchange.content_length)
+                    )
+                    continue
+                event = body(buf)
+                if event is None:
+                    break
+                if type(event) is h11.Data:
+                    self.exchange.on_request_data(event.data)  # type: ignore[union-attr]
+                else:  # EndOfMessage (trailers, if any, are dropped)
+                    self._body = None
                     self._end_of_request(self.exchange)  # type: ignore[arg-type]
                     break
-                elif event is h11.NEED_DATA or event is h11.PAUSED:
-                    break
-                else:  # ConnectionClosed between requests
-                    self._close()
-                    break
+        except h11.ProtocolError as exc:
+            self._reject(exc.error_status_hint)
         finally:
             self._processing = False
         exchange = self.exchange
@@ -281,9 +301,6 @@ class DownstreamProtocol(asyncio.Protocol):
         self._request_done = True
         exchange.on_request_end()
 
-    def _new_h11(self) -> h11.Connection:
-        return h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
-
     def exchange_done(self, exchange: Exchange, keep_alive: bool, *, abort: bool = False) -> None:
         """The response is complete (or failed): next request, or close."""
         if self.exchange is exchange:
@@ -298,27 +315,25 @@ class DownstreamProtocol(asyncio.Protocol):
         if not keep_alive or self.draining or self._client_eof or not self._request_done:
             self._close(linger=not self._request_done)
             return
-        leftover = self.h11.trailing_data[0]
-        self.h11 = self._new_h11()
         if self._pipelined:
             self._pipelined = False
             self.gate.resume(PIPELINE)
-        if not leftover:
+        if not self._buf:
             self._wait = _IDLE
             self._set_deadline(self._loop.time() + self.limits.idle_timeout)
             return
         # A pipelined request is already here: it starts now, with its own head timeout.
         self._wait = _HEAD
         self._deadline = self._loop.time() + self.limits.header_read_timeout
-        self._head_chunks.append(leftover)
-        self.h11.receive_data(leftover)
+        self._head_chunks.append(bytes(self._buf))
         self._process()
 
     def start_tunnel(self, exchange: Exchange) -> bytes:
         """After a 101: bytes go both ways unparsed. Returns what the client sent early."""
         self.exchange = None
         self.tunnel = exchange
-        early, _ = self.h11.trailing_data
+        early = bytes(self._buf)
+        self._buf = ReceiveBuffer()
         if self._pipelined:
             self._pipelined = False
             self.gate.resume(PIPELINE)
@@ -328,7 +343,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def _reject(self, status: int) -> None:
         """h11 refused the request (400, or 431 for an oversized head)."""
-        if status not in (400, 431):
+        if status not in (400, 431, 501):
             status = 400
         exchange = self.exchange
         if exchange is not None and not exchange.resp_started:

@@ -80,6 +80,7 @@ class Exchange:
         "body_sent",
         "bytes_out",
         "connecting",
+        "content_length",
         "down",
         "expect_continue",
         "finished",
@@ -122,6 +123,7 @@ class Exchange:
         self.pending: list[bytes] = []  # request body bytes (framed) not yet written upstream
         self.req_chunked = False
         self.has_body = False  # will h11 deliver body events for this request
+        self.content_length = 0
         self.req_done = False
         self.body_in = 0
         self.body_sent = False
@@ -163,6 +165,7 @@ class Exchange:
             else:
                 upgrade = True
         self.has_body = self.req_chunked or bool(length)
+        self.content_length = length or 0
         down = self.down
         state = down.state
         site, status = state.router.route(down.sni, self.host)
