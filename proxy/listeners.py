@@ -162,9 +162,18 @@ class HttpsListener:
             task.add_done_callback(self.tasks.discard)
 
     async def _handshake(self, conn: socket.socket, peer: object) -> None:
+        # connect_accepted_socket returns the TLS layer's protocol under uvloop, not ours, so
+        # the factory is wrapped to learn which protocol object serves this connection.
+        created: list[asyncio.Protocol] = []
+
+        def factory() -> asyncio.Protocol:
+            protocol = self.protocol_factory()
+            created.append(protocol)
+            return protocol
+
         try:
             transport, _ = await self.loop.connect_accepted_socket(
-                self.protocol_factory,
+                factory,
                 conn,
                 ssl=self.ssl_context,
                 ssl_handshake_timeout=self.handshake_timeout(),
@@ -172,11 +181,14 @@ class HttpsListener:
         except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
             conn.close()
             if tls_log.isEnabledFor(logging.DEBUG):
-                tls_log.debug("%s: handshake failed: %s", _peer_text(peer), _reason(exc, conn))
+                tls_log.debug("%s: handshake failed: %s", _peer_text(peer), _reason(exc))
         except Exception:
             conn.close()
             log.exception("%s: unexpected error during the TLS handshake", _peer_text(peer))
         else:
+            # A connection that already closed (its on_close ran) must not be counted again.
+            if created and not transport.is_closing():
+                self.registry.add(created[0])
             log_handshake(transport.get_extra_info("ssl_object"), _peer_text(peer))
         finally:
             self.registry.handshake_ended()
@@ -189,11 +201,12 @@ def _peer_text(peer: object) -> str:
     return str(peer)
 
 
-def _reason(exc: BaseException, _conn: socket.socket) -> str:
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
         return "timed out (handshake_timeout)"
-    text = str(exc) or type(exc).__name__
-    return text
+    if isinstance(exc, ssl.SSLError) and exc.reason == "CALLBACK_FAILED":
+        return "no certificate for the name it asked for (SNI), and no default_site"
+    return str(exc) or type(exc).__name__
 
 
 async def close_plain_server(server: asyncio.base_events.Server) -> None:

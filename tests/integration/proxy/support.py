@@ -29,13 +29,6 @@ from cryptography.x509.oid import NameOID
 
 from tests.integration.harness import ProxyProcess, local_ca
 
-# Known bugs in the program, for xfail reasons (remove with the fix; strict xfails then fail).
-# One cause, two symptoms (SIGTERM drain, max_connections).
-REGISTRY_BUG = (
-    "connections that finished their handshake are never added to the ConnectionRegistry "
-    "(nothing calls registry.add; proxy/listeners.py HttpsListener._handshake drops the protocol)"
-)
-
 # --- the proxy process --------------------------------------------------------------------------
 
 

@@ -15,7 +15,6 @@ import pytest
 from tests.integration.harness import AppProcess, basic_config, free_port
 from tests.integration.proxy.conftest import MakeProxy
 from tests.integration.proxy.support import (
-    REGISTRY_BUG,
     Proxy,
     issue,
     make_ca,
@@ -123,9 +122,6 @@ def test_open_connections_keep_the_config_they_started_with(
         assert old.response().status == 200  # the open one: untouched
 
 
-@pytest.mark.xfail(
-    reason="the drain does not wait for in-flight requests: " + REGISTRY_BUG, strict=True
-)
 def test_sigterm_drains_in_flight_requests_then_exits_0(
     make_proxy: MakeProxy, example_app: AppProcess
 ) -> None:

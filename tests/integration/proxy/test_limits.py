@@ -14,7 +14,6 @@ import pytest
 from tests.integration.harness import AppProcess, running
 from tests.integration.proxy.conftest import MakeProxy
 from tests.integration.proxy.support import (
-    REGISTRY_BUG,
     Proxy,
     RawUpstream,
     TlsConn,
@@ -213,9 +212,6 @@ def test_bad_chunk_size_gets_400_and_the_body_never_reaches_the_upstream(
 # --- max_connections ----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    reason="max_connections counts only handshakes in progress: " + REGISTRY_BUG, strict=True
-)
 def test_connections_beyond_max_connections_are_closed_at_once(
     make_proxy: MakeProxy, example_app: AppProcess
 ) -> None:
