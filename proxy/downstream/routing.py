@@ -129,8 +129,8 @@ class Router:
 
         `sni` is the name the client sent in its ClientHello (None without SNI), `host` the raw
         Host header value. 400: Host missing or invalid. 421: the certificate chosen for the SNI
-        belongs to another site than the Host's (or the Host is unknown while the SNI is known).
-        404: Host unknown and no default site. Without SNI (a bare IP) the Host alone decides.
+        belongs to another site than the Host's. 404: Host unknown and no default site (with one,
+        an unknown Host goes to it). Without SNI (a bare IP) the Host alone decides.
         """
         key = (sni, host)
         result = self._cache.get(key)
@@ -149,8 +149,11 @@ class Router:
         if sni:
             served = self.site_for_name(normalize_host(sni))
             if served is not None:
-                # The SNI named one of our sites: its certificate was served, Host must agree.
-                return (site, 0) if site is served else (None, MISDIRECTED)
+                # The SNI named one of our sites and its certificate was served: a Host of
+                # another site is misdirected (its certificate was never shown to the client).
+                # An unknown Host falls through to the default site or 404, as in nginx.
+                if site is not None and site is not served:
+                    return None, MISDIRECTED
             # An unknown SNI got the default site's certificate (the TLS layer refuses it
             # otherwise): any Host of another site is misdirected.
             served = self.default

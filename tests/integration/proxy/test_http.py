@@ -14,7 +14,13 @@ from websockets.asyncio.client import connect as ws_connect
 
 from tests.integration.harness import AppProcess, basic_config
 from tests.integration.proxy.conftest import MakeProxy
-from tests.integration.proxy.support import Proxy, Response, parse_responses, wait_tcp_closed
+from tests.integration.proxy.support import (
+    Proxy,
+    Response,
+    parse_responses,
+    proxy_config,
+    wait_tcp_closed,
+)
 
 SECOND_SITE = """
 [[site]]
@@ -75,10 +81,10 @@ def test_unknown_host(proxy: Proxy) -> None:
     # No SNI: the default site's certificate was served and the unknown Host goes to it.
     no_sni = get(proxy, None, b"GET / HTTP/1.1\r\nHost: unknown.test\r\n\r\n")
     assert seen_headers(no_sni)["host"] == ["unknown.test"]
-    # With one of our names as SNI an unknown Host cannot reach a site: the issue asks for 404;
-    # proxy/downstream/routing.py deliberately answers 421 (Caddy's strict SNI/Host check).
+    # With one of our names as SNI, an unknown Host also goes to the default site (it belongs
+    # to no other site, so it is not misdirected).
     known_sni = get(proxy, "app.test", b"GET / HTTP/1.1\r\nHost: unknown.test\r\n\r\n")
-    assert known_sni.status in (404, 421)
+    assert seen_headers(known_sni)["host"] == ["unknown.test"]
     # A request without a Host is malformed.
     assert get(proxy, "app.test", b"GET / HTTP/1.1\r\n\r\n").status == 400
 
@@ -252,3 +258,11 @@ def test_unix_socket_upstream(make_proxy: MakeProxy, uds_app: AppProcess) -> Non
         assert client.get(proxy.url("/healthz")).text == "ok"
         body = client.get(proxy.url("/bytes/300000")).content
         assert body == b"x" * 300_000
+
+
+def test_unknown_host_without_a_default_site_is_404(
+    make_proxy: MakeProxy, example_app: AppProcess
+) -> None:
+    proxy = make_proxy(proxy_config([(["app.test"], "app")], {"app": example_app.server}))
+    assert get(proxy, "app.test", b"GET / HTTP/1.1\r\nHost: unknown.test\r\n\r\n").status == 404
+    assert get(proxy, "app.test", b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").status == 200

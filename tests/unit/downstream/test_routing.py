@@ -96,9 +96,11 @@ def test_host_of_another_site_is_misdirected():
     assert router.route("x.w.test", b"a.test") == (None, 421)
 
 
-def test_unknown_host_with_known_sni_is_misdirected_even_with_default():
-    assert Router(SITES, "a.test").route("b.test", b"unknown.test") == (None, 421)
-    assert Router(SITES).route("b.test", b"unknown.test") == (None, 421)
+def test_unknown_host_with_known_sni_goes_to_the_default_site_or_404():
+    # The rule: 421 only for a Host that belongs to another site; an unknown Host is
+    # answered by the default site (like nginx's default server), or 404 without one.
+    assert Router(SITES, "a.test").route("b.test", b"unknown.test") == (A, 0)
+    assert Router(SITES).route("b.test", b"unknown.test") == (None, 404)
 
 
 def test_no_sni_routes_by_host_alone():
