@@ -119,7 +119,8 @@ class AcmeManager:
             except Exception as e:  # a bug, not a CA failure: keep the other sites going
                 log.exception("ACME maintenance of %s failed: %s", spec.name, describe_error(e))
                 delay = self.retry_base
-            await asyncio.sleep(max(0.0, delay))
+            # A floor: no path may spin, whatever the clock or the state on disk say.
+            await asyncio.sleep(max(0.05, delay))
 
     async def _step(
         self,
@@ -136,11 +137,11 @@ class AcmeManager:
             state = await self._refresh_ari(spec, stored, state, stop)
         now = self._clock()
         decision = self._decide(now, stored, spec, state)
-        # Recorded before acting too: the check under the lock reads it back from storage.
-        await self._save_state(spec, state, decision, stored, loaded)
-        if decision.at > now:
+        serial = stored.info.serial if stored else None
+        if decision.at > now and state.decided(decision, serial) == loaded:
             return min(decision.at - now, self.check_interval)
-        return await self._attempt(spec, stored, cache_getter, stop)
+        # Due, or something to record: both only under the lock, from what storage says then.
+        return await self._attempt(spec, stored, state, cache_getter, stop)
 
     def _decide(
         self, now: float, stored: _Stored | None, spec: CertSpec, state: AcmeState
@@ -160,9 +161,14 @@ class AcmeManager:
         self,
         spec: CertSpec,
         stored: _Stored | None,
+        mine: AcmeState,
         cache_getter: Callable[[], CertificateCache],
         stop: threading.Event,
     ) -> float:
+        """Under the storage lock: read storage and state again (another proxy on this
+        data_dir may have renewed, failed or recorded something since), decide again, record
+        the decision, and order when due. Every write of the state happens here, so that two
+        proxies never overwrite each other's newer state with an older copy."""
         lock = self.storage.lock(spec.name, timeout=0)
         try:
             await _enter(lock)
@@ -175,16 +181,18 @@ class AcmeManager:
             )
             return self.lock_busy_delay
         try:
-            # Check again under the lock: another proxy on this data_dir may have renewed it
-            # (or failed and backed off) since we read storage.
             fresh = await asyncio.to_thread(self._read, spec)
-            state = await self._load_state(spec)
             fresh_serial = fresh.info.serial if fresh else None
             if fresh_serial != (stored.info.serial if stored else None):
                 log.info("%s: another process stored a new certificate; using it", spec.name)
                 return 0.0
-            decision = self._decide(self._clock(), fresh, spec, state)
-            if decision.at > self._clock():
+            state = await self._load_state(spec)
+            if mine.ari_serial is not None and mine.ari_serial == fresh_serial:
+                state = state.with_ari(mine.ari_serial, mine.ari_renewal_at, mine.ari_next_check)
+            now = self._clock()
+            decision = self._decide(now, fresh, spec, state)
+            await self._save_state(spec, state, decision, fresh, state)
+            if decision.at > now:
                 return 0.0
             new = await self._order(spec, fresh, state, decision, stop)
         finally:

@@ -185,7 +185,8 @@ def decide(
             )
             due, reason = when.timestamp(), f"{_fraction(ratio)} of the lifetime left"
     if state.failures and state.last_attempt is not None:
-        remaining = info.not_after.timestamp() - now if info is not None else None
+        # Measured at the failed attempt, not now: the same state always gives the same time.
+        remaining = info.not_after.timestamp() - state.last_attempt if info is not None else None
         retry = state.last_attempt + failure_delay(
             state.failures, spread=state.retry_spread, remaining=remaining, base=base, cap=cap
         )

@@ -147,3 +147,10 @@ def test_a_certificate_not_issued_through_the_directory_is_replaced_now() -> Non
         assert d.at == at(1) and d.reason == "not issued through https://other.test/dir"
     other_cert = decide(at(1), info(serial=99), ["app.test"], ours, directory=DIRECTORY)
     assert other_cert.at == at(1)
+
+
+def test_the_same_state_gives_the_same_time_whenever_asked() -> None:
+    # The manager compares decisions to know whether there is anything to record.
+    state = AcmeState().failed(at(61), "boom", None, 0.3).failed(at(61), "boom", None, 0.3)
+    times = {decide(at(61) + dt, info(), ["app.test"], state).at for dt in (0, 5, 500)}
+    assert len(times) == 1
