@@ -35,7 +35,7 @@ import h11
 from h11._readers import ChunkedReader, ContentLengthReader, maybe_read_from_IDLE_client
 from h11._receivebuffer import ReceiveBuffer
 
-from proxy.downstream.exchange import Exchange
+from proxy.downstream.exchange import Exchange, fields_of
 from proxy.downstream.flow import PEER_BUSY, PIPELINE, ReadGate, tune_write_buffer
 from proxy.downstream.responses import error_response
 from proxy.errors import UpstreamError
@@ -288,7 +288,7 @@ class DownstreamProtocol(asyncio.Protocol):
         chunks.clear()
         problem = head_problem(raw, self.limits.max_header_bytes)
         if problem:
-            self._reject(problem)
+            self._reject(problem, request)
             return None
         self._wait = _BUSY
         self._request_done = False
@@ -341,8 +341,8 @@ class DownstreamProtocol(asyncio.Protocol):
 
     # --- errors and closing ---------------------------------------------------------------
 
-    def _reject(self, status: int) -> None:
-        """h11 refused the request (400, or 431 for an oversized head)."""
+    def _reject(self, status: int, request: h11.Request | None = None) -> None:
+        """The request is refused while its head or body is parsed (400, 431, 501)."""
         if status not in (400, 431, 501):
             status = 400
         exchange = self.exchange
@@ -352,8 +352,40 @@ class DownstreamProtocol(asyncio.Protocol):
         if exchange is not None:
             exchange.client_failed(0)
             return
-        self.transport.write(error_response(status, close=True))
-        self._close(linger=True)
+        self._refuse(status, request)
+
+    def _refuse(
+        self, status: int, request: h11.Request | None = None, *, linger: bool = True
+    ) -> None:
+        """Answer a request that never became an exchange, log it, close."""
+        response = error_response(status, close=True)
+        self.transport.write(response)
+        if self.state.access_log.enabled:
+            self._log_refusal(status, len(response), request)
+        self._close(linger=linger)
+
+    def _log_refusal(self, status: int, size: int, request: h11.Request | None) -> None:
+        """An access log line for a request that never became an exchange."""
+        if request is not None:
+            method, target = request.method, request.target
+            host = next((v for n, v in fields_of(request.headers) if n == b"host"), None)
+        else:  # best effort: the request line, if it is there
+            first = b"".join(self._head_chunks)[:8192].split(b"\r\n", 1)[0].split(b" ")
+            method, target = (first[0], first[1]) if len(first) == 3 else (b"-", b"-")
+            host = None
+        self._head_chunks.clear()
+        self.state.access_log.emit(
+            client=self.client_ip,
+            sni=self.sni,
+            host=host,
+            method=method,
+            target=target,
+            status=status,
+            bytes_in=0,
+            bytes_out=size,
+            upstream="-",
+            duration=0.0,
+        )
 
     def _set_deadline(self, deadline: float) -> None:
         self._deadline = deadline
@@ -377,8 +409,9 @@ class DownstreamProtocol(asyncio.Protocol):
             self._timer = self._loop.call_at(deadline, self._on_timer)
             return
         if wait == _HEAD:
-            self.transport.write(error_response(408, close=True))
-        self._close()
+            self._refuse(408, linger=False)  # a client this slow gets no more time
+        else:
+            self._close()
 
     def _close(self, *, linger: bool = False) -> None:
         """Close after what is buffered has been written. With `linger`, the client may still

@@ -57,7 +57,7 @@ _REQUEST_FIELDS = {
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 
 
-def _fields(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+def fields_of(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """h11's (lowercased name, value) pairs as a plain list.
 
     h11's Headers is a Sequence whose iteration builds each pair through __getitem__; on this
@@ -146,7 +146,7 @@ class Exchange:
         """Route the request and send it upstream (or answer it with a canned error)."""
         length = None
         upgrade = False
-        fields = _fields(request.headers)
+        fields = fields_of(request.headers)
         for name, value in fields:
             kind = _REQUEST_FIELDS.get(name)
             if kind is None:

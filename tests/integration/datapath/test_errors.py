@@ -418,3 +418,17 @@ async def test_access_log_line_per_request(start_proxy, raw_upstream, caplog):
     line = lines[0]
     assert '"POST /x?y=1" 200' in line and "127.0.0.1" in line and "host=app.test" in line
     assert "in=3" in line and f"upstream={upstream.address}" in line
+
+
+async def test_refused_requests_are_logged_too(start_proxy, raw_upstream, caplog):
+    upstream = await raw_upstream(serve_ok)
+    proxy = await start_proxy([upstream.address], access_log="text")
+    with caplog.at_level(logging.INFO, logger="tlsproxy.access"):
+        await raw_exchange(
+            proxy.port, b"GET /fold HTTP/1.1\r\nHost: app.test\r\nX: a\r\n b\r\n\r\n"
+        )
+        await raw_exchange(proxy.port, b"BAD REQUEST LINE HERE\r\n\r\n")
+    lines = [r.getMessage() for r in caplog.records if r.name == "tlsproxy.access"]
+    assert len(lines) == 2
+    assert '"GET /fold" 400' in lines[0] and "host=app.test" in lines[0]
+    assert " 400 " in lines[1]
