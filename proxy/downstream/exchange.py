@@ -523,18 +523,24 @@ class Exchange:
     # --- output ---------------------------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
+        transport = self.down.transport
+        if transport.is_closing():  # the client left; uvloop raises on a closed transport
+            return
         self.bytes_out += len(data)
-        self.down.transport.write(data)
+        transport.write(data)
 
     def _write_parts(self, parts: tuple[bytes, ...]) -> None:
+        transport = self.down.transport
+        if transport.is_closing():
+            return
         size = 0
         for part in parts:
             size += len(part)
         self.bytes_out += size
         if size <= _COALESCE:
-            self.down.transport.write(b"".join(parts))
+            transport.write(b"".join(parts))
         else:
-            self.down.transport.writelines(parts)
+            transport.writelines(parts)
 
     def _finish(self, keep_alive: bool, *, abort: bool = False, notify: bool = True) -> None:
         if self.finished:

@@ -81,10 +81,13 @@ class UpstreamConnection(asyncio.Protocol):
             )
 
     def write(self, data: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        if transport.is_closing():  # failing already; connection_lost will tell the exchange
+            return
         self.sent = True
         self.last_activity = self._loop.time()
-        assert self.transport is not None
-        self.transport.write(data)
+        transport.write(data)
 
     def pause_reading(self) -> None:
         """The client cannot take more: stop reading the upstream (and its timeout with it)."""
