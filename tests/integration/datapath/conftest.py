@@ -103,6 +103,11 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator:
         proxy.server.close()
         for protocol in list(proxy.connections):
             protocol.transport.abort()
+    await asyncio.sleep(0.05)  # connection_lost runs on the next loop iterations
+    for proxy in started:
+        # every request given back to the pool, whatever path it took
+        for pool in proxy.state.pools.values():
+            assert [slot.outstanding for slot in pool.slots] == [0] * len(pool.slots)
         await proxy.state.close()
 
 

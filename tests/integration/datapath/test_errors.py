@@ -432,3 +432,55 @@ async def test_refused_requests_are_logged_too(start_proxy, raw_upstream, caplog
     assert len(lines) == 2
     assert '"GET /fold" 400' in lines[0] and "host=app.test" in lines[0]
     assert " 400 " in lines[1]
+
+
+async def test_refused_server_is_retried_on_another(start_proxy, raw_upstream):
+    upstream = await raw_upstream(serve_ok)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))  # bound, not listening: refused
+        refused = f"127.0.0.1:{sock.getsockname()[1]}"
+        proxy = await start_proxy([refused, upstream.address])
+        for _ in range(4):  # least-connections rotates over both servers
+            request = b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n"
+            assert status_of(await raw_exchange(proxy.port, request)) == 200
+
+
+async def test_request_trailers_are_dropped(start_proxy, raw_upstream):
+    async def record_body(reader, writer, upstream):
+        await read_request(reader, upstream)
+        body = b""
+        while not body.endswith(b"0\r\n\r\n"):
+            body += await reader.read(65536)
+        upstream.received.append(body)
+        writer.write(OK)
+        await writer.drain()
+
+    upstream = await raw_upstream(record_body)
+    proxy = await start_proxy([upstream.address])
+    data = await raw_exchange(
+        proxy.port,
+        b"POST / HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n5\r\nhello\r\n0\r\nX-Trailer: secret\r\n\r\n",
+    )
+    assert status_of(data) == 200
+    assert upstream.received[-1] == b"5\r\nhello\r\n0\r\n\r\n"
+
+
+async def test_app_refusing_an_expected_body_closes_the_connection(start_proxy, raw_upstream):
+    """Expect: 100-continue answered with a final status: the client may skip its body, so the
+    connection cannot carry another request."""
+
+    async def refuse(reader, writer, upstream):
+        await read_request(reader, upstream)
+        writer.write(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    upstream = await raw_upstream(refuse)
+    proxy = await start_proxy([upstream.address])
+    data = await raw_exchange(
+        proxy.port,
+        b"POST / HTTP/1.1\r\nHost: app.test\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    )
+    assert status_of(data) == 401
+    assert b"100 Continue" not in data
