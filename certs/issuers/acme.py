@@ -611,9 +611,11 @@ class AcmeIssuer:
             for p in http:
                 self.http01.add(p.token, p.validation)
             if dns_client is not None:
-                for record in records:  # one by one: we delete exactly what went in
-                    await dns_client.add([record])
+                for record in records:
+                    # Noted before it is sent: a cancel during the update still deletes it
+                    # (deleting a value that never got in is a no-op; each value is unique).
                     published.append(record)
+                    await dns_client.add([record])
                 assert self.settings.dns is not None
                 await dns_client.wait_visible(records, self.settings.dns.propagation_timeout)
             await self._run(stop, session.answer, plan)
