@@ -25,9 +25,9 @@ APP = "tests.integration.datapath.app:app"
 HOST = "app.test"
 
 
-@pytest.fixture(scope="module")
-def event_loop_policy():
-    return uvloop.EventLoopPolicy()
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict:
+    """The proxy runs on uvloop: so do these tests (its transports differ from asyncio's)."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,7 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator:
     async def start(
         servers: list[str], limits: dict | None = None, access_log: str = "off", **upstream
     ) -> Proxy:
+        assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
         config = parse_config(proxy_config(servers, limits, **upstream), tmp_path)
         state = ProxyState.build(config, AccessLog(access_log))  # type: ignore[arg-type]
         connections: set[DownstreamProtocol] = set()
