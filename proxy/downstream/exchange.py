@@ -379,7 +379,9 @@ class Exchange:
         up = self.up
         assert up is not None
         if not self.tunnel or not self.req_done:
-            self.upstream_failed(UpstreamError("unexpected 101 from upstream", 502))
+            self.upstream_failed(
+                UpstreamError("unexpected 101 from upstream", 502, request_sent=True)
+            )
             return
         up.tunnel = True
         parts = [b"HTTP/1.1 101 ", phrase or b"Switching Protocols", _CRLF]
@@ -407,13 +409,7 @@ class Exchange:
             self._end_tunnel()
 
     def _end_tunnel(self) -> None:
-        up = self.up
-        self.up = None
-        if self.slot is not None and self.pool is not None:
-            self.pool.release(self.slot, None)
-            self.slot = None
-        if up is not None:
-            up.close()
+        self._give_back(self.up, reusable=False)  # a tunnel is never reused
         self._finish(False)
 
     # --- flow control ---------------------------------------------------------------------
@@ -469,12 +465,13 @@ class Exchange:
         if not error.request_sent:
             return len(pool.slots) > 1  # a refused connect: worth it only on another server
         # A pooled connection that the server closed just as we wrote: no response byte came.
+        # The head may have reached the app, so only an idempotent method is replayed.
         return (
             up is not None
             and up.requests > 1
             and up.parser.received == 0
             and pool.config.retry_idempotent
-            and (self.method in _IDEMPOTENT or (self.req_done and self.body_in == 0))
+            and self.method in _IDEMPOTENT
         )
 
     def client_failed(self, status: int) -> None:

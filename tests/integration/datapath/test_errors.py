@@ -484,3 +484,27 @@ async def test_app_refusing_an_expected_body_closes_the_connection(start_proxy, 
     )
     assert status_of(data) == 401
     assert b"100 Continue" not in data
+
+
+async def test_non_idempotent_request_on_a_stale_connection_is_not_replayed(
+    start_proxy, raw_upstream
+):
+    async def answer_once_then_drop(reader, writer, upstream):
+        await read_request(reader, upstream)
+        writer.write(OK)
+        await writer.drain()
+        await read_request(reader, upstream)
+        writer.transport.abort()
+
+    upstream = await raw_upstream(answer_once_then_drop)
+    proxy = await start_proxy([upstream.address])
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b"ok"), 5)
+        writer.write(b"POST / HTTP/1.1\r\nHost: app.test\r\n\r\n")  # no body, but not idempotent
+        data = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    assert status_of(data) == 502
+    assert upstream.connections == 1
