@@ -18,7 +18,7 @@ sleep once the asyncio side is cancelled (a thread cannot be cancelled from outs
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import json
@@ -62,8 +62,7 @@ NONCE_RETRIES = 10
 INLINE_WAIT_MAX = 30.0
 SERVER_BUSY_RETRIES = 3
 ORDER_DEADLINE = 180.0  # from new order to certificate, validation included
-NETWORK_TIMEOUT = 20  # per connect / read; a thread stuck in one holds up process exit
-ACME_THREADS = 4
+NETWORK_TIMEOUT = 30  # per connect / read
 
 
 @dataclass(frozen=True)
@@ -501,21 +500,37 @@ class AcmeSession:
 
 # -- the asyncio side --------------------------------------------------------------------------
 
-_EXECUTOR: concurrent.futures.ThreadPoolExecutor | None = None
-_EXECUTOR_LOCK = threading.Lock()
 
+def _in_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
+    """Run one blocking ACME step in a daemon thread of its own.
 
-def _executor() -> concurrent.futures.ThreadPoolExecutor:
-    """The threads ACME requests run in: their own few, so that many certificates ordered at
-    once (each thread waits on a CA for seconds) never starve the default executor the rest
-    of the proxy uses. Shared by every AcmeIssuer (a reload makes new ones)."""
-    global _EXECUTOR
-    with _EXECUTOR_LOCK:
-        if _EXECUTOR is None:
-            _EXECUTOR = concurrent.futures.ThreadPoolExecutor(
-                max_workers=ACME_THREADS, thread_name_prefix="acme"
-            )
-        return _EXECUTOR
+    Not the default executor: many certificates ordered at once (each step waits on a CA for
+    seconds) would starve the rest of the proxy, and at exit the interpreter joins executor
+    threads, so one stuck in a request to an unresponsive CA would hold up a SIGTERM for the
+    whole network timeout. A cancelled caller sets the session's stop event; the thread ends at
+    its next request or sleep, and its result goes nowhere.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if future.done():
+            return
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+    def run() -> None:
+        try:
+            outcome: tuple[bool, Any] = (True, fn())
+        except BaseException as e:
+            outcome = (False, e)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name="acme", daemon=True).start()
+    return future
 
 
 @dataclass(frozen=True)
@@ -542,8 +557,7 @@ class AcmeIssuer:
 
     async def _run(self, stop: threading.Event, fn: Callable[..., T], *args: Any) -> T:
         try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(_executor(), functools.partial(fn, *args))
+            return await _in_thread(functools.partial(fn, *args))
         except asyncio.CancelledError:
             stop.set()
             raise

@@ -234,8 +234,8 @@ async def test_authorizations_the_ca_still_holds_are_not_answered_again(acme_set
 
 
 async def test_event_loop_stays_responsive_while_orders_run(acme_setup):
-    # Pebble pauses up to 1 s before each validation: the orders stay in flight a while.
-    s = await acme_setup(pebble_env={"PEBBLE_VA_NOSLEEP": "0", "PEBBLE_VA_SLEEPTIME": "1"})
+    # Pebble pauses 0, 1 or 2 whole seconds before each validation: orders stay in flight.
+    s = await acme_setup(pebble_env={"PEBBLE_VA_NOSLEEP": "0", "PEBBLE_VA_SLEEPTIME": "3"})
     specs = [
         acme_spec("app.test", "www.app.test"),
         acme_spec("api.test", "*.api.test"),
@@ -257,6 +257,7 @@ async def test_event_loop_stays_responsive_while_orders_run(acme_setup):
                 await installed(s.cache, spec.name, limit=30)
     finally:
         sampler.cancel()
-    assert len(lags) > 10
-    # A blocking ACME call on the loop would stall it for a whole validation (up to 1 s here).
-    assert max(lags) < 0.1, f"event loop blocked for {max(lags) * 1000:.0f} ms"
+    assert lags
+    # A blocking ACME call on the loop would stall it for a whole validation (seconds here);
+    # the bound leaves room for a busy 2-core machine.
+    assert max(lags) < 0.25, f"event loop blocked for {max(lags) * 1000:.0f} ms"
