@@ -45,7 +45,22 @@ from .helpers import context_factory
 
 __all__ = ["client_context", "connect", "echo_server"]
 
-SHARED = Path(os.environ.get("TLSPROXY_COMPONENTS", "/work/shared/components"))
+
+def _components_dir() -> Path:
+    """The reference configs (named.conf, test.zone, tsig.key): $TLSPROXY_COMPONENTS, else
+    ../shared/components beside the checkout, else /work/shared/components."""
+    candidates = [
+        os.environ.get("TLSPROXY_COMPONENTS"),
+        str(Path(__file__).resolve().parents[4] / "shared" / "components"),
+        "/work/shared/components",
+    ]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "dns" / "named.conf").is_file():
+            return Path(candidate)
+    return Path(candidates[-1])
+
+
+SHARED = _components_dir()
 
 
 def _binary(name: str) -> str | None:
@@ -287,6 +302,8 @@ def components(tmp_path: Path, pebble_tls: PebbleTls) -> Iterator[StartComponent
     """start(pebble_env={...}, validity=SECONDS) -> Components (named + pebble, running)."""
     if PEBBLE is None or NAMED is None:
         pytest.skip(MISSING)
+    if not (SHARED / "dns" / "named.conf").is_file():
+        pytest.skip(f"no components configs at {SHARED} (set TLSPROXY_COMPONENTS)")
     started: list[Components] = []
 
     def start(
