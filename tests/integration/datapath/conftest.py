@@ -26,8 +26,9 @@ HOST = "app.test"
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict:
-    """The proxy runs on uvloop: so do these tests (its transports differ from asyncio's)."""
-    return {"uvloop": uvloop.new_event_loop}
+    """The proxy runs on uvloop by default and on asyncio's own loop with `--loop asyncio`:
+    every test runs on both (their transports differ in flow control and error reporting)."""
+    return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,6 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator:
     async def start(
         servers: list[str], limits: dict | None = None, access_log: str = "off", **upstream
     ) -> Proxy:
-        assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
         config = parse_config(proxy_config(servers, limits, **upstream), tmp_path)
         state = ProxyState.build(config, AccessLog(access_log))  # type: ignore[arg-type]
         connections: set[DownstreamProtocol] = set()
