@@ -186,12 +186,12 @@ class AcmeManager:
             if fresh_serial != (stored.info.serial if stored else None):
                 log.info("%s: another process stored a new certificate; using it", spec.name)
                 return 0.0
-            state = await self._load_state(spec)
+            loaded = state = await self._load_state(spec)
             if mine.ari_serial is not None and mine.ari_serial == fresh_serial:
                 state = state.with_ari(mine.ari_serial, mine.ari_renewal_at, mine.ari_next_check)
             now = self._clock()
             decision = self._decide(now, fresh, spec, state)
-            await self._save_state(spec, state, decision, fresh, state)
+            await self._save_state(spec, state, decision, fresh, loaded)
             if decision.at > now:
                 return 0.0
             new = await self._order(spec, fresh, state, decision, stop)

@@ -60,6 +60,7 @@ class AcmeState:
             "last_attempt": self.last_attempt,
             "retry_spread": self.retry_spread,
             "retry_after": self.retry_after,
+            "ari_serial": self.ari_serial,
             "ari_renewal_at": self.ari_renewal_at,
             "ari_next_check": self.ari_next_check,
             "next_renewal": self.next_renewal,
@@ -73,14 +74,13 @@ class AcmeState:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AcmeState:
         acme = data.get("acme") if isinstance(data.get("acme"), dict) else {}
-        ari = data.get("ari") if isinstance(data.get("ari"), dict) else {}
         return cls(
             failures=_int(data.get("failures")) or 0,
             last_error=_str(data.get("last_error")),
             last_attempt=_num(acme.get("last_attempt")),
             retry_spread=_num(acme.get("retry_spread")) or 0.0,
             retry_after=_num(acme.get("retry_after")),
-            ari_serial=_int(ari.get("serial")),
+            ari_serial=_int(acme.get("ari_serial")),
             ari_renewal_at=_num(acme.get("ari_renewal_at")),
             ari_next_check=_num(acme.get("ari_next_check")),
             next_renewal=_num(acme.get("next_renewal")),

@@ -7,11 +7,13 @@ import asyncio
 import logging
 import stat
 import threading
+import time
 
 import dns.asyncquery
 import dns.message
 
 from certs.acme_manager import AcmeManager
+from certs.acme_state import AcmeState
 from certs.cache import CertificateCache
 from certs.challenges.http01 import Http01Responder
 from certs.issuers.acme import AcmeIssuer, directory_slug
@@ -41,11 +43,22 @@ async def test_http01_two_names_served_and_chained_to_pebble_root(
             assert client.leaf.serial_number == cert.info.serial
             assert await client.echo() == b"ping\n"
             await client.close()
-        # Nothing due for years: the task sleeps, it does not rewrite its state in a loop.
-        state_file = Storage(tmp_path / "data").state_path("app.test")
-        before = state_file.stat().st_mtime_ns
+        # Pebble has no ARI (no renewalInfo): asked once, then the 1/3 rule decides.
+        storage = Storage(tmp_path / "data")
+
+        def ari_recorded() -> AcmeState | None:
+            state = AcmeState.from_dict(storage.load_state("app.test"))
+            return state if state.ari_serial == cert.info.serial else None
+
+        state = await wait_for(ari_recorded, 5, "the ARI answer recorded")
+        assert state.ari_renewal_at is None and state.ari_next_check > time.time() + 3600
+        # Nothing due for years: the task sleeps; it neither rewrites its state nor asks the
+        # CA anything (Pebble logs every request) in a loop.
+        before = storage.state_path("app.test").stat().st_mtime_ns
+        requests_before = c.pebble_log.read_text().count(" -> calling handler")
         await asyncio.sleep(0.5)
-        assert state_file.stat().st_mtime_ns == before
+        assert storage.state_path("app.test").stat().st_mtime_ns == before
+        assert c.pebble_log.read_text().count(" -> calling handler") == requests_before
     assert len(responder) == 0  # every token withdrawn
     key = Storage(tmp_path / "data").key_path("app.test")
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
