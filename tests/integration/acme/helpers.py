@@ -66,3 +66,17 @@ def verify_chain(chain_pem: bytes, root_pem: bytes, names: list[str]) -> None:
     for name in names:
         verifier = PolicyBuilder().store(store).build_server_verifier(x509.DNSName(name))
         verifier.verify(certs[0], certs[1:])
+
+
+def _activity(state_file: Path, pebble_log: Path) -> tuple[int, int]:
+    return state_file.stat().st_mtime_ns, pebble_log.read_text().count(" -> calling handler")
+
+
+async def assert_idle(state_file: Path, pebble_log: Path, seconds: float = 0.5) -> None:
+    """Nothing due: over `seconds`, no write of the state and no request to Pebble (it logs
+    every request), i.e. the task sleeps rather than spins."""
+    before = _activity(state_file, pebble_log)
+    await asyncio.sleep(seconds)
+    after = _activity(state_file, pebble_log)
+    assert after[0] == before[0], "state rewritten while nothing was due"
+    assert after[1] == before[1], f"{after[1] - before[1]} request(s) to the CA while idle"
