@@ -24,7 +24,7 @@ import h11
 
 from proxy.downstream.flow import PEER_BUSY
 from proxy.downstream.forwarding import request_head, response_headers
-from proxy.downstream.responses import error_response, reason
+from proxy.downstream.responses import _split_target, error_response, reason
 from proxy.errors import UpstreamError
 from proxy.upstream.response_parser import CHUNKED, UNTIL_CLOSE
 
@@ -166,6 +166,18 @@ class Exchange:
                 upgrade = True
         self.has_body = self.req_chunked or bool(length)
         self.content_length = length or 0
+        target = request.target
+        if target[:1] != b"/" and target != b"*" and request.method != b"CONNECT":
+            # absolute-form (RFC 9112 3.2.2): its authority replaces Host (RFC 9110 7.2), and
+            # the upstream gets the origin-form a server expects from a gateway
+            split = _split_target(target)
+            if split is None:
+                self._reply_error(400)
+                return
+            authority, target = split
+            if authority:
+                self.host = authority
+                fields = [(n, authority if n == b"host" else v) for n, v in fields]
         down = self.down
         state = down.state
         site, status = state.router.route(down.sni, self.host)
@@ -191,7 +203,7 @@ class Exchange:
         self.tunnel = upgrade  # an upgrade was asked for; it happens only on a 101
         self.head = request_head(
             request.method,
-            request.target,
+            target,
             fields,
             client_ip=down.client_ip,
             host=self.host or b"",
@@ -242,7 +254,7 @@ class Exchange:
         assert pool is not None
         slot, conn = pool.acquire(avoid)
         if slot is None:
-            self._reply_error(502)
+            self._reply_error(503, retry_after=pool.retry_after())
             return
         self.slot = slot
         self.label = slot.server.label
@@ -444,6 +456,7 @@ class Exchange:
             self.down.log_upstream_failure(self, error)
             self._finish(False, abort=True)
             return
+        self._report_failure(error)
         if self._may_retry(error, up):
             failed_slot = self.slot if not error.request_sent else None
             self._give_back(up, reusable=False)
@@ -455,6 +468,11 @@ class Exchange:
             return
         self.down.log_upstream_failure(self, error)
         self._reply_error(error.status)
+
+    def _report_failure(self, error: UpstreamError) -> None:
+        """Tell the pool which server failed before answering (passive health)."""
+        if self.slot is not None and self.pool is not None:
+            self.pool.server_failed(self.slot, error)
 
     def _may_retry(self, error: UpstreamError, up: UpstreamConnection | None) -> bool:
         if self.retried or self.body_sent or error.status != 502:
@@ -496,13 +514,14 @@ class Exchange:
         else:
             self._reply_error(413)
 
-    def _reply_error(self, status: int) -> None:
+    def _reply_error(self, status: int, *, retry_after: int | None = None) -> None:
         """Answer with a canned error and close the client connection after it."""
         self.status = status
         if self.up is not None or self.slot is not None:
             self._give_back(self.up, reusable=False)
         self.resp_started = True
-        self._write(error_response(status, close=True, head=self.method == b"HEAD"))
+        head = self.method == b"HEAD"
+        self._write(error_response(status, close=True, head=head, retry_after=retry_after))
         self._finish(False)
 
     def client_lost(self) -> None:

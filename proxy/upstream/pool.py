@@ -168,6 +168,16 @@ class UpstreamPool:
             idle.remove(conn)
         conn.closed = True
 
+    def server_failed(self, slot: ServerSlot, error: UpstreamError) -> None:
+        """A request to `slot` failed before any response byte (refused, reset, timed out).
+
+        The hook for passive health checks: nothing happens here yet.
+        """
+
+    def retry_after(self) -> int | None:
+        """Seconds a client should wait when no server can take a request (503), if known."""
+        return None
+
     def outstanding(self, server: UpstreamServer) -> int:
         """Requests in flight to `server` (0 for a server this pool does not know)."""
         for slot in self.slots:

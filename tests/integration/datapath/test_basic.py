@@ -195,3 +195,17 @@ async def test_unknown_host_gets_404_and_the_upstream_is_not_contacted(start_pro
     data = await raw_exchange(proxy.port, b"GET / HTTP/1.1\r\nHost: unknown.test\r\n\r\n")
     assert data.startswith(b"HTTP/1.1 404 ")
     assert upstream.connections == 0
+
+
+async def test_absolute_form_target_is_sent_in_origin_form(start_proxy, app_tcp):
+    proxy = await start_proxy([app_tcp.server])
+    data = await raw_exchange(
+        proxy.port,
+        b"GET http://app.test/headers?x=1 HTTP/1.1\r\nHost: other.test\r\n"
+        b"Connection: close\r\n\r\n",
+    )
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    seen = json.loads(body)
+    assert seen["host"] == HOST  # the authority replaced Host
+    assert seen["x-forwarded-host"] == HOST

@@ -508,3 +508,12 @@ async def test_non_idempotent_request_on_a_stale_connection_is_not_replayed(
         writer.close()
     assert status_of(data) == 502
     assert upstream.connections == 1
+
+
+async def test_no_server_to_offer_gets_503(start_proxy, raw_upstream):
+    upstream = await raw_upstream(serve_ok)
+    proxy = await start_proxy([upstream.address])
+    proxy.pool.set_servers([])  # e.g. every supervised worker is restarting
+    data = await raw_exchange(proxy.port, b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+    assert status_of(data) == 503
+    assert upstream.connections == 0
