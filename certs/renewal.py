@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 from datetime import datetime, timedelta
-from fractions import Fraction
 
 DEFAULT_RATIO = 1 / 3
 DEFAULT_JITTER = 0.05
@@ -53,8 +52,16 @@ def renewal_reason(
         return "expired"
     if ari_window is not None:
         return "ARI window"
-    elapsed = Fraction(1 - ratio).limit_denominator(100)
-    return f"{elapsed} of lifetime"
+    return f"{_as_fraction(1 - ratio)} of lifetime"
+
+
+def _as_fraction(value: float) -> str:
+    """2/3 rather than 0.6666666666666667; a percentage when no small fraction fits."""
+    for denominator in range(1, 13):
+        numerator = round(value * denominator)
+        if abs(value * denominator - numerator) < 1e-9:
+            return f"{numerator}/{denominator}" if denominator > 1 else str(numerator)
+    return f"{value:.0%}"
 
 
 def renewal_time(

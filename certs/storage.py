@@ -22,7 +22,6 @@ import fcntl
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -57,7 +56,10 @@ def safe_name(name: str) -> str:
 
 def write_atomic(path: Path, data: bytes, *, mode: int = KEY_MODE) -> None:
     """Replace `path` with `data` so that readers see either the old or the new content."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # O_EXCL on a random name rather than tempfile.mkstemp: the same guarantee, without
+    # importing tempfile (and shutil, bz2, lzma with it) into the long-running proxy.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(6).hex()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         os.fchmod(fd, mode)  # before any byte lands: a key is never readable by others
         with os.fdopen(fd, "wb") as f:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import signal
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from certs.errors import CertError
 from certs.manager import CertificateManager
@@ -32,8 +34,10 @@ from proxy.listeners import ConnectionRegistry, HttpsListener, bind_socket, clos
 from proxy.logs import AccessLog, log, setup_logging
 from proxy.state import ProxyState
 from proxy.tls import CertificateSelector, server_context
-from proxy.workers.status import StatusWriter
-from proxy.workers.supervisor import WorkerSupervisor
+
+if TYPE_CHECKING:
+    from proxy.workers.status import StatusWriter
+    from proxy.workers.supervisor import WorkerSupervisor
 
 
 class ProxyServer:
@@ -63,9 +67,9 @@ class ProxyServer:
     async def start(self) -> None:
         config = self.config
         check_config(config)
-        cache = await asyncio.to_thread(
-            self.certs.load, cert_specs(config), default_cert_name(config)
-        )
+        # Nothing is served yet, so blocking here costs no client anything; it also keeps the
+        # start-up's certificate work out of a worker thread's malloc arena (idle memory).
+        cache = self.certs.load(cert_specs(config), default_cert_name(config))
         self.selector = CertificateSelector(cache)
         self.state = ProxyState.build(config, self.access_log)
         if uses_acme(config):
@@ -130,6 +134,13 @@ class ProxyServer:
     async def _start_workers(self, config: Config) -> None:
         """Prestart steps and workers of every upstream with a `command`, before any client is
         accepted: the first request must find a worker ready."""
+        if not any(upstream.command for upstream in config.upstreams.values()):
+            return
+        # Imported only when there are workers to supervise: a proxy in front of existing
+        # servers does not carry the supervisor's modules in its resident memory.
+        from proxy.workers.status import StatusWriter
+        from proxy.workers.supervisor import WorkerSupervisor
+
         for name, upstream in config.upstreams.items():
             if upstream.command is None or name in self.supervisors:
                 continue
@@ -399,9 +410,19 @@ def _with_data_dir(new: Config, old: Config) -> Config:
     return replace(new, server=replace(new.server, data_dir=old.server.data_dir))
 
 
+def release_startup_memory() -> None:
+    """Start-up (imports, key generation, config parsing) leaves freed heap that glibc keeps;
+    hand it back so the long-running process's resident size reflects what it really uses."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 async def run_server(config: Config) -> int:
     setup_logging(config.server.log_level)
     server = ProxyServer(config)
     await server.start()
+    release_startup_memory()
     await server.serve()
     return 0

@@ -154,10 +154,9 @@ class Router:
                 # An unknown Host falls through to the default site or 404, as in nginx.
                 if site is not None and site is not served:
                     return None, MISDIRECTED
-            # An unknown SNI got the default site's certificate (the TLS layer refuses it
-            # otherwise): any Host of another site is misdirected.
-            served = self.default
-            if served is not None and site is not None and site is not served:
+            elif self.default is not None and site is not None and site is not self.default:
+                # An unknown SNI got the default site's certificate (the TLS layer refuses it
+                # otherwise): any Host of another site is misdirected.
                 return None, MISDIRECTED
         if site is None:
             site = self.default

@@ -8,8 +8,6 @@ import re
 import time
 import uuid
 
-import pytest
-
 from tests.integration.harness import AppProcess, basic_config
 from tests.integration.proxy.conftest import MakeProxy
 from tests.integration.proxy.support import Proxy
@@ -81,11 +79,6 @@ def test_json_access_log(make_proxy: MakeProxy, example_app: AppProcess) -> None
     assert post["bytes_out"] >= 1000
 
 
-@pytest.mark.xfail(
-    reason="requests refused while their head is parsed (obs-fold: 400, a head over "
-    "max_header_bytes: 431) get their answer but no access log line",
-    strict=True,
-)
 def test_requests_the_proxy_refuses_are_logged_too(
     make_proxy: MakeProxy, example_app: AppProcess
 ) -> None:

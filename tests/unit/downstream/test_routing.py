@@ -90,6 +90,13 @@ def test_same_sni_and_host_routes_to_the_site():
     assert router.route("x.w.test", b"y.w.test:443") == (WILD, 0)
 
 
+def test_known_sni_and_its_own_host_route_to_that_site_whatever_the_default():
+    # A regression: with a default site, a non-default site's own SNI + Host was 421.
+    router = Router(SITES, "a.test")
+    assert router.route("b.test", b"b.test:8443") == (router.site_for_name("b.test"), 0)
+    assert router.route("x.w.test", b"x.w.test") == (WILD, 0)
+
+
 def test_host_of_another_site_is_misdirected():
     router = Router(SITES, "a.test")
     assert router.route("a.test", b"b.test") == (None, 421)
