@@ -154,3 +154,9 @@ def test_the_same_state_gives_the_same_time_whenever_asked() -> None:
     state = AcmeState().failed(at(61), "boom", None, 0.3).failed(at(61), "boom", None, 0.3)
     times = {decide(at(61) + dt, info(), ["app.test"], state).at for dt in (0, 5, 500)}
     assert len(times) == 1
+
+
+def test_asked_for_ari_without_an_answer_survives_a_round_trip() -> None:
+    # Lost, the task would ask the CA again at every wake-up.
+    state = AcmeState().with_ari(1234, None, 9999.0)
+    assert AcmeState.from_dict(state.to_dict()) == state
