@@ -48,13 +48,14 @@ _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([^\x00-\x08\x0
 # HTAB and visible/obs-text bytes; CR, LF and other controls are refused (this also refuses
 # obs-fold, which starts a line with whitespace, and bare LF).
 _HEADER_BLOCK = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*")
-# The fields the parser must see (framing) or the proxy must not pass on (hop-by-hop, as in
-# proxy.downstream.forwarding). One regex pass finds them; a head without any is passed on as is.
-_SPECIAL_FIELD = re.compile(
-    rb"^(content-length|transfer-encoding|connection|keep-alive|te|trailer|upgrade|proxy"
-    rb"|proxy-[!#$%&'*+.^_`|~0-9a-z-]*):[ \t]*(.*?)[ \t]*\r\n",
-    re.IGNORECASE | re.MULTILINE,
+# Fields the proxy must not pass on (hop-by-hop, as in proxy.downstream.forwarding, plus
+# Transfer-Encoding), searched for in the lowercased header section where every field line
+# follows a "\n". A head without any is passed on as is. (Case-sensitive, and starting with a
+# literal, this search only tries the names at line starts: a tenth of an IGNORECASE scan.)
+_HOP_BY_HOP_LINE = re.compile(
+    rb"\n(?:connection:|keep-alive:|te:|trailer:|transfer-encoding:|upgrade:|proxy[:-])"
 )
+_CONTENT_LENGTH_LINE = b"\ncontent-length:"
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?")
 
 
@@ -215,26 +216,19 @@ class ResponseParser:
             raise ResponseError("malformed header section from upstream")
         http11 = match.group(1) == b"1"
         status = int(match.group(2))
-        lengths: list[bytes] | None = None
         codings: list[bytes] | None = None
         connection: list[bytes] | None = None
-        hop_by_hop = False
-        for field in _SPECIAL_FIELD.finditer(data, line_end + 2, head_end + 2):
-            name = field.group(1).lower()
-            value = field.group(2)
-            if name == b"content-length":
-                lengths = [value] if lengths is None else [*lengths, value]
-                continue
-            hop_by_hop = True
-            if name == b"transfer-encoding":
-                codings = [value] if codings is None else [*codings, value]
-            elif name == b"connection":
-                connection = [value] if connection is None else [*connection, value]
+        section = data[line_end : head_end + 2].lower()  # "\r\n" + "name:value\r\n" * n
         headers: list[tuple[bytes, bytes]] | None = None
-        if hop_by_hop or status < 200 or not http11:
-            headers = _field_list(data, line_end + 2, head_end)
-        else:
+        if http11 and status >= 200 and _HOP_BY_HOP_LINE.search(section) is None:
+            # The common case: nothing to remove, only the length to find.
             self.raw_head = data[pos : head_end + 2]
+            lengths = _values(section, _CONTENT_LENGTH_LINE)
+        else:
+            headers = _field_list(data, line_end + 2, head_end)
+            lengths = _field_values(headers, b"content-length")
+            codings = _field_values(headers, b"transfer-encoding")
+            connection = _field_values(headers, b"connection")
         pos = head_end + 4
         handler = self.handler
         assert handler is not None
@@ -366,6 +360,25 @@ def _field_list(data: bytes, start: int, end: int) -> list[tuple[bytes, bytes]]:
         name, _, value = line.partition(b":")
         fields.append((name.lower(), value.strip(b" \t")))
     return fields
+
+
+def _values(section: bytes, needle: bytes) -> list[bytes] | None:
+    """The values of every field line of `section` that starts with `needle` ("\nname:")."""
+    found = section.find(needle)
+    if found < 0:
+        return None
+    values = []
+    while found >= 0:
+        start = found + len(needle)
+        end = section.find(b"\r", start)
+        values.append(section[start:end].strip(b" \t"))
+        found = section.find(needle, end)
+    return values
+
+
+def _field_values(fields: list[tuple[bytes, bytes]], name: bytes) -> list[bytes] | None:
+    values = [value for field, value in fields if field == name]
+    return values or None
 
 
 def _content_length(values: list[bytes]) -> int:
