@@ -176,6 +176,18 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return ticks / CLK_TCK
 
 
+def core_busy_seconds() -> dict[int, float]:
+    """Per core: seconds not idle (user, system, irq, softirq, steal) from /proc/stat."""
+    busy = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *values = line.split()
+            if name.startswith("cpu") and name[3:].isdigit():
+                ticks = [int(v) for v in values[:8]]
+                busy[int(name[3:])] = (sum(ticks) - ticks[3] - ticks[4]) / CLK_TCK
+    return busy
+
+
 def memory_kib(pids: Sequence[int]) -> dict[str, int]:
     """VmRSS and VmHWM summed over the processes (nginx: master + worker)."""
     total = {"VmRSS": 0, "VmHWM": 0}
@@ -491,11 +503,18 @@ def measure(
     cpus: Sequence[int] | None,
     pin: bool,
 ) -> dict[str, Any]:
-    before = cpu_seconds(pids)
+    before, cores_before = cpu_seconds(pids), core_busy_seconds()
     result = run_wrk(port, workload, duration, cpus, pin)
     cpu = cpu_seconds(pids) - before
+    cores = core_busy_seconds()
     result["terminator_cpu_s"] = cpu
     result["terminator_cores_busy"] = cpu / result["seconds"]
+    # How busy each core was, whoever used it: core 0 well above the terminator's own share
+    # means something else ran there (or softirq work); core 1 near 1.00 means the load side
+    # (wrk + upstream) was the limit.
+    result["core_busy"] = {
+        str(n): (cores[n] - cores_before.get(n, 0.0)) / result["seconds"] for n in sorted(cores)
+    }
     # The unit the issue's targets are stated in: work per second of the terminator's CPU.
     work = result["bytes"] / MIB if workload.name == "bulk" else result["requests"]
     result["per_core_second"] = work / cpu if cpu > 0 else None
@@ -780,7 +799,8 @@ def _brief(r: dict[str, Any]) -> str:
     errors = f" errors={r['errors']}" if r["errors"] else ""
     return (
         f"{r['rps']:.0f} req/s, {r['mib_per_s']:.1f} MiB/s, p99 {r['latency_ms']['p99']:.2f} ms,"
-        f" terminator {r['terminator_cores_busy']:.2f} cores{errors}"
+        f" terminator {r['terminator_cores_busy']:.2f} cores,"
+        f" cores busy {' '.join(f'{v:.2f}' for v in r['core_busy'].values())}{errors}"
     )
 
 
