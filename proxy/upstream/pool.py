@@ -12,6 +12,10 @@ Rules:
 - At most `max_idle_connections` idle connections per server; the most recently used one is
   taken first (it is the least likely to have been closed by the server).
 - An idle connection the server closed (EOF) leaves the pool at once.
+
+Hooks for health checks (issue 4): `set_servers` (workers come and go), `server_failed` (called
+by the exchange when a server failed a request before answering), `retry_after` (for the 503
+when no server can take a request), `outstanding(server)` (requests in flight, for draining).
 """
 
 from __future__ import annotations
