@@ -47,12 +47,11 @@ __all__ = ["client_context", "connect", "echo_server"]
 
 
 def _components_dir() -> Path:
-    """The reference configs (named.conf, test.zone, tsig.key): $TLSPROXY_COMPONENTS, else
-    ../shared/components beside the checkout, else /work/shared/components."""
+    """The named configs (named.conf, test.zone, tsig.key; the TSIG key is a test key used on
+    loopback only): $TLSPROXY_COMPONENTS if set, else the copy kept beside this file."""
     candidates = [
         os.environ.get("TLSPROXY_COMPONENTS"),
-        str(Path(__file__).resolve().parents[4] / "shared" / "components"),
-        "/work/shared/components",
+        str(Path(__file__).resolve().parent / "components"),
     ]
     for candidate in candidates:
         if candidate and (Path(candidate) / "dns" / "named.conf").is_file():
