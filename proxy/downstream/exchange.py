@@ -492,6 +492,18 @@ class Exchange:
             and self.method in _IDEMPOTENT
         )
 
+    def client_stalled(self) -> None:
+        """The client read nothing of the response for upstream_read_timeout: give up on it
+        (like nginx's send_timeout), so it cannot hold an upstream connection forever."""
+        if self.finished:
+            return
+        self.down.log_upstream_failure(
+            self, UpstreamError("the client stopped reading the response", 502)
+        )
+        self._give_back(self.up, reusable=False)
+        self._finish(False, abort=True)
+        self.down.transport.abort()  # a graceful close would wait for it to read
+
     def client_failed(self, status: int) -> None:
         """The client broke the protocol in the middle of its body (h11 raised)."""
         if self.finished:

@@ -27,6 +27,7 @@ class UpstreamUser(ResponseHandler, Protocol):
 
     def upstream_failed(self, error: UpstreamError) -> None: ...
     def feed_done(self) -> None: ...
+    def client_stalled(self) -> None: ...
     def internal_error(self) -> None: ...
     def upstream_write_paused(self) -> None: ...
     def upstream_write_resumed(self) -> None: ...
@@ -93,6 +94,7 @@ class UpstreamConnection(asyncio.Protocol):
         """The client cannot take more: stop reading the upstream (and its timeout with it)."""
         if not self.reading_paused:
             self.reading_paused = True
+            self.last_activity = self._loop.time()  # from now on the client's clock runs
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.pause_reading()
 
@@ -215,12 +217,16 @@ class UpstreamConnection(asyncio.Protocol):
         if user is None or self.closed or self.tunnel:
             return
         now = self._loop.time()
-        if self.reading_paused:  # the client is slow, not the upstream
-            deadline = now + self._read_timeout
-        else:
-            deadline = self.last_activity + self._read_timeout
+        deadline = self.last_activity + self._read_timeout
         if deadline > now:
             self._timer = self._loop.call_at(deadline, self._check_read_timeout)
+            return
+        if self.reading_paused:
+            # Paused because the client took no byte for that long: the client's fault.
+            try:
+                user.client_stalled()
+            except Exception:
+                self._bug(user)
             return
         message = f"no response from {self.slot.server.label} within {self._read_timeout:g}s"
         try:

@@ -199,3 +199,22 @@ async def test_upgrade_refused_by_the_app_is_a_normal_response(start_proxy, app_
             assert await reader.readexactly(5) == b"hello"
     finally:
         writer.close()
+
+
+async def test_client_that_stops_reading_is_dropped(start_proxy, app_tcp):
+    """A client that takes no byte for upstream_read_timeout cannot hold the upstream forever."""
+    proxy = await start_proxy([app_tcp.server], limits={"upstream_read_timeout": "500ms"})
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port, limit=64 * 1024)
+    loop = asyncio.get_running_loop()
+    try:
+        writer.write(b"GET /fixed/%d HTTP/1.1\r\nHost: app.test\r\n\r\n" % (64 * MiB))
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        started = loop.time()
+        for _ in range(200):  # the proxy side goes away while we read nothing
+            if not proxy.connections:
+                break
+            await asyncio.sleep(0.05)
+        assert not proxy.connections
+        assert loop.time() - started < 5
+    finally:
+        writer.close()
