@@ -24,7 +24,7 @@ import h11
 
 from proxy.downstream.flow import PEER_BUSY
 from proxy.downstream.forwarding import request_head, response_headers
-from proxy.downstream.responses import _split_target, error_response, reason
+from proxy.downstream.responses import split_target, error_response, reason
 from proxy.errors import UpstreamError
 from proxy.upstream.response_parser import CHUNKED, UNTIL_CLOSE
 
@@ -170,7 +170,7 @@ class Exchange:
         if target[:1] != b"/" and target != b"*" and request.method != b"CONNECT":
             # absolute-form (RFC 9112 3.2.2): its authority replaces Host (RFC 9110 7.2), and
             # the upstream gets the origin-form a server expects from a gateway
-            split = _split_target(target)
+            split = split_target(target)
             if split is None:
                 self._reply_error(400)
                 return

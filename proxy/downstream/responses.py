@@ -91,7 +91,7 @@ def error_response(
     return plain_response(status, _error_body(status), close=close, head=head, extra=extra)
 
 
-def _split_target(target: bytes) -> tuple[bytes | None, bytes] | None:
+def split_target(target: bytes) -> tuple[bytes | None, bytes] | None:
     """(authority from an absolute-form target or None, path) or None for a target we refuse."""
     if target.startswith(b"/"):
         return None, target
@@ -112,7 +112,7 @@ def _split_target(target: bytes) -> tuple[bytes | None, bytes] | None:
 
 def https_location(host: bytes | None, target: bytes, https_port: int) -> bytes | None:
     """The https URL for a plain-http request, or None if its Host (or target) is unusable."""
-    split = _split_target(target)
+    split = split_target(target)
     if split is None:
         return None
     authority, path = split
