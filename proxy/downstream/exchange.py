@@ -24,7 +24,7 @@ import h11
 
 from proxy.downstream.flow import PEER_BUSY
 from proxy.downstream.forwarding import request_head, response_headers
-from proxy.downstream.responses import split_target, error_response, reason
+from proxy.downstream.responses import error_response, reason, split_target
 from proxy.errors import UpstreamError
 from proxy.upstream.response_parser import CHUNKED, UNTIL_CLOSE
 
