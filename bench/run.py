@@ -834,12 +834,17 @@ def top_costs(collapsed: str, top: int = 10) -> dict[str, Any]:
 
 
 def median_results(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per workload, the round with the median requests/s (its numbers stay consistent)."""
+    """Per workload, the round with the median work per core-second (the unit of the targets,
+    and the figure least moved by a busy load side); its other numbers stay consistent."""
     merged = dict(rounds[0])
     for key, value in rounds[0].items():
         if isinstance(value, dict) and "rps" in value:
-            ordered = sorted((r[key] for r in rounds), key=lambda r: r["rps"])
-            merged[key] = {**ordered[len(ordered) // 2], "rounds_rps": [r["rps"] for r in ordered]}
+            ordered = sorted((r[key] for r in rounds), key=lambda r: r["per_core_second"] or 0.0)
+            merged[key] = {
+                **ordered[len(ordered) // 2],
+                "rounds_rps": [r[key]["rps"] for r in rounds],
+                "rounds_per_core_second": [r[key]["per_core_second"] for r in rounds],
+            }
     return merged
 
 
@@ -956,7 +961,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke run: 1 s per workload, no warm-up, 100 idle connections",
+        help="a smoke run: 1 round, 1 s per workload, no warm-up, 100 idle connections",
     )
     p.add_argument("--duration", type=float, default=10.0, help="seconds per measured workload")
     p.add_argument("--warmup", type=float, default=None, help="seconds of warm-up (default 2)")
@@ -972,7 +977,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=1,
-        help="alternate the terminators this many times; report the median round",
+        help="alternate the terminators this many times; report the median round (default 3)",
     )
     p.add_argument(
         "--only",
@@ -1004,8 +1009,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.duration = min(args.duration, 1.0)
         args.idle_connections = args.idle_connections or 100
         args.warmup = 0.0 if args.warmup is None else args.warmup
+        args.rounds = args.rounds or 1
     args.warmup = 2.0 if args.warmup is None else args.warmup
     args.idle_connections = args.idle_connections or 1000
+    args.rounds = max(args.rounds or 3, 1)
     args.only = [t.strip() for t in args.only.split(",") if t.strip()]
     unknown = set(args.only) - set(TERMINATORS)
     if unknown:
