@@ -26,7 +26,7 @@ from proxy.certificates import (
     default_cert_name,
     uses_acme,
 )
-from proxy.config import Config, UpstreamServer, load_config
+from proxy.config import Config, UpstreamConfig, UpstreamServer, load_config
 from proxy.downstream.connection import DownstreamProtocol
 from proxy.downstream.redirect import RedirectProtocol
 from proxy.errors import ConfigError, StartupError
@@ -157,6 +157,7 @@ class ProxyServer:
             except StartupError as exc:
                 exc.exit_code = 2  # the deployment is wrong (a failed migration, a bad command)
                 raise
+        self._hook_pools()
         if self.supervisors and self.status_writer is None:
             self.status_writer = StatusWriter(
                 config.server.data_dir / "status.json",
@@ -170,12 +171,16 @@ class ProxyServer:
 
     def _outstanding(self, name: str, server: UpstreamServer) -> int:
         pool = self.state.pools.get(name) if self.state else None
-        if pool is None:
-            return 0
-        counter = getattr(pool, "outstanding_of", None)
-        if counter is not None:
-            return counter(server)
-        return sum(slot.outstanding for slot in pool.slots if slot.server == server)
+        return pool.outstanding(server) if pool is not None else 0
+
+    def _hook_pools(self) -> None:
+        """Each supervised upstream's pool reports every request to its supervisor
+        (max_requests and the status view count them). Pools are rebuilt on reload."""
+        assert self.state is not None
+        for name, supervisor in self.supervisors.items():
+            pool = self.state.pools.get(name)
+            if pool is not None:
+                pool.on_acquire = supervisor.note_request
 
     def _queue_workers_reload(self, old: Config) -> None:
         # Cancelling a rolling restart half-way would strand the replacement it was starting,
@@ -251,6 +256,39 @@ class ProxyServer:
             self._restart_task("acme", lambda: acme.maintain(acme_specs, self._current_cache))
         else:
             self._stop_task("acme")
+        for task_name in [n for n in self.background if n.startswith("health:")]:
+            upstream = config.upstreams.get(task_name.removeprefix("health:"))
+            if upstream is None or upstream.health is None:
+                self._stop_task(task_name)
+        for name, upstream in config.upstreams.items():
+            if upstream.health is not None:
+                self._restart_task(
+                    f"health:{name}", lambda n=name, u=upstream: self._probe_forever(n, u)
+                )
+
+    async def _probe_forever(self, name: str, upstream: UpstreamConfig) -> None:
+        """Active health checks of one upstream's current servers (its workers included)."""
+        from proxy.upstream.health import HealthChecker
+
+        def health_map():
+            pool = self.state.pools.get(name) if self.state else None
+            return pool.health_map() if pool is not None else {}
+
+        checker = HealthChecker(
+            upstream, health_map, on_change=lambda s, up: self._health_changed(name, s, up)
+        )
+        checker.start()
+        try:
+            await asyncio.Event().wait()  # until cancelled at reload or shutdown
+        finally:
+            await checker.stop()
+
+    def _health_changed(self, name: str, server: UpstreamServer, up: bool) -> None:
+        # The checker logs the transition; a supervised worker that stopped answering is
+        # replaced, not just avoided.
+        supervisor = self.supervisors.get(name)
+        if not up and supervisor is not None:
+            supervisor.recycle(server, "health checks failed")
 
     def _current_cache(self):
         assert self.selector is not None
@@ -311,6 +349,7 @@ class ProxyServer:
                 if old.upstreams.get(name) == new.upstreams.get(name)
             }
             self.state = ProxyState.build(new, AccessLog(new.server.access_log), pools=reused)
+            self._hook_pools()
             self.access_log = self.state.access_log
             self.selector.cache = cache
             self.config = new

@@ -321,6 +321,9 @@ class Exchange:
         self, status: int, phrase: bytes, headers: list[tuple[bytes, bytes]] | None
     ) -> None:
         self.status = status
+        slot = self.slot
+        if slot is not None and slot.health.down_until:  # it answers: a passive mark is over
+            self.pool.server_answered(slot)  # type: ignore[union-attr]
         if status == 101:
             self._start_tunnel(phrase, headers or [])
             return

@@ -5,8 +5,15 @@ it picks the server, takes an idle connection if a fresh one is there, and retur
 expired ones for the shell to close. The shell does the I/O: connecting, closing, timers.
 
 Rules:
-- Server choice is one small method, `choose_server` (least outstanding requests, ties broken
-  by rotation), so a balancer can replace it.
+- Server choice is one small method, `choose_server`: the configured balancer
+  (`least_conn` or `round_robin`) over the servers whose health says up.
+- Passive health: a server that refused or reset a request before answering is skipped for
+  `fail_timeout`. Such marks are a hint, not a verdict: with one server, or when every server
+  carries one, the servers the active probes still call up are tried anyway (as nginx does),
+  so a blip never turns into a 503 for the whole cool-down. Only servers the probes found
+  down (or none at all) give 503, with a Retry-After.
+- A server removed by `set_servers` (a worker being retired) stays counted until its last
+  request ends, so its supervisor never stops it with a request in flight.
 - An idle connection lives at most `keepalive_timeout` (default 4 s, under uvicorn's 5 s):
   reusing one just as the app closes it would reset a request.
 - At most `max_idle_connections` idle connections per server; the most recently used one is
@@ -21,20 +28,28 @@ when no server can take a request), `outstanding(server)` (requests in flight, f
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from operator import attrgetter
 
 from proxy.config import Limits, UpstreamConfig, UpstreamServer
 from proxy.errors import UpstreamError
+from proxy.upstream.balancer import make as make_balancer
 from proxy.upstream.connection import UpstreamConnection
+from proxy.upstream.health import ServerHealth
+from proxy.upstream.health import retry_after as health_retry_after
+
+_outstanding = attrgetter("outstanding")
 
 
 class ServerSlot:
     """The pool's view of one server: its idle connections and the requests it is serving."""
 
-    __slots__ = ("active", "idle", "outstanding", "server")
+    __slots__ = ("active", "health", "idle", "outstanding", "server")
 
-    def __init__(self, server: UpstreamServer) -> None:
+    def __init__(self, server: UpstreamServer, health: ServerHealth) -> None:
         self.server = server
+        self.health = health
         self.idle: list[UpstreamConnection] = []  # oldest first; taken from the end
         self.outstanding = 0
         self.active = True  # False once removed by set_servers: finish, then close
@@ -46,7 +61,11 @@ class UpstreamPool:
         self.limits = limits
         self.name = config.name
         self.slots: list[ServerSlot] = []
-        self._rotation = 0
+        self.balancer = make_balancer(config.balance)
+        # Servers removed while requests were in flight on them, until those requests end.
+        self._retired: dict[UpstreamServer, ServerSlot] = {}
+        # Called with the server each request goes to (supervised workers count requests).
+        self.on_acquire: Callable[[UpstreamServer], None] | None = None
         self._closed = False
         self._sweep: asyncio.TimerHandle | None = None
         self.set_servers(config.servers)
@@ -58,29 +77,32 @@ class UpstreamPool:
         current = {slot.server: slot for slot in self.slots}
         slots = []
         for server in servers:
-            slot = current.pop(server, None) or ServerSlot(server)
+            slot = current.pop(server, None) or self._retired.pop(server, None)
+            if slot is None:
+                slot = ServerSlot(server, ServerHealth.from_config(self.config))
             slot.active = True
             slots.append(slot)
         for slot in current.values():
             slot.active = False
             self._close_all(slot.idle)
+            if slot.outstanding:
+                self._retired[slot.server] = slot
         self.slots = slots
 
-    def choose_server(self) -> ServerSlot | None:
-        """The server for the next request: the one with the fewest requests in flight."""
+    def choose_server(self, avoid: ServerSlot | None = None) -> ServerSlot | None:
+        """The server for the next request, or None when no server may take one (503)."""
         slots = self.slots
-        count = len(slots)
-        if count == 1:
-            return slots[0]
-        if count == 0:
-            return None
-        start = self._rotation = (self._rotation + 1) % count
-        best = slots[start]
-        for i in range(1, count):
-            slot = slots[(start + i) % count]
-            if slot.outstanding < best.outstanding:
-                best = slot
-        return best
+        if len(slots) == 1:  # the common case, kept cheap: one attribute read
+            slot = slots[0]
+            return slot if slot.health.active_up else None
+        now = time.monotonic()
+        candidates = [s for s in slots if s is not avoid and s.health.is_up(now)]
+        if not candidates:
+            # Passive marks alone never refuse a request: try what the probes call up.
+            candidates = [s for s in slots if s is not avoid and s.health.active_up]
+            if not candidates and avoid is not None and avoid.health.active_up:
+                candidates = [avoid]
+        return self.balancer.choose(candidates, _outstanding)
 
     # --- acquire / release ----------------------------------------------------------------
 
@@ -88,9 +110,7 @@ class UpstreamPool:
         self, now: float, avoid: ServerSlot | None = None
     ) -> tuple[ServerSlot | None, UpstreamConnection | None, list[UpstreamConnection]]:
         """Pure step: (server, idle connection or None to connect, expired ones to close)."""
-        slot = self.choose_server()
-        if slot is not None and slot is avoid and len(self.slots) > 1:
-            slot = self.choose_server()
+        slot = self.choose_server(avoid)
         if slot is None:
             return None, None, []
         idle = slot.idle
@@ -120,6 +140,8 @@ class UpstreamPool:
             self._close_all(expired)
         if slot is not None:
             slot.outstanding += 1
+            if self.on_acquire is not None:
+                self.on_acquire(slot.server)
         return slot, conn
 
     async def connect(self, slot: ServerSlot) -> UpstreamConnection:
@@ -149,6 +171,8 @@ class UpstreamPool:
     ) -> None:
         """The request on `slot` is over; keep `conn` for the next one if it can carry it."""
         slot.outstanding -= 1
+        if not slot.active and slot.outstanding == 0:
+            self._retired.pop(slot.server, None)
         if conn is None:
             return
         conn.detach()
@@ -173,21 +197,33 @@ class UpstreamPool:
         conn.closed = True
 
     def server_failed(self, slot: ServerSlot, error: UpstreamError) -> None:
-        """A request to `slot` failed before any response byte (refused, reset, timed out).
+        """A request to `slot` failed before any response byte. A refusal or reset (502)
+        marks the server down for fail_timeout; a slow answer (504) says nothing of that."""
+        if error.status == 502:
+            slot.health.record_failure(time.monotonic())
 
-        The hook for passive health checks: nothing happens here yet.
-        """
+    def server_answered(self, slot: ServerSlot) -> None:
+        """A response head came back: a passive mark on that server is over."""
+        if slot.health.down_until:
+            slot.health.record_success(time.monotonic())
 
     def retry_after(self) -> int | None:
-        """Seconds a client should wait when no server can take a request (503), if known."""
-        return None
+        """Seconds a client should wait when no server can take a request (503)."""
+        return health_retry_after(
+            [slot.health for slot in self.slots], time.monotonic(), self.config.health_interval
+        )
+
+    def health_map(self) -> dict[UpstreamServer, ServerHealth]:
+        """Each current server's health, for the active probes."""
+        return {slot.server: slot.health for slot in self.slots}
 
     def outstanding(self, server: UpstreamServer) -> int:
-        """Requests in flight to `server` (0 for a server this pool does not know)."""
+        """Requests in flight to `server`, removed servers included (0 if unknown)."""
         for slot in self.slots:
             if slot.server == server:
                 return slot.outstanding
-        return 0
+        retired = self._retired.get(server)
+        return retired.outstanding if retired is not None else 0
 
     @property
     def idle_count(self) -> int:

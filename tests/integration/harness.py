@@ -64,7 +64,9 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:
     return proc.returncode
 
 
-def tlsproxy(*args: str, timeout: float = 60, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def tlsproxy(
+    *args: str, timeout: float = 60, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     """Run the CLI to completion (check, ca, certs)."""
     return subprocess.run(
         [sys.executable, "-m", "proxy", *args],
@@ -90,8 +92,8 @@ class ProxyProcess:
         self.http: list[tuple[str, int]] = []
 
     def start(self, timeout: float = 20.0) -> ProxyProcess:
-        self._log = open(self.log_file, "ab")  # noqa: SIM115 - closed in stop()
-        self._out = open(self.out_file, "ab")  # noqa: SIM115
+        self._log = open(self.log_file, "ab")
+        self._out = open(self.out_file, "ab")
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -238,6 +240,7 @@ class AppProcess:
         uds: bool = False,
         workers: int = 1,
         extra_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         self.tmp = tmp
         self.app = app
@@ -245,6 +248,7 @@ class AppProcess:
         self.port = None if uds else free_port()
         self.workers = workers
         self.extra_args = extra_args
+        self.env = env
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -254,7 +258,7 @@ class AppProcess:
     def start(self) -> AppProcess:
         where = ["--uds", str(self.uds_path)] if self.uds_path else ["--port", str(self.port)]
         self.log_file = self.tmp / f"uvicorn-{id(self)}.log"
-        self._log = open(self.log_file, "ab")  # noqa: SIM115
+        self._log = open(self.log_file, "ab")
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -277,6 +281,7 @@ class AppProcess:
             stderr=self._log,
             stdin=subprocess.DEVNULL,
             cwd=REPO,
+            env={**os.environ, **self.env} if self.env else None,
         )
         if self.uds_path:
             wait_for_unix(self.uds_path)

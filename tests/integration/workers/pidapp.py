@@ -28,8 +28,16 @@ async def root() -> dict:
     return {"pid": os.getpid()}
 
 
+_sick_if = os.environ.get("PIDAPP_SICK_IF")
+
+
 @app.get("/healthz")
-async def healthz() -> dict:
+async def healthz():  # type: ignore[no-untyped-def]
+    # Answers 503 while the file named by PIDAPP_SICK_IF exists: alive, but failing its checks.
+    if _sick_if and os.path.exists(_sick_if):
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse({"ok": False}, status_code=503)
     return {"ok": True}
 
 
