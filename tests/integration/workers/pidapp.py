@@ -32,7 +32,7 @@ _sick_if = os.environ.get("PIDAPP_SICK_IF")
 
 
 @app.get("/healthz")
-async def healthz():  # type: ignore[no-untyped-def]
+def healthz():  # type: ignore[no-untyped-def]  # sync: FastAPI runs it in a thread
     # Answers 503 while the file named by PIDAPP_SICK_IF exists: alive, but failing its checks.
     if _sick_if and os.path.exists(_sick_if):
         from fastapi.responses import JSONResponse

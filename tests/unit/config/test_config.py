@@ -97,7 +97,7 @@ def test_hosts_are_normalised_and_wildcards_allowed() -> None:
 @pytest.mark.parametrize(
     ("change", "key"),
     [
-        ('[server]\nbogus = 1\n', "server.bogus"),
+        ("[server]\nbogus = 1\n", "server.bogus"),
         ("[limits]\nidle_timeout = 'soon'\n", "limits.idle_timeout"),
         ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
         ("[limits]\nmax_header_bytes = 'lots'\n", "limits.max_header_bytes"),
@@ -114,7 +114,8 @@ def test_errors_name_the_key(change: str, key: str) -> None:
 def test_site_errors_name_the_site() -> None:
     assert error_key(MINIMAL.replace('upstream = "app"', 'upstream = "nope"')) == "site[0].upstream"
     assert error_key(MINIMAL.replace('hosts = ["localhost"]', "hosts = []")) == "site[0].hosts"
-    assert error_key(MINIMAL.replace('hosts = ["localhost"]', 'hosts = ["a..b"]')) == "site[0].hosts[0]"
+    bad_host = MINIMAL.replace('hosts = ["localhost"]', 'hosts = ["a..b"]')
+    assert error_key(bad_host) == "site[0].hosts[0]"
     text = MINIMAL.replace('upstream = "app"', 'upstream = "app"\ntls = "letsencrypt"')
     assert error_key(text) == "site[0].tls"
     text = MINIMAL.replace('upstream = "app"', 'upstream = "app"\ntls = { cert = "c.pem" }')
@@ -134,9 +135,12 @@ def test_tls_files_resolve_against_the_config_directory() -> None:
 
 
 def test_acme_wildcard_needs_dns() -> None:
-    text = MINIMAL.replace('["localhost"]', '["*.app.test"]').replace(
-        'upstream = "app"', 'upstream = "app"\ntls = "acme"'
-    ) + '[acme]\nemail = "a@b.test"\n'
+    text = (
+        MINIMAL.replace('["localhost"]', '["*.app.test"]').replace(
+            'upstream = "app"', 'upstream = "app"\ntls = "acme"'
+        )
+        + '[acme]\nemail = "a@b.test"\n'
+    )
     assert error_key(text) == "site[0].hosts"
     assert error_key(MINIMAL.replace('upstream = "app"', 'upstream = "app"\ntls = "acme"')) == (
         "site[0].tls"
