@@ -181,3 +181,31 @@ def test_max_requests_recycles_workers_without_a_failed_request(proxy_for) -> No
         time.sleep(0.02)
     assert failures == 0
     assert len(seen) >= 4, seen  # both first workers were replaced, and their successors served
+
+
+def test_max_memory_recycles_a_grown_worker_without_a_failed_request(proxy_for) -> None:
+    command = (
+        f"{sys.executable} -m uvicorn pidapp:app --app-dir {APP_DIR} --uds {{socket}} "
+        "--no-access-log --log-level warning"
+    )
+    text = pool_config(["127.0.0.1:1"]).replace(
+        'servers = ["127.0.0.1:1"]',
+        f'command = "{command}"\nworkers = 1\nhealth = "/healthz"\nmax_memory = "150MiB"',
+    )
+    proxy, client = proxy_for(text)
+    first = client.get(proxy.url("/")).json()["pid"]
+    assert client.get(proxy.url("/alloc?mb=160")).json()["pid"] == first  # RSS now > 150 MiB
+    failures, pids = 0, set()
+    deadline = time.monotonic() + 30  # the supervisor reads RSS every 5 s
+    while time.monotonic() < deadline:
+        response = client.get(proxy.url("/"))
+        if response.status_code != 200:
+            failures += 1
+        else:
+            pids.add(response.json()["pid"])
+        if pids - {first}:
+            break
+        time.sleep(0.05)
+    assert failures == 0
+    assert pids - {first}, "the grown worker was never replaced"
+    proxy.wait_for_log(r"max_memory", timeout=5)
