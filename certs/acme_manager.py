@@ -36,7 +36,7 @@ from .challenges.http01 import Http01Responder
 from .errors import CertError, LockTimeout
 from .issuers.acme import AcmeError, AcmeIssuer, AcmeSettings
 from .keys import cert_info, key_matches_certificate, load_certificates, load_private_key
-from .manager import describe_error
+from .manager import describe_error, read_stored
 from .models import CertInfo, CertSpec, CertStatus, Installed
 from .renewal import DEFAULT_RATIO, RETRY_BASE, RETRY_CAP
 from .selection import uncovered_hosts
@@ -275,14 +275,8 @@ class AcmeManager:
 
     # -- storage, cache --------------------------------------------------------------------
     def _read(self, spec: CertSpec) -> _Stored | None:
-        try:
-            files = self.storage.load_certificate(spec.name)
-        except ValueError as e:
-            log.warning("ignoring the stored certificate of %s: %s", spec.name, e)
-            return None
-        if files is None:
-            return None
-        return _Stored(files, cert_info(load_certificates(files.chain_pem)[0]))
+        found = read_stored(self.storage, spec.name)
+        return None if found is None else _Stored(found[0], cert_info(found[1]))
 
     async def _install(
         self, spec: CertSpec, stored: _Stored, cache_getter: Callable[[], CertificateCache]

@@ -82,6 +82,19 @@ def _from_iso(value: Any) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+def read_stored(storage: Storage, name: str) -> tuple[StoredCertificate, x509.Certificate] | None:
+    """The stored certificate of `name` and its parsed leaf; None if there is none, or if what
+    is stored is unusable (logged: it will be issued again)."""
+    try:
+        stored = storage.load_certificate(name)
+    except ValueError as e:
+        log.warning("ignoring the stored certificate of %s: %s", name, e)
+        return None
+    if stored is None:
+        return None
+    return stored, load_certificates(stored.chain_pem)[0]
+
+
 def describe_error(error: BaseException) -> str:
     """One line for logs and `tlsproxy certs`: the message, with the type when it says little."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -240,14 +253,7 @@ class CertificateManager:
         return None
 
     def _read_stored(self, spec: CertSpec) -> tuple[StoredCertificate, x509.Certificate] | None:
-        try:
-            stored = self.storage.load_certificate(spec.name)
-        except ValueError as e:
-            log.warning("ignoring stored certificate for %s: %s", spec.name, e)
-            return None
-        if stored is None:
-            return None
-        return stored, load_certificates(stored.chain_pem)[0]
+        return read_stored(self.storage, spec.name)
 
     def _good(
         self,
