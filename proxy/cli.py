@@ -23,8 +23,23 @@ connection's certificate by SNI (from files, a built-in local CA or ACME), and f
 HTTP/1.1 to your app's workers over pooled keep-alive connections."""
 
 
+EPILOG = """\
+exit status: 0 on success; 2 on a bad config or a file it names (one line naming the key or
+file), or a prestart step that failed; 1 when it cannot start otherwise (a port taken).
+
+signals (run): SIGTERM/SIGINT stop accepting, let in-flight requests finish within
+server.shutdown_grace, stop the workers, exit 0 (a second SIGINT exits at once). SIGHUP re-reads
+the config and certificates (open connections keep theirs) and restarts the workers one at a
+time; a bad config at SIGHUP is logged and the running one stays."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tlsproxy", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(
+        prog="tlsproxy",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
