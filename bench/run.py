@@ -715,6 +715,8 @@ servers = ["{HOST}:{upstream_port}"]
                 result["memory"]["peak_kib"] = memory_kib(pids)["hwm_kib"]
             if which == "tlsproxy" and first and self.args.profile:
                 result["profile"] = self.profile(proc.pid)
+            if first and self.args.perf:
+                result["perf"] = self.perf(pids)
             return result
         finally:
             self.procs.stop(proc)
@@ -751,6 +753,46 @@ servers = ["{HOST}:{upstream_port}"]
         finally:
             self.procs.stop(proc)
 
+    def perf(self, pids: Sequence[int]) -> dict[str, Any]:
+        """Where the terminator's CPU goes under keep-alive load, by library (the kernel, the
+        Python interpreter, OpenSSL, uvloop, nginx), in microseconds per request."""
+        if shutil.which("perf") is None:
+            return {"error": "perf not installed"}
+        data = self.tmp / f"perf-{pids[0]}.data"
+        seconds = max(int(self.args.duration), 2)
+        before = cpu_seconds(pids)
+        recorder = subprocess.Popen(
+            ["perf", "record", "-e", "cpu-clock", "-F", "999", "-o", str(data),
+             "-p", ",".join(map(str, pids)), "--", "sleep", str(seconds)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            result = run_wrk(self.port, self.workloads[0], seconds, self.load_cpus, self.pin)
+            _, err = recorder.communicate(timeout=seconds + 30)
+        finally:
+            if recorder.poll() is None:
+                recorder.kill()
+                recorder.wait()
+        cpu = cpu_seconds(pids) - before
+        report = subprocess.run(
+            ["perf", "report", "-i", str(data), "--no-children", "--sort", "dso", "-g", "none",
+             "--stdio"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        shares = {}
+        for line in report.stdout.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0].endswith("%"):
+                shares[parts[1]] = float(parts[0][:-1]) / 100
+        if not shares:
+            return {"error": f"perf recorded nothing: {err.decode(errors='replace')[-300:]}"}
+        per_request_us = cpu / result["requests"] * 1e6 if result["requests"] else 0.0
+        return {
+            "requests_per_s": result["rps"],
+            "cpu_us_per_request": per_request_us,
+            "us_per_request_by_dso": {k: v * per_request_us for k, v in shares.items()},
+        }
+
     def profile(self, pid: int) -> dict[str, Any]:
         """py-spy on the tlsproxy process under the keep-alive workload (a separate run)."""
         py_spy = shutil.which("py-spy") or str(Path(self.args.python).parent / "py-spy")
@@ -772,7 +814,9 @@ servers = ["{HOST}:{upstream_port}"]
                 "--format",
                 "raw",
                 "--function",
-                "--nonblocking",
+                # --native shows the C frames (uvloop, OpenSSL, the kernel's share stays hidden)
+                # but has to pause the process for each sample.
+                *(["--native"] if self.args.profile_native else ["--nonblocking"]),
                 "--output",
                 str(out),
             ],
@@ -991,6 +1035,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also record a py-spy profile of tlsproxy under the keep-alive load",
     )
     p.add_argument(
+        "--perf",
+        action="store_true",
+        help="also a keep-alive run under perf: CPU per request by library, both terminators",
+    )
+    p.add_argument(
+        "--profile-native",
+        action="store_true",
+        help="with --profile: include native frames (slower sampling, pauses the process)",
+    )
+    p.add_argument(
         "--proxy-cmd",
         default=DEFAULT_PROXY_CMD,
         help="command for the proxy under test; placeholders {python} {config} {port}"
@@ -1145,6 +1199,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"| {row['self']:.1%} | {row['inclusive']:.1%} | {row['function']} |")
     elif profile:
         print(f"\nprofile: {profile.get('error')}")
+    perf = {t: r["perf"] for t, r in results.items() if "perf" in r}
+    if perf:
+        print("\nCPU per keep-alive request by library (perf, microseconds):")
+        for which, data in perf.items():
+            if "error" in data:
+                print(f"- {which}: {data['error']}")
+                continue
+            parts = sorted(data["us_per_request_by_dso"].items(), key=lambda kv: -kv[1])
+            shown = ", ".join(f"{name} {us:.1f}" for name, us in parts if us >= 0.5)
+            print(f"- {which}: {data['cpu_us_per_request']:.1f} us: {shown}")
     print(f"\nJSON: {args.out}")
     return 0
 
