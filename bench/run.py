@@ -1020,7 +1020,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--rounds",
         type=int,
-        default=1,
+        default=None,
         help="alternate the terminators this many times; report the median round (default 3)",
     )
     p.add_argument(
