@@ -459,7 +459,7 @@ class Exchange:
             self.down.log_upstream_failure(self, error)
             self._finish(False, abort=True)
             return
-        self._report_failure(error)
+        self._report_failure(error, up)
         if self._may_retry(error, up):
             failed_slot = self.slot if not error.request_sent else None
             self._give_back(up, reusable=False)
@@ -472,10 +472,12 @@ class Exchange:
         self.down.log_upstream_failure(self, error)
         self._reply_error(error.status)
 
-    def _report_failure(self, error: UpstreamError) -> None:
-        """Tell the pool which server failed before answering (passive health)."""
+    def _report_failure(self, error: UpstreamError, up: UpstreamConnection | None) -> None:
+        """Tell the pool which server failed before answering (passive health). A reset on a
+        reused pooled connection is the app closing an idle keep-alive, not a server down."""
         if self.slot is not None and self.pool is not None:
-            self.pool.server_failed(self.slot, error)
+            if up is None or up.requests <= 1:
+                self.pool.server_failed(self.slot, error)
 
     def _may_retry(self, error: UpstreamError, up: UpstreamConnection | None) -> bool:
         if self.retried or self.body_sent or error.status != 502:
@@ -484,12 +486,15 @@ class Exchange:
         if pool is None:
             return False
         if not error.request_sent:
-            return len(pool.slots) > 1  # a refused connect: worth it only on another server
-        # A pooled connection that the server closed just as we wrote: no response byte came.
-        # The head may have reached the app, so only an idempotent method is replayed.
+            # A refused connect: worth it only on another server. The failed one may already
+            # be gone from the pool (a supervisor saw its worker die), so count the others.
+            failed = self.slot
+            return any(slot is not failed for slot in pool.slots)
+        # No response byte came (a pooled connection the app closed just as we wrote, or a
+        # worker that died with our request): the head may have reached the app, so only an
+        # idempotent method is replayed, and only if the config allows it.
         return (
             up is not None
-            and up.requests > 1
             and up.parser.received == 0
             and pool.config.retry_idempotent
             and self.method in _IDEMPOTENT
