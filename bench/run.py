@@ -888,8 +888,29 @@ def median_results(rounds: list[dict[str, Any]]) -> dict[str, Any]:
                 **ordered[len(ordered) // 2],
                 "rounds_rps": [r[key]["rps"] for r in rounds],
                 "rounds_per_core_second": [r[key]["per_core_second"] for r in rounds],
+                # Core 0 time not spent by the terminator (other programs, softirq work):
+                # a round where this is high was disturbed.
+                "rounds_core0_other": [
+                    r[key]["core_busy"].get(str(TERMINATOR_CPU), 0.0)
+                    - r[key]["terminator_cores_busy"]
+                    for r in rounds
+                ],
             }
     return merged
+
+
+def spread(results: dict[str, Any]) -> list[str]:
+    """One line per workload: work per core-second of every round, for both terminators."""
+    lines = []
+    for workload in ("keepalive", "handshake", "bulk"):
+        parts = []
+        for which, result in results.items():
+            per_round = result.get(workload, {}).get("rounds_per_core_second") or []
+            if len(per_round) > 1:
+                parts.append(f"{which} " + " / ".join(f"{v:,.0f}" for v in per_round if v))
+        if parts:
+            lines.append(f"- {workload}: " + "; ".join(parts))
+    return lines
 
 
 def _get(results: dict[str, Any], which: str, *path: str) -> float | None:
@@ -1190,6 +1211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if errors:
         print(f"\nwrk reported errors: {errors}")
+    rounds_lines = spread(results)
+    if rounds_lines:
+        print("\nPer core-second in each round (the table shows the median round):")
+        print("\n".join(rounds_lines))
     print(f"\nTLS: {json.dumps(bench.tls_info)}")
     profile = results.get("tlsproxy", {}).get("profile")
     if profile and profile.get("top_self"):
