@@ -798,7 +798,9 @@ servers = ["{HOST}:{upstream_port}"]
         py_spy = shutil.which("py-spy") or str(Path(self.args.python).parent / "py-spy")
         if not Path(py_spy).exists():
             return {"error": "py-spy not found"}
-        out = self.args.out_dir / f"profile-{time.strftime('%Y%m%dT%H%M%S')}.txt"
+        workload = next(w for w in self.workloads if w.name == self.args.profile_workload)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        out = self.args.out_dir / f"profile-{workload.name}-{stamp}.txt"
         out.parent.mkdir(parents=True, exist_ok=True)
         seconds = max(int(self.args.duration), 2)
         spy = subprocess.Popen(
@@ -824,7 +826,7 @@ servers = ["{HOST}:{upstream_port}"]
             stderr=subprocess.PIPE,
         )
         try:
-            run_wrk(self.port, self.workloads[0], seconds, self.load_cpus, self.pin)
+            run_wrk(self.port, workload, seconds, self.load_cpus, self.pin)
             _, err = spy.communicate(timeout=seconds + 30)
         finally:
             if spy.poll() is None:
@@ -832,7 +834,7 @@ servers = ["{HOST}:{upstream_port}"]
                 spy.wait()
         if not out.exists():
             return {"error": f"py-spy wrote nothing: {err.decode(errors='replace')[-300:]}"}
-        return {"file": str(out), **top_costs(out.read_text())}
+        return {"file": str(out), "workload": workload.name, **top_costs(out.read_text())}
 
     @staticmethod
     def _say(text: str) -> None:
@@ -1061,6 +1063,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also a keep-alive run under perf: CPU per request by library, both terminators",
     )
     p.add_argument(
+        "--profile-workload",
+        choices=("keepalive", "handshake", "bulk"),
+        default="keepalive",
+        help="the workload --profile runs under (default keepalive)",
+    )
+    p.add_argument(
         "--profile-native",
         action="store_true",
         help="with --profile: include native frames (slower sampling, pauses the process)",
@@ -1218,7 +1226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nTLS: {json.dumps(bench.tls_info)}")
     profile = results.get("tlsproxy", {}).get("profile")
     if profile and profile.get("top_self"):
-        print(f"\ntlsproxy profile ({profile['samples']} samples, {profile['file']}):")
+        print(
+            f"\ntlsproxy profile, {profile['workload']} ({profile['samples']} samples,"
+            f" {profile['file']}):"
+        )
         print("| self | inclusive | function |\n|---|---|---|")
         for row in profile["top_self"]:
             print(f"| {row['self']:.1%} | {row['inclusive']:.1%} | {row['function']} |")
