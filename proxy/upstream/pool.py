@@ -67,6 +67,7 @@ class UpstreamPool:
         # Called with the server each request goes to (supervised workers count requests).
         self.on_acquire: Callable[[UpstreamServer], None] | None = None
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._sweep: asyncio.TimerHandle | None = None
         self.set_servers(config.servers)
 
@@ -135,7 +136,10 @@ class UpstreamPool:
         With no connection the caller must `await connect(slot)`. The slot counts the request
         as outstanding until `release`. `avoid`: a server that just failed this request.
         """
-        slot, conn, expired = self._assign(asyncio.get_running_loop().time(), avoid)
+        loop = self._loop
+        if loop is None:  # looked up once: get_running_loop costs a getpid() call on 3.11
+            loop = self._loop = asyncio.get_running_loop()
+        slot, conn, expired = self._assign(loop.time(), avoid)
         if expired:
             self._close_all(expired)
         if slot is not None:
