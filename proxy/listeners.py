@@ -205,7 +205,7 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out (handshake_timeout)"
     if isinstance(exc, ssl.SSLError) and exc.reason == "CALLBACK_FAILED":
-        return "no certificate for the name it asked for (SNI), and no default_site"
+        return "no certificate for the name it asked for (SNI) yet, or no default_site"
     return str(exc) or type(exc).__name__
 
 

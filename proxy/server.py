@@ -70,8 +70,8 @@ class ProxyServer:
         # Nothing is served yet, so blocking here costs no client anything; it also keeps the
         # start-up's certificate work out of a worker thread's malloc arena (idle memory).
         cache = self.certs.load(cert_specs(config), default_cert_name(config))
-        self.selector = CertificateSelector(cache)
         self.state = ProxyState.build(config, self.access_log)
+        self.selector = CertificateSelector(cache, self.state.router)
         if uses_acme(config):
             from certs.challenges.http01 import Http01Responder
 
@@ -352,6 +352,7 @@ class ProxyServer:
             self._hook_pools()
             self.access_log = self.state.access_log
             self.selector.cache = cache
+            self.selector.sites = self.state.router
             self.config = new
             if uses_acme(new) and self.http01 is None:
                 from certs.challenges.http01 import Http01Responder

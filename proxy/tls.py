@@ -53,6 +53,11 @@ def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
 
 class CertificateLookup(Protocol):
     def lookup(self, server_name: str | None) -> Installed | None: ...
+    def lookup_exact_or_wildcard(self, server_name: str) -> Installed | None: ...
+
+
+class SiteNames(Protocol):
+    def site_for_name(self, name: str | None) -> object | None: ...
 
 
 def normalize_server_name(name: str | None) -> str | None:
@@ -62,26 +67,42 @@ def normalize_server_name(name: str | None) -> str | None:
 
 
 class CertificateSelector:
-    """Owns the listener context and its SNI callback. `cache` is swapped whole on SIGHUP or when
-    certificates change; a handshake reads whichever cache is current when its ClientHello comes."""
+    """Owns the listener context and its SNI callback. `cache` (and `sites`, the configured
+    names) are swapped whole on SIGHUP or when certificates change; a handshake reads whichever
+    is current when its ClientHello comes."""
 
-    def __init__(self, cache: CertificateLookup) -> None:
+    def __init__(self, cache: CertificateLookup, sites: SiteNames | None = None) -> None:
         self.cache = cache
+        self.sites = sites
         self.context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
         self.context.sni_callback = self.on_server_name
+
+    def choose(self, server_name: str | None) -> Installed | None:
+        """The certificate for a ClientHello's name: the name's own (exact, then wildcard),
+        else the default site's, unless the name belongs to a site whose certificate does
+        not exist yet (an ACME order in flight): that handshake fails rather than showing a
+        certificate for another name."""
+        cache = self.cache
+        if server_name:
+            installed = cache.lookup_exact_or_wildcard(server_name)
+            if installed is not None:
+                return installed
+            sites = self.sites
+            if sites is not None and sites.site_for_name(normalize_server_name(server_name)):
+                return None
+        return cache.lookup(None)
 
     def on_server_name(
         self, ssl_object: ssl.SSLObject, server_name: str | None, _context: ssl.SSLContext
     ) -> int | None:
-        installed = self.cache.lookup(server_name)
+        installed = self.choose(server_name)
         if installed is None:
-            # Python's asyncio and uvloop drop the alert we return here: the client sees the
-            # connection close. The listener logs the refusal with the peer address.
-            ssl_object.tlsproxy_refusal = (  # type: ignore[attr-defined]
-                f"no certificate for {server_name!r}"
-                if server_name
-                else "no SNI and no default_site"
-            )
+            # The peer address is not known here; the listener logs the failure with it.
+            if tls_log.isEnabledFor(logging.DEBUG):
+                tls_log.debug(
+                    "refusing handshake: no certificate for %s",
+                    repr(server_name) if server_name else "a client without SNI (no default_site)",
+                )
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         ssl_object.context = installed.context
         ssl_object.tlsproxy_sni = normalize_server_name(server_name)  # type: ignore[attr-defined]
