@@ -6,8 +6,10 @@ import asyncio
 import hashlib
 import os
 
-from fastapi import FastAPI, Request, Response, WebSocket
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+
+from examples.app import ws_echo as example_ws_echo
 
 api = FastAPI()
 CHUNK = 64 * 1024
@@ -126,17 +128,5 @@ async def die_midway() -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/plain")
 
 
-@api.websocket("/ws")
-async def ws_echo(websocket: WebSocket) -> None:
-    await websocket.accept()
-    try:
-        while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                return
-            if message.get("text") is not None:
-                await websocket.send_text(message["text"])
-            else:
-                await websocket.send_bytes(message["bytes"])
-    except Exception:
-        return
+# The same echo the example app serves (one implementation for the tests and the README).
+api.add_api_websocket_route("/ws", example_ws_echo)
