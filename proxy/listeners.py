@@ -189,7 +189,8 @@ class HttpsListener:
             # A connection that already closed (its on_close ran) must not be counted again.
             if created and not transport.is_closing():
                 self.registry.add(created[0])
-            log_handshake(transport.get_extra_info("ssl_object"), _peer_text(peer))
+            if tls_log.isEnabledFor(logging.DEBUG):  # nothing formatted when debug is off
+                log_handshake(transport.get_extra_info("ssl_object"), _peer_text(peer))
         finally:
             self.registry.handshake_ended()
 
