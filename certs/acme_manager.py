@@ -41,6 +41,7 @@ from .models import CertInfo, CertSpec, CertStatus, Installed
 from .renewal import DEFAULT_RATIO, RETRY_BASE, RETRY_CAP
 from .selection import uncovered_hosts
 from .storage import Storage, StoredCertificate
+from .x509_lite import leaf_info
 
 log = logging.getLogger("tlsproxy.certs.acme")
 
@@ -232,7 +233,7 @@ class AcmeManager:
             log.exception("unexpected error while ordering %s", spec.name)
             await self._failed(spec, stored, state, started, describe_error(e), None)
             return None
-        new = _Stored(files, cert_info(load_certificates(files.chain_pem)[0]))
+        new = _Stored(files, leaf_info(files.chain_pem))
         now = self._clock()
         state = state.succeeded(now, new.info.serial, self.settings.directory)
         await self._save_state(spec, state, self._decide(now, new, spec, state), new)
@@ -276,7 +277,7 @@ class AcmeManager:
     # -- storage, cache --------------------------------------------------------------------
     def _read(self, spec: CertSpec) -> _Stored | None:
         found = read_stored(self.storage, spec.name)
-        return None if found is None else _Stored(found[0], cert_info(found[1]))
+        return None if found is None else _Stored(*found)
 
     async def _install(
         self, spec: CertSpec, stored: _Stored, cache_getter: Callable[[], CertificateCache]

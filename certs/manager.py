@@ -5,6 +5,13 @@ The order for every issuance (certmagic's maintain.go): check storage, take the 
 name, check storage again (another proxy on the same data_dir may have just renewed it), issue,
 save atomically, then swap it into the cache. Issuance and all file I/O of the background task
 run in worker threads; the event loop only decides and swaps.
+
+With `isolate_crypto` (what `tlsproxy run` uses), nothing here imports `cryptography` (about
+10 MiB of resident memory for the life of the proxy): the full validation of user files and
+every local-CA issuance run in a short-lived child process (certs.crypto_worker) that writes
+its result to storage; this process reads certificates with certs.x509_lite and leaves the
+key/certificate match to the TLS library (`load_cert_chain`). Without it (the short CLI
+commands, tests), the same steps run in this process.
 """
 
 from __future__ import annotations
@@ -20,26 +27,23 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
-
-from cryptography import x509
+from typing import TYPE_CHECKING, Any
 
 from .cache import CertificateCache
 from .errors import CertError, CertificateFileError, IssuanceError, LockTimeout
-from .files import load_key_pair
-from .issuers import Issuer, RenewalInfoIssuer
-from .issuers.local_ca import DEFAULT_LEAF_LIFETIME, LocalCA
-from .keys import (
-    cert_info,
-    generate_private_key,
-    key_matches_certificate,
-    load_certificates,
-    make_csr,
-    private_key_to_pem,
+from .files import (
+    ENCRYPTED_KEY_REASON,
+    check_hosts,
+    check_validity,
+    is_encrypted_key,
+    read_file,
+    read_info,
 )
+from .issuers import Issuer, RenewalInfoIssuer
 from .models import CertInfo, CertSpec, CertStatus, Installed
 from .renewal import (
     DEFAULT_JITTER,
+    DEFAULT_LEAF_LIFETIME,
     DEFAULT_RATIO,
     RETRY_BASE,
     RETRY_CAP,
@@ -51,6 +55,10 @@ from .renewal import (
 )
 from .selection import normalize_host, uncovered_hosts
 from .storage import Storage, StoredCertificate
+from .x509_lite import leaf_info, pem_blocks
+
+if TYPE_CHECKING:
+    from .issuers.local_ca import LocalCA
 
 log = logging.getLogger("tlsproxy.certs")
 
@@ -82,17 +90,41 @@ def _from_iso(value: Any) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def read_stored(storage: Storage, name: str) -> tuple[StoredCertificate, x509.Certificate] | None:
-    """The stored certificate of `name` and its parsed leaf; None if there is none, or if what
+Found = tuple[StoredCertificate, CertInfo]
+
+
+def read_stored(storage: Storage, name: str) -> Found | None:
+    """The stored certificate of `name` and its leaf's facts; None if there is none, or if what
     is stored is unusable (logged: it will be issued again)."""
     try:
         stored = storage.load_certificate(name)
+        if stored is None:
+            return None
+        return stored, leaf_info(stored.chain_pem)
     except ValueError as e:
         log.warning("ignoring the stored certificate of %s: %s", name, e)
         return None
-    if stored is None:
-        return None
-    return stored, load_certificates(stored.chain_pem)[0]
+
+
+def from_current_local_ca(storage: Storage, chain_pem: bytes) -> bool:
+    """Whether a stored chain was issued by the local CA's current intermediate.
+
+    Compared as bytes, not by signature, so that no `cryptography` is needed. That is the same
+    answer here: the local CA always stores [leaf, the intermediate that signed it] and only
+    after checking what it issued (_check_issued); every new intermediate gets a new key, so a
+    chain whose second certificate is not byte-for-byte the current intermediate was signed by
+    another key (a CA since replaced, or another issuer), and one whose second certificate is
+    was signed by the current key. Only someone who can write data_dir could make a chain that
+    lies about it, and they could as well replace the CA itself.
+    """
+    current = storage.read(storage.ca_files().intermediate_cert)
+    if current is None:
+        return False
+    try:
+        blocks, intermediate = pem_blocks(chain_pem), pem_blocks(current)[0]
+    except ValueError:
+        return False
+    return len(blocks) >= 2 and blocks[1] == intermediate
 
 
 def describe_error(error: BaseException) -> str:
@@ -118,8 +150,14 @@ class CertificateManager:
         retry_base: float = RETRY_BASE,
         retry_cap: float = RETRY_CAP,
         issuers: Mapping[str, Issuer] | None = None,
+        isolate_crypto: bool = False,
+        worker_timeout: float = 120.0,
     ) -> None:
         self.storage = Storage(Path(data_dir))
+        # Validation and local-CA issuance in a child process (certs.crypto_worker), so that
+        # this one never imports `cryptography`. A child may wait for the lock first.
+        self.isolate_crypto = isolate_crypto
+        self.worker_timeout = worker_timeout
         self._context_factory = context_factory
         self._clock = clock
         self.leaf_lifetime = leaf_lifetime
@@ -155,6 +193,8 @@ class CertificateManager:
 
     def _ca(self) -> LocalCA:
         """The local CA, created if missing (and its intermediate renewed when due)."""
+        from .issuers.local_ca import LocalCA
+
         self._local_ca = LocalCA.load_or_create(
             self.storage,
             leaf_lifetime=self.leaf_lifetime,
@@ -175,6 +215,20 @@ class CertificateManager:
 
     # -- validate ------------------------------------------------------------------------
     def validate(self, specs: Sequence[CertSpec]) -> None:
+        """Every file the specs name, the data directory and the local CA's files; raises the
+        first CertError. Reads only."""
+        if self.isolate_crypto:
+            from .crypto_worker import run_worker
+
+            run_worker(self, "validate", {"specs": specs})
+            # The child checked with a plain context; the real factory (ciphers, security
+            # level) may still refuse a key, and `check` would have said so.
+            for spec in specs:
+                if spec.source == "files":
+                    self._load_files(spec, self._now())
+            return
+        from .issuers.local_ca import LocalCA
+
         now = self._now()
         stored_needed = False
         for spec in specs:
@@ -205,9 +259,23 @@ class CertificateManager:
 
     def _load_files(self, spec: CertSpec, now: datetime) -> Installed:
         cert_file, key_file = self._files_of(spec)
-        pair = load_key_pair(cert_file, key_file, spec.hosts, now)
+        if not self.isolate_crypto:
+            from .files import load_key_pair
+
+            info = load_key_pair(cert_file, key_file, spec.hosts, now).info
+            context = self._context(cert_file, key_file)
+            return Installed(spec.name, context, info, cert_file, key_file)
+        # The child validated these files with today's words (validate()); this is the check
+        # without `cryptography` that the files did not change since: the TLS library refuses
+        # a key that does not match, the rest is read here.
+        info = read_info(cert_file, read_file(cert_file))
+        if is_encrypted_key(read_file(key_file)):
+            # OpenSSL would ask for the passphrase on the terminal.
+            raise CertificateFileError(key_file, ENCRYPTED_KEY_REASON)
         context = self._context(cert_file, key_file)
-        return Installed(spec.name, context, cert_info(pair.leaf), cert_file, key_file)
+        check_validity(cert_file, info, now)
+        check_hosts(cert_file, info, spec.hosts)
+        return Installed(spec.name, context, info, cert_file, key_file)
 
     def _context(self, cert_file: Path, key_file: Path) -> ssl.SSLContext:
         try:
@@ -235,16 +303,17 @@ class CertificateManager:
             return self._load_files(spec, now)
         if spec.source == "internal":
             try:
-                ca = self._ca()
+                if not self.isolate_crypto:
+                    self._ca()  # created, or its intermediate renewed, before it is compared
                 stored = self._read_stored(spec)
-                if stored is not None and self._good(spec, stored[1], now, ca, renewing=True):
-                    return self._install(spec.name, stored[0])
+                if stored is not None and self._good(spec, stored, now, renewing=True):
+                    return self._install(spec.name, stored)
                 return self._issue_locked(spec, None)
             except (OSError, IssuanceError, LockTimeout) as e:
                 raise CertificateFileError(self.storage.certificate_dir(spec.name), str(e)) from e
         stored = self._read_stored(spec)
-        if stored is not None and self._good(spec, stored[1], now, None, renewing=False):
-            return self._install(spec.name, stored[0])
+        if stored is not None and self._good(spec, stored, now, renewing=False):
+            return self._install(spec.name, stored)
         log.warning(
             "no usable certificate yet for %s (%s): handshakes for it fail until one is issued",
             spec.name,
@@ -252,23 +321,15 @@ class CertificateManager:
         )
         return None
 
-    def _read_stored(self, spec: CertSpec) -> tuple[StoredCertificate, x509.Certificate] | None:
+    def _read_stored(self, spec: CertSpec) -> Found | None:
         return read_stored(self.storage, spec.name)
 
-    def _good(
-        self,
-        spec: CertSpec,
-        leaf: x509.Certificate,
-        now: datetime,
-        ca: LocalCA | None,
-        *,
-        renewing: bool,
-    ) -> bool:
+    def _good(self, spec: CertSpec, found: Found, now: datetime, *, renewing: bool) -> bool:
         """Servable now (and, with `renewing`, not due either)."""
-        info = cert_info(leaf)
+        stored, info = found
         if uncovered_hosts(spec.hosts, info.hosts) or not info.not_before <= now < info.not_after:
             return False
-        if ca is not None and not ca.issued(leaf):
+        if spec.source == "internal" and not from_current_local_ca(self.storage, stored.chain_pem):
             return False  # from a CA since replaced: clients trusting the new root reject it
         if not renewing:
             return True
@@ -280,40 +341,59 @@ class CertificateManager:
             ari_window=self._known_ari(spec.name, info.serial),
         )
 
-    def _install(self, name: str, stored: StoredCertificate) -> Installed:
+    def _install(self, name: str, found: Found) -> Installed:
+        stored, info = found
         context = self._context(stored.cert_path, stored.key_path)
-        info = cert_info(load_certificates(stored.chain_pem)[0])
         return Installed(name, context, info, stored.cert_path, stored.key_path)
 
     def _issue_locked(self, spec: CertSpec, current_serial: int | None) -> Installed:
         """Blocking: check storage under the lock, issue if still needed, save, build the
         context. Runs in a worker thread from maintain(), inline from load()."""
-        with self.storage.lock(spec.name, timeout=self.lock_timeout):
-            issuer = self._issuer(spec)
-            if issuer is None:
-                raise IssuanceError(f"{spec.name}: no issuer for source {spec.source!r}")
-            ca = issuer if isinstance(issuer, LocalCA) else None
-            stored = self._read_stored(spec)
-            if (
-                stored is not None
-                and stored[1].serial_number != current_serial
-                and self._good(spec, stored[1], self._now(), ca, renewing=True)
-            ):
-                log.info("%s: using the certificate another process stored", spec.name)
-                return self._install(spec.name, stored[0])
-            key = generate_private_key()
-            chain_pem = issuer.issue(spec, make_csr(key, spec.hosts))
-            _check_issued(spec, chain_pem, key)
-            saved = self.storage.save_certificate(spec.name, chain_pem, private_key_to_pem(key))
-            installed = self._install(spec.name, saved)
-        log.info(
-            "issued certificate for %s by %s: serial %x, valid until %s",
-            spec.name,
-            issuer.name,
-            installed.info.serial,
-            installed.info.not_after.isoformat(),
-        )
+        if self.isolate_crypto and spec.source == "internal":
+            from .crypto_worker import run_worker
+
+            reply = run_worker(self, "issue", {"spec": spec, "current_serial": current_serial})
+            found = self._read_stored(spec)
+            if found is None:
+                raise IssuanceError(f"{spec.name}: the crypto worker stored no usable certificate")
+            issuer_name, reused = reply["issuer"], reply["reused"]
+        else:
+            with self.storage.lock(spec.name, timeout=self.lock_timeout):
+                found, issuer_name, reused = self.issue_and_save(spec, current_serial)
+        installed = self._install(spec.name, found)
+        if reused:
+            log.info("%s: using the certificate another process stored", spec.name)
+        else:
+            log.info(
+                "issued certificate for %s by %s: serial %x, valid until %s",
+                spec.name,
+                issuer_name,
+                installed.info.serial,
+                installed.info.not_after.isoformat(),
+            )
         return installed
+
+    def issue_and_save(self, spec: CertSpec, current_serial: int | None) -> tuple[Found, str, bool]:
+        """Under the name's lock: what storage holds if another process has just stored a good
+        one (then True), or a new certificate issued and saved. Needs `cryptography`: runs in
+        this process, or in the crypto worker for an isolated manager."""
+        from .keys import generate_private_key, make_csr, private_key_to_pem
+
+        issuer = self._issuer(spec)
+        if issuer is None:
+            raise IssuanceError(f"{spec.name}: no issuer for source {spec.source!r}")
+        stored = self._read_stored(spec)
+        if (
+            stored is not None
+            and stored[1].serial != current_serial
+            and self._good(spec, stored, self._now(), renewing=True)
+        ):
+            return stored, issuer.name, True
+        key = generate_private_key()
+        chain_pem = issuer.issue(spec, make_csr(key, spec.hosts))
+        _check_issued(spec, chain_pem, key)
+        saved = self.storage.save_certificate(spec.name, chain_pem, private_key_to_pem(key))
+        return (saved, leaf_info(saved.chain_pem)), issuer.name, False
 
     # -- maintain ------------------------------------------------------------------------
     def _poke(self) -> None:
@@ -470,9 +550,11 @@ class CertificateManager:
             )
 
         if spec.source == "files":
+            from .files import load_key_pair
+
             try:
                 cert_file, key_file = self._files_of(spec)
-                info = cert_info(load_key_pair(cert_file, key_file, spec.hosts, now).leaf)
+                info = load_key_pair(cert_file, key_file, spec.hosts, now).info
             except CertificateFileError as e:
                 return line(None, None, FILES_REASON, str(e))
             return line(info, None, FILES_REASON, None)
@@ -483,7 +565,7 @@ class CertificateManager:
             stored = self.storage.load_certificate(spec.name)
         except ValueError as e:
             stored, error = None, error or str(e)
-        info = cert_info(load_certificates(stored.chain_pem)[0]) if stored else None
+        info = leaf_info(stored.chain_pem) if stored else None
         failures = state.get("failures") if isinstance(state.get("failures"), int) else 0
         if failures:
             nxt = _from_iso(state.get("next_attempt"))
@@ -527,12 +609,15 @@ def _resolve_default(specs: Sequence[CertSpec], default_name: str | None) -> str
 
 def _check_issued(spec: CertSpec, chain_pem: bytes, key: Any) -> None:
     """Never store what the issuer got wrong: it would be served until the next renewal."""
+    from .keys import key_matches_certificate, load_certificates
+
     try:
         leaf = load_certificates(chain_pem)[0]
+        hosts = leaf_info(chain_pem).hosts
     except ValueError as e:
         raise IssuanceError(f"{spec.name}: issuer returned no usable chain ({e})") from e
     if not key_matches_certificate(key, leaf):
         raise IssuanceError(f"{spec.name}: issued certificate is not for our key")
-    missing = uncovered_hosts(spec.hosts, cert_info(leaf).hosts)
+    missing = uncovered_hosts(spec.hosts, hosts)
     if missing:
         raise IssuanceError(f"{spec.name}: issued certificate lacks {', '.join(missing)}")

@@ -14,6 +14,9 @@ DEFAULT_RATIO = 1 / 3
 DEFAULT_JITTER = 0.05
 RETRY_BASE = 60.0  # seconds before the first retry
 RETRY_CAP = 6 * 3600.0  # never wait longer than this between attempts
+# Local-CA leaves live days, so that a copied leaf key is worth little and renewal runs often
+# enough that it is known to work (certs.issuers.local_ca).
+DEFAULT_LEAF_LIFETIME = timedelta(days=7)
 
 AriWindow = tuple[datetime, datetime]  # (start, end) suggested by the CA
 

@@ -22,16 +22,15 @@ import fcntl
 import json
 import os
 import re
+import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import UnsupportedAlgorithm
-
 from .errors import LockTimeout
-from .keys import key_matches_certificate, load_certificates, load_private_key
+from .x509_lite import leaf_info
 
 DIR_MODE = 0o700
 KEY_MODE = 0o600
@@ -96,6 +95,32 @@ def ensure_dir(path: Path) -> Path:
         with contextlib.suppress(FileExistsError):  # another process got there first
             directory.mkdir(mode=DIR_MODE)
     return path
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_password() -> bytes:
+    # Without a callable, OpenSSL would prompt for a passphrase on the terminal.
+    raise _EncryptedKey
+
+
+def _pair_matches(cert_path: Path, key_path: Path) -> bool:
+    """Whether the TLS library accepts this chain with this key; False when the key is not the
+    leaf's (a writer may be between its two renames); ValueError when either is unusable."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert_path, key_path, password=_no_password)
+    except _EncryptedKey:
+        raise ValueError(f"{key_path}: unusable private key (encrypted)") from None
+    except ssl.SSLError as e:
+        if e.reason == "KEY_VALUES_MISMATCH":
+            return False
+        raise ValueError(f"{key_path}: unusable with {cert_path} ({e})") from None
+    except FileNotFoundError:
+        return False  # replaced between our reads: read again
+    return True
 
 
 @dataclass(frozen=True)
@@ -185,18 +210,23 @@ class Storage:
 
     def load_certificate(self, name: str) -> StoredCertificate | None:
         """The stored pair, or None when there is none. ValueError when the files exist but do
-        not parse or do not belong together."""
+        not parse or do not belong together.
+
+        The pair is checked by the TLS library that will serve it (load_cert_chain refuses a
+        key that does not match the leaf), not by `cryptography`, which the long-running proxy
+        does not import (certs.crypto_worker). The bytes are read before and after that check:
+        when they did not change, the check was about exactly these bytes.
+        """
         cert_path, key_path = self.cert_path(name), self.key_path(name)
         for attempt in range(_PAIR_READ_ATTEMPTS):
             chain_pem, key_pem = self.read(cert_path), self.read(key_path)
             if chain_pem is None or key_pem is None:
                 return None
-            leaf = load_certificates(chain_pem)[0]
-            try:
-                key = load_private_key(key_pem)
-            except (TypeError, UnsupportedAlgorithm) as e:
-                raise ValueError(f"{key_path}: unusable private key ({e})") from None
-            if key_matches_certificate(key, leaf):
+            leaf_info(chain_pem)  # ValueError naming what is wrong with the chain
+            if _pair_matches(cert_path, key_path) and (
+                self.read(cert_path),
+                self.read(key_path),
+            ) == (chain_pem, key_pem):
                 return StoredCertificate(chain_pem, key_pem, cert_path, key_path)
             if attempt + 1 < _PAIR_READ_ATTEMPTS:
                 time.sleep(0.01)

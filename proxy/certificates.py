@@ -74,10 +74,15 @@ def acme_settings(acme: AcmeConfig):  # -> certs.issuers.acme.AcmeSettings
     )
 
 
-def check_config(config: Config) -> None:
+def check_config(config: Config, *, isolate_crypto: bool = False) -> None:
     """Everything `tlsproxy check` and start-up verify beyond the TOML itself: the files named,
-    the data directory, the ACME settings. Raises ConfigError naming the key at fault."""
-    manager = CertificateManager(config.server.data_dir, server_context)
+    the data directory, the ACME settings. Raises ConfigError naming the key at fault.
+
+    `isolate_crypto` (what `run` passes): the checks that need `cryptography` run in a child
+    process, so that the long-running proxy does not carry it (certs.crypto_worker)."""
+    manager = CertificateManager(
+        config.server.data_dir, server_context, isolate_crypto=isolate_crypto
+    )
     specs = cert_specs(config)
     try:
         manager.validate(specs)

@@ -46,7 +46,8 @@ class ProxyServer:
         self.config_path = config.source
         self.registry = ConnectionRegistry()
         self.access_log = AccessLog(config.server.access_log)
-        self.certs = CertificateManager(config.server.data_dir, server_context)
+        # isolate_crypto: `cryptography` work runs in short-lived children (idle memory).
+        self.certs = CertificateManager(config.server.data_dir, server_context, isolate_crypto=True)
         self.selector: CertificateSelector | None = None
         self.state: ProxyState | None = None
         self.https_listeners: list[HttpsListener] = []
@@ -66,7 +67,7 @@ class ProxyServer:
 
     async def start(self) -> None:
         config = self.config
-        check_config(config)
+        check_config(config, isolate_crypto=True)
         # Nothing is served yet, so blocking here costs no client anything; it also keeps the
         # start-up's certificate work out of a worker thread's malloc arena (idle memory).
         cache = self.certs.load(cert_specs(config), default_cert_name(config))
@@ -325,7 +326,7 @@ class ProxyServer:
                 return False
             try:
                 new = await asyncio.to_thread(load_config, self.config_path)
-                await asyncio.to_thread(check_config, new)
+                await asyncio.to_thread(check_config, new, isolate_crypto=True)
                 cache = await asyncio.to_thread(
                     self.certs.load, cert_specs(new), default_cert_name(new)
                 )

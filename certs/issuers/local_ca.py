@@ -37,14 +37,13 @@ from ..keys import (
     private_key_to_pem,
 )
 from ..models import CertSpec
-from ..renewal import needs_renewal
+from ..renewal import DEFAULT_LEAF_LIFETIME, needs_renewal
 from ..storage import CERT_MODE, KEY_MODE, Storage
 
 log = logging.getLogger("tlsproxy.certs")
 
 ROOT_LIFETIME = timedelta(days=3650)
 INTERMEDIATE_LIFETIME = timedelta(days=365)
-DEFAULT_LEAF_LIFETIME = timedelta(days=7)
 # Leaves start a little in the past so that a client whose clock is slightly behind accepts
 # them; capped at a tenth of the lifetime so that short test lifetimes stay meaningful.
 MAX_BACKDATE = timedelta(minutes=1)
