@@ -55,6 +55,7 @@ _HEADER_BLOCK = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1
 _HOP_BY_HOP_LINE = re.compile(
     rb"\n(?:connection:|keep-alive:|te:|trailer:|transfer-encoding:|upgrade:|proxy[:-])"
 )
+_CONNECTION_LINE = re.compile(rb"\n(?:connection|keep-alive):")
 _CONTENT_LENGTH_LINE = b"\ncontent-length:"
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?")
 
@@ -220,9 +221,15 @@ class ResponseParser:
         connection: list[bytes] | None = None
         section = data[line_end : head_end + 2].lower()  # "\r\n" + "name:value\r\n" * n
         headers: list[tuple[bytes, bytes]] | None = None
-        if http11 and status >= 200 and _HOP_BY_HOP_LINE.search(section) is None:
-            # The common case: nothing to remove, only the length to find.
-            self.raw_head = data[pos : head_end + 2]
+        plain = None
+        if http11 and status >= 200:
+            plain = _head_without_connection_fields(data, pos, line_end, head_end, section)
+        if plain is not None:
+            # The common case: at most a Connection of keep-alive/close to drop, only the
+            # length to find.
+            self.raw_head, close = plain
+            if close:
+                connection = [b"close"]
             lengths = _values(section, _CONTENT_LENGTH_LINE)
         else:
             headers = _field_list(data, line_end + 2, head_end)
@@ -349,6 +356,53 @@ class ResponseParser:
         ):
             raise ResponseError("malformed or oversized trailer section from upstream")
         return line_end + 2
+
+
+_CONNECTION_ONLY = frozenset((b"keep-alive", b"close"))
+
+
+def _head_without_connection_fields(
+    data: bytes, pos: int, line_end: int, head_end: int, section: bytes
+) -> tuple[bytes, bool] | None:
+    """(the head as the client may get it, whether a Connection field said close), when the
+    only hop-by-hop fields are Keep-Alive and Connection fields that name no other field (just
+    keep-alive or close). Many servers (nginx, gunicorn) send "Connection: keep-alive" on every
+    response: rebuilding the head field by field for that one line would cost more than the
+    rest of the parse. None when another hop-by-hop field is there: the caller rebuilds."""
+    found = _HOP_BY_HOP_LINE.search(section)
+    if found is None:
+        return data[pos : head_end + 2], False
+    close = False
+    while found is not None:
+        name = found.group()
+        end = section.find(b"\r", found.end())
+        if name == b"\nconnection:":
+            for token in section[found.end() : end].split(b","):
+                token = token.strip(b" \t")
+                if token not in _CONNECTION_ONLY:
+                    return None  # it names fields to remove (or nothing): the slow path
+                close = close or token == b"close"
+        elif name != b"\nkeep-alive:":
+            return None
+        found = _HOP_BY_HOP_LINE.search(section, end)
+    return _drop_connection_lines(data, pos, line_end, head_end, section), close
+
+
+def _drop_connection_lines(
+    data: bytes, pos: int, line_end: int, head_end: int, section: bytes
+) -> bytes:
+    """data[pos:head_end + 2] without its Connection and Keep-Alive lines (`section` is the
+    lowercased data[line_end:head_end + 2])."""
+    parts = []
+    start = pos
+    found = _CONNECTION_LINE.search(section)
+    while found is not None:
+        line_start = line_end + found.start() + 1  # after the "\n"
+        parts.append(data[start:line_start])
+        start = data.find(b"\r\n", line_start) + 2
+        found = _CONNECTION_LINE.search(section, start - line_end - 1)
+    parts.append(data[start : head_end + 2])
+    return b"".join(parts)
 
 
 def _field_list(data: bytes, start: int, end: int) -> list[tuple[bytes, bytes]]:

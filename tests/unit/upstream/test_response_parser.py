@@ -126,13 +126,43 @@ def test_101_switches_and_passes_the_rest(split):
 
 
 @pytest.mark.parametrize(
-    "field", [b"Connection: keep-alive", b"Keep-Alive: timeout=5", b"Proxy-X: 1", b"Upgrade: h2c"]
+    "field",
+    [b"Connection: x-a", b"Connection: keep-alive, upgrade", b"Proxy-X: 1", b"Upgrade: h2c"],
 )
 def test_hop_by_hop_fields_give_the_field_list(field):
     raw = b"HTTP/1.1 200 OK\r\nX-A: 1\r\n" + field + b"\r\ncontent-length: 0\r\n\r\n"
     events, _ = parse(raw)
     name, _, value = field.partition(b": ")
     assert events[0][3] == [(b"x-a", b"1"), (name.lower(), value), (b"content-length", b"0")]
+
+
+@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize(
+    ("fields", "keep_alive"),
+    [
+        ([b"Connection: keep-alive"], True),
+        ([b"connection:Keep-Alive", b"Keep-Alive: timeout=5, max=100"], True),
+        ([b"Keep-Alive: timeout=5"], True),
+        ([b"Connection: close"], False),
+        ([b"Connection: keep-alive", b"Connection: close"], False),
+        ([b"CONNECTION: Keep-Alive , close"], False),
+    ],
+)
+def test_connection_fields_are_cut_from_the_verbatim_head(split, fields, keep_alive):
+    # The common "Connection: keep-alive" of nginx or gunicorn costs no field list: the lines
+    # are cut out of the upstream's own bytes, wherever they are in the head.
+    lines = [b"X-A: 1", fields[0], b"Content-Length: 2", *fields[1:], b"X-B: 2"]
+    raw = b"HTTP/1.1 200 OK\r\n" + b"".join(line + b"\r\n" for line in lines) + b"\r\nhi"
+    events, parser = parse(raw, split=split)
+    assert events == [("head", 200, b"OK", None), ("body", b"hi"), ("end",)]
+    assert parser.raw_head == b"HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 2\r\nX-B: 2\r\n"
+    assert parser.keep_alive is keep_alive
+
+
+def test_connection_field_last_and_first():
+    events, parser = parse(b"HTTP/1.1 204 No Content\r\nConnection: keep-alive\r\n\r\n", split=None)
+    assert events[0] == ("head", 204, b"No Content", None)
+    assert parser.raw_head == b"HTTP/1.1 204 No Content\r\n"
 
 
 def test_http10_head_is_never_passed_on_verbatim():
