@@ -44,11 +44,37 @@ def _harden(context: ssl.SSLContext) -> ssl.SSLContext:
     return context
 
 
+def _refuse_passphrase() -> bytes:
+    # Without a callback OpenSSL would ask for the passphrase on the terminal and wait.
+    raise ssl.SSLError(1, "the private key is encrypted (a key without a passphrase is needed)")
+
+
 def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
-    """A context serving one certificate chain; the certs package builds one per certificate."""
+    """A context serving one certificate chain; the certs package builds one per certificate.
+    OpenSSL checks here that the key belongs to the chain's first certificate."""
     context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
-    context.load_cert_chain(str(cert_file), str(key_file))
+    context.load_cert_chain(str(cert_file), str(key_file), password=_refuse_passphrase)
     return context
+
+
+class DirectSSLObject(ssl.SSLObject):
+    """An SSLObject whose read/write/pending/do_handshake are the C methods themselves.
+
+    The event loop's TLS layer calls these for every record it decrypts or encrypts, and
+    ssl.SSLObject's own methods are Python functions that only forward to the C object
+    (`self._sslobj`): binding the C methods on the instance skips a Python frame per call,
+    several per request. The calls stay positional, as uvloop's and asyncio's TLS layers make
+    them."""
+
+    @classmethod
+    def _create(cls, *args: object, **kwargs: object) -> DirectSSLObject:  # type: ignore[override]
+        self = super()._create(*args, **kwargs)  # type: ignore[arg-type]
+        c_object = self._sslobj  # type: ignore[attr-defined]
+        self.read = c_object.read  # type: ignore[method-assign]
+        self.write = c_object.write  # type: ignore[method-assign]
+        self.pending = c_object.pending  # type: ignore[method-assign]
+        self.do_handshake = c_object.do_handshake  # type: ignore[method-assign]
+        return self
 
 
 class CertificateLookup(Protocol):
@@ -76,6 +102,7 @@ class CertificateSelector:
         self.sites = sites
         self.context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
         self.context.sni_callback = self.on_server_name
+        self.context.sslobject_class = DirectSSLObject
 
     def choose(self, server_name: str | None) -> Installed | None:
         """The certificate for a ClientHello's name: the name's own (exact, then wildcard),
