@@ -754,8 +754,9 @@ servers = ["{HOST}:{upstream_port}"]
             self.procs.stop(proc)
 
     def perf(self, pids: Sequence[int]) -> dict[str, Any]:
-        """Where the terminator's CPU goes under keep-alive load, by library (the kernel, the
-        Python interpreter, OpenSSL, uvloop, nginx), in microseconds per request."""
+        """Where the terminator's CPU goes under load (--perf-workload), by library (the kernel,
+        the Python interpreter, OpenSSL, uvloop, nginx) and by symbol, in microseconds per
+        request."""
         if shutil.which("perf") is None:
             return {"error": "perf not installed"}
         data = self.tmp / f"perf-{pids[0]}.data"
@@ -767,7 +768,8 @@ servers = ["{HOST}:{upstream_port}"]
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
         try:
-            result = run_wrk(self.port, self.workloads[0], seconds, self.load_cpus, self.pin)
+            workload = next(w for w in self.workloads if w.name == self.args.perf_workload)
+            result = run_wrk(self.port, workload, seconds, self.load_cpus, self.pin)
             _, err = recorder.communicate(timeout=seconds + 30)
         finally:
             if recorder.poll() is None:
@@ -787,10 +789,24 @@ servers = ["{HOST}:{upstream_port}"]
         if not shares:
             return {"error": f"perf recorded nothing: {err.decode(errors='replace')[-300:]}"}
         per_request_us = cpu / result["requests"] * 1e6 if result["requests"] else 0.0
+        symbols = subprocess.run(
+            ["perf", "report", "-i", str(data), "--no-children", "--sort", "dso,sym", "-g",
+             "none", "--stdio"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        top = []
+        for line in symbols.stdout.splitlines():
+            parts = line.split(None, 1)
+            if len(parts) == 2 and parts[0].endswith("%") and len(top) < 25:
+                top.append(
+                    (" ".join(parts[1].split()), float(parts[0][:-1]) / 100 * per_request_us)
+                )
         return {
+            "workload": self.args.perf_workload,
             "requests_per_s": result["rps"],
             "cpu_us_per_request": per_request_us,
             "us_per_request_by_dso": {k: v * per_request_us for k, v in shares.items()},
+            "top_symbols_us": top,
         }
 
     def profile(self, pid: int) -> dict[str, Any]:
@@ -1060,7 +1076,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--perf",
         action="store_true",
-        help="also a keep-alive run under perf: CPU per request by library, both terminators",
+        help="also a run under perf: CPU per request by library and top symbols, both terminators",
+    )
+    p.add_argument(
+        "--perf-workload",
+        choices=("keepalive", "handshake", "bulk"),
+        default="keepalive",
+        help="the workload --perf runs under (default keepalive)",
     )
     p.add_argument(
         "--profile-workload",
@@ -1237,7 +1259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nprofile: {profile.get('error')}")
     perf = {t: r["perf"] for t, r in results.items() if "perf" in r}
     if perf:
-        print("\nCPU per keep-alive request by library (perf, microseconds):")
+        workload = next(iter(perf.values())).get("workload", "keepalive")
+        print(f"\nCPU per {workload} request by library (perf, microseconds):")
         for which, data in perf.items():
             if "error" in data:
                 print(f"- {which}: {data['error']}")
@@ -1245,6 +1268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parts = sorted(data["us_per_request_by_dso"].items(), key=lambda kv: -kv[1])
             shown = ", ".join(f"{name} {us:.1f}" for name, us in parts if us >= 0.5)
             print(f"- {which}: {data['cpu_us_per_request']:.1f} us: {shown}")
+            for name, us in data.get("top_symbols_us", [])[:15]:
+                print(f"    {us:6.1f} us  {name}")
     print(f"\nJSON: {args.out}")
     return 0
 
