@@ -28,8 +28,7 @@ _PEM_BLOCK = re.compile(
 
 # Universal tags met in certificates.
 _BOOLEAN, _INTEGER, _BIT_STRING, _OCTET_STRING, _OID = 0x01, 0x02, 0x03, 0x04, 0x06
-_UTF8, _NUMERIC, _PRINTABLE, _T61, _IA5 = 0x0C, 0x12, 0x13, 0x14, 0x16
-_UTC_TIME, _GENERALIZED_TIME, _VISIBLE, _UNIVERSAL, _BMP = 0x17, 0x18, 0x1A, 0x1C, 0x1E
+_UTC_TIME, _GENERALIZED_TIME, _UNIVERSAL, _BMP = 0x17, 0x18, 0x1C, 0x1E
 _SEQUENCE, _SET = 0x30, 0x31
 _VERSION_TAG, _EXTENSIONS_TAG = 0xA0, 0xA3  # [0] and [3] EXPLICIT, constructed
 _ISSUER_UID_TAG, _SUBJECT_UID_TAG = 0x81, 0x82  # [1] and [2] IMPLICIT, primitive
@@ -47,16 +46,6 @@ _SHORT_NAMES = {
     "2.5.4.9": "STREET",
     "0.9.2342.19200300.100.1.25": "DC",
     "0.9.2342.19200300.100.1.1": "UID",
-}
-_STRING_CODECS = {
-    _UTF8: "utf-8",
-    _NUMERIC: "ascii",
-    _PRINTABLE: "ascii",
-    _IA5: "ascii",
-    _VISIBLE: "ascii",
-    _T61: "latin-1",
-    _UNIVERSAL: "utf-32-be",
-    _BMP: "utf-16-be",
 }
 
 
@@ -219,25 +208,29 @@ def _name(value: bytes, what: str) -> str:
         while not rdn.done():
             pair = rdn.sub(_SEQUENCE, what)
             oid = _oid(pair.read(_OID)[1], what)
+            start = pair.pos
             tag, raw = pair.read()
-            name = _SHORT_NAMES.get(oid, oid)
-            attributes.append(f"{name}={_escape(_attribute_value(tag, raw, what))}")
+            value = _attribute_value(tag, raw, pair.data[start : pair.pos])
+            attributes.append(f"{_SHORT_NAMES.get(oid, oid)}={_escape(value)}")
         if not attributes:
             raise ValueError(f"{what}: empty relative distinguished name")
         rdns.append("+".join(attributes))
     return ",".join(reversed(rdns))
 
 
-def _attribute_value(tag: int, raw: bytes, what: str) -> str | bytes:
-    codec = _STRING_CODECS.get(tag)
-    if codec is not None:
-        try:
-            return raw.decode(codec)
-        except UnicodeDecodeError:
-            raise ValueError(f"{what}: attribute value is not valid {codec}") from None
-    if tag == _BIT_STRING and raw:
-        return raw[1:]  # cryptography gives the bits' bytes, without the unused-bits count
-    raise ValueError(f"{what}: unsupported attribute value type 0x{tag:02x}")
+def _attribute_value(tag: int, raw: bytes, encoded: bytes) -> str | bytes:
+    # As cryptography reads them: the bytes of a BIT STRING as they are, BMPString and
+    # UniversalString in their wide encodings, and every other type as UTF-8 (even the types
+    # that should be ASCII or T.61).
+    if tag == _BIT_STRING:
+        return raw
+    codec = {_BMP: "utf-16-be", _UNIVERSAL: "utf-32-be"}.get(tag, "utf-8")
+    try:
+        return raw.decode(codec)
+    except UnicodeDecodeError:
+        # RFC 4514's "#" and the hex of the whole encoding: these names are only shown in logs
+        # and `tlsproxy certs`, not worth refusing a certificate over.
+        return encoded
 
 
 def _escape(value: str | bytes) -> str:

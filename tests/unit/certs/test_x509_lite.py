@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
 
 from certs.issuers.local_ca import LocalCA
 from certs.keys import cert_info, generate_private_key, make_csr
@@ -118,6 +120,32 @@ def test_utctime_century_rule():
     pem = leaf.public_bytes(Encoding.PEM)
     assert_same_as_cryptography(pem)
     assert leaf_info(pem).not_before.year == 1999
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["T61String", "OctetString", "IA5String", "BMPString", "UniversalString", "PrintableString"],
+)
+def test_attribute_value_types_read_as_cryptography_reads_them(kind):
+    from cryptography.x509.name import _ASN1Type
+
+    ca_cert, ca_key = make_ca()
+    value = "Ab c" if kind == "PrintableString" else "é, ü+ä"
+    attributes = [
+        x509.NameAttribute(x509.ObjectIdentifier("1.2.3.4"), value, getattr(_ASN1Type, kind)),
+        x509.NameAttribute(NameOID.X500_UNIQUE_IDENTIFIER, b"\x01\x02\xff", _ASN1Type.BitString),
+    ]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name(attributes))
+        .issuer_name(ca_cert.subject)
+        .public_key(ca_key.public_key())
+        .serial_number(7)
+        .not_valid_before(datetime(2026, 1, 1, tzinfo=UTC))
+        .not_valid_after(datetime(2026, 2, 1, tzinfo=UTC))
+        .sign(ca_key, hashes.SHA256())
+    )
+    assert_same_as_cryptography(cert.public_bytes(Encoding.PEM))
 
 
 # -- malformed input ----------------------------------------------------------------------
