@@ -5,12 +5,13 @@ headers ...) gets 400 and the connection closes before the upstream sees a byte 
 request. What h11 tolerates and a proxy must not (Content-Length with Transfer-Encoding, bare
 LF, obs-fold, a complete head over max_header_bytes) is refused here too: 400 or 431.
 
-h11 at the parser level: its request-head reader and its Content-Length/chunked body readers
-over its receive buffer (the very code h11.Connection runs), while this class runs the
-request/response cycle (keep-alive: HTTP/1.1 without "Connection: close", the request read
-completely, the response complete). Measured here, h11.Connection's state machine around the
-readers cost as much as the parsing itself on this, the hottest path of the program. The
-readers live in h11's private modules: h11 is pinned to a minor version for that reason.
+h11 at the parser level: its request-head parsing (request_head.py) and its Content-Length/
+chunked body readers over its receive buffer (the very code h11.Connection runs), while this
+class runs the request/response cycle (keep-alive: HTTP/1.1 without "Connection: close", the
+request read completely, the response complete). Measured here, h11.Connection's state
+machine around the readers cost as much as the parsing itself on this, the hottest path of
+the program. The readers live in h11's private modules: h11 is pinned to a minor version for
+that reason.
 
 Requests on one connection are served one at a time, in order: bytes that arrive after a
 request was read completely (a pipelined request) stay in the receive buffer and reading
@@ -32,11 +33,12 @@ import re
 from collections.abc import Callable
 
 import h11
-from h11._readers import ChunkedReader, ContentLengthReader, maybe_read_from_IDLE_client
+from h11._readers import ChunkedReader, ContentLengthReader
 from h11._receivebuffer import ReceiveBuffer
 
-from proxy.downstream.exchange import Exchange, fields_of
+from proxy.downstream.exchange import Exchange
 from proxy.downstream.flow import PEER_BUSY, PIPELINE, ReadGate, tune_write_buffer
+from proxy.downstream.request_head import RequestHead, read_request_head
 from proxy.downstream.responses import error_response
 from proxy.errors import UpstreamError
 from proxy.logs import log, upstream_log
@@ -245,7 +247,7 @@ class DownstreamProtocol(asyncio.Protocol):
                 if body is None:
                     if self._wait == _BUSY:
                         break  # the request is read; what follows waits for the response
-                    request = maybe_read_from_IDLE_client(buf)
+                    request = read_request_head(buf)
                     if request is None:
                         if len(buf) > self.limits.max_header_bytes:
                             self._reject(431)
@@ -282,7 +284,7 @@ class DownstreamProtocol(asyncio.Protocol):
         elif self._wait == _HEAD:
             self._set_deadline(self._deadline)  # a partial head: make sure its timer runs
 
-    def _begin(self, request: h11.Request) -> Exchange | None:
+    def _begin(self, request: RequestHead) -> Exchange | None:
         chunks = self._head_chunks
         raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
@@ -341,7 +343,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     # --- errors and closing ---------------------------------------------------------------
 
-    def _reject(self, status: int, request: h11.Request | None = None) -> None:
+    def _reject(self, status: int, request: RequestHead | None = None) -> None:
         """The request is refused while its head or body is parsed (400, 431, 501)."""
         if status not in (400, 431, 501):
             status = 400
@@ -355,7 +357,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self._refuse(status, request)
 
     def _refuse(
-        self, status: int, request: h11.Request | None = None, *, linger: bool = True
+        self, status: int, request: RequestHead | None = None, *, linger: bool = True
     ) -> None:
         """Answer a request that never became an exchange, log it, close."""
         response = error_response(status, close=True)
@@ -364,11 +366,11 @@ class DownstreamProtocol(asyncio.Protocol):
             self._log_refusal(status, len(response), request)
         self._close(linger=linger)
 
-    def _log_refusal(self, status: int, size: int, request: h11.Request | None) -> None:
+    def _log_refusal(self, status: int, size: int, request: RequestHead | None) -> None:
         """An access log line for a request that never became an exchange."""
         if request is not None:
             method, target = request.method, request.target
-            host = next((v for n, v in fields_of(request.headers) if n == b"host"), None)
+            host = next((v for n, v in request.fields if n == b"host"), None)
         else:  # best effort: the request line, if it is there
             first = b"".join(self._head_chunks)[:8192].split(b"\r\n", 1)[0].split(b" ")
             method, target = (first[0], first[1]) if len(first) == 3 else (b"-", b"-")

@@ -17,10 +17,7 @@ connection close without the final chunk, so no truncated body looks complete.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
-
-import h11
 
 from proxy.downstream.flow import PEER_BUSY
 from proxy.downstream.forwarding import request_head, response_headers
@@ -30,6 +27,7 @@ from proxy.upstream.response_parser import CHUNKED, UNTIL_CLOSE
 
 if TYPE_CHECKING:
     from proxy.downstream.connection import DownstreamProtocol
+    from proxy.downstream.request_head import RequestHead
     from proxy.upstream.connection import UpstreamConnection
     from proxy.upstream.pool import ServerSlot, UpstreamPool
 
@@ -55,19 +53,6 @@ _REQUEST_FIELDS = {
     b"upgrade": _UPGRADE,
 }
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
-
-
-def fields_of(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """h11's (lowercased name, value) pairs as a plain list.
-
-    h11's Headers is a Sequence whose iteration builds each pair through __getitem__; on this
-    path that cost as much as routing. Its storage of (raw name, name, value) is read directly
-    when present (h11 0.11 to 0.16 at least), through the public interface otherwise.
-    """
-    full = getattr(headers, "_full_items", None)
-    if full is not None:
-        return [(name, value) for _, name, value in full]
-    return list(headers)
 
 
 def _has_token(value: bytes, token: bytes) -> bool:
@@ -108,7 +93,7 @@ class Exchange:
         "up",
     )
 
-    def __init__(self, down: DownstreamProtocol, request: h11.Request, started: float) -> None:
+    def __init__(self, down: DownstreamProtocol, request: RequestHead, started: float) -> None:
         self.down = down
         self.method = request.method
         self.target = request.target
@@ -142,11 +127,11 @@ class Exchange:
 
     # --- the request ----------------------------------------------------------------------
 
-    def start(self, request: h11.Request) -> None:
+    def start(self, request: RequestHead) -> None:
         """Route the request and send it upstream (or answer it with a canned error)."""
         length = None
         upgrade = False
-        fields = fields_of(request.headers)
+        fields = request.fields
         for name, value in fields:
             kind = _REQUEST_FIELDS.get(name)
             if kind is None:
