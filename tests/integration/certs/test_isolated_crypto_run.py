@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.integration.harness import (
+    REPO,
     AppProcess,
     ProxyProcess,
     local_ca,
@@ -144,3 +146,17 @@ def test_run_refuses_an_encrypted_key_without_asking_for_a_passphrase(
     code, lines = run_once(tmp_path, config_text("127.0.0.1:9", cert, key, ["localhost"]))
     assert code == 2, lines
     assert len(lines) == 1 and str(key) in lines[0] and "encrypted" in lines[0], lines
+
+
+def test_the_serving_modules_import_no_cryptography() -> None:
+    # What `tlsproxy run` imports before it knows whether any site uses ACME.
+    code = (
+        "import sys, proxy.cli, proxy.server, proxy.certificates, certs.manager, certs.storage, "
+        "certs.crypto_worker; print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'cryptography', 'acme', 'josepy', 'requests'}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
