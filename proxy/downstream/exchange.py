@@ -131,6 +131,7 @@ class Exchange:
         """Route the request and send it upstream (or answer it with a canned error)."""
         length = None
         upgrade = False
+        closing = False
         fields = request.fields
         for name, value in fields:
             kind = _REQUEST_FIELDS.get(name)
@@ -145,6 +146,10 @@ class Exchange:
             elif kind == _CONNECTION:
                 if _has_token(value, b"close"):
                     self.keep_alive = False
+                    closing = True
+                elif self.http10 and not closing and _has_token(value, b"keep-alive"):
+                    # HTTP/1.0 keep-alive (ab -k, old clients): asked for, never assumed.
+                    self.keep_alive = True
             elif kind == _EXPECT:
                 self.expect_continue = value.lower() == b"100-continue"
             else:
@@ -332,6 +337,8 @@ class Exchange:
             self.keep_alive = False
         if not self.keep_alive:
             parts.append(b"connection: close\r\n")
+        elif self.http10:
+            parts.append(b"connection: keep-alive\r\n")  # HTTP/1.0 closes unless told
         parts.append(_CRLF)
         self.resp_head = b"".join(parts)
         self.resp_started = True

@@ -163,6 +163,48 @@ async def test_http10_client_gets_a_close_delimited_body(start_proxy, app_tcp):
     assert body == pattern(1000)
 
 
+async def test_http10_keep_alive_when_asked(start_proxy, app_tcp):
+    # ApacheBench's -k and old clients: HTTP/1.0 with "Connection: keep-alive" keeps the
+    # connection for a response of known length, and the response says so.
+    proxy = await start_proxy([app_tcp.server])
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        for size in (100, 7):
+            writer.write(
+                b"GET /fixed/%d HTTP/1.0\r\nHost: app.test\r\nConnection: Keep-Alive\r\n\r\n" % size
+            )
+            head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).lower()
+            assert head.startswith(b"http/1.1 200")
+            assert b"connection: keep-alive\r\n" in head
+            assert b"content-length: %d\r\n" % size in head
+            assert await asyncio.wait_for(reader.readexactly(size), 5) == pattern(size)
+        # A body of unknown length can only be delimited by closing, keep-alive or not.
+        writer.write(
+            b"GET /chunked/1000 HTTP/1.0\r\nHost: app.test\r\nConnection: keep-alive\r\n\r\n"
+        )
+        rest = await asyncio.wait_for(reader.read(), 5)
+        head, _, body = rest.partition(b"\r\n\r\n")
+        assert b"connection: close" in head.lower()
+        assert body == pattern(1000)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    "connection",
+    [b"", b"Connection: close\r\n", b"Connection: keep-alive, close\r\n",
+     b"Connection: close\r\nConnection: keep-alive\r\n"],
+)  # fmt: skip
+async def test_http10_closes_unless_keep_alive_alone_is_asked(start_proxy, app_tcp, connection):
+    proxy = await start_proxy([app_tcp.server])
+    data = await raw_exchange(
+        proxy.port, b"GET /fixed/10 HTTP/1.0\r\nHost: app.test\r\n" + connection + b"\r\n"
+    )
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"connection: close" in head.lower()
+    assert body == pattern(10)
+
+
 async def test_head_is_sent_before_a_late_body(start_proxy, app_tcp):
     proxy = await start_proxy([app_tcp.server])
     async with client(proxy) as c, c.stream("GET", "/late-body") as response:
