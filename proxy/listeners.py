@@ -35,8 +35,10 @@ def bind_socket(address: Address) -> socket.socket:
         )
     except socket.gaierror as exc:
         raise StartupError(f"cannot listen on {address}: {exc.strerror}") from None
-    family, _, _, _, sockaddr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, _, proto, _, sockaddr = infos[0]
+    # proto IPPROTO_TCP (not 0): accepted sockets inherit it, and asyncio's transports only
+    # set TCP_NODELAY on sockets that say they are TCP.
+    sock = socket.socket(family, socket.SOCK_STREAM, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
@@ -154,26 +156,18 @@ class HttpsListener:
                 if tls_log.isEnabledFor(logging.DEBUG):
                     tls_log.debug("%s: refused, max_connections=%d reached", peer, limit)
                 continue
-            conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # No setblocking/TCP_NODELAY here: both event loops' transports set them.
             self.registry.handshake_started()
             task = self.loop.create_task(self._handshake(conn, peer))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
     async def _handshake(self, conn: socket.socket, peer: object) -> None:
-        # connect_accepted_socket returns the TLS layer's protocol under uvloop, not ours, so
-        # the factory is wrapped to learn which protocol object serves this connection.
-        created: list[asyncio.Protocol] = []
-
-        def factory() -> asyncio.Protocol:
-            protocol = self.protocol_factory()
-            created.append(protocol)
-            return protocol
-
         try:
+            # Under uvloop the second item is the TLS layer's protocol, not ours: ours is the
+            # application transport's.
             transport, _ = await self.loop.connect_accepted_socket(
-                factory,
+                self.protocol_factory,
                 conn,
                 ssl=self.ssl_context,
                 ssl_handshake_timeout=self.handshake_timeout(),
@@ -187,8 +181,8 @@ class HttpsListener:
             log.exception("%s: unexpected error during the TLS handshake", _peer_text(peer))
         else:
             # A connection that already closed (its on_close ran) must not be counted again.
-            if created and not transport.is_closing():
-                self.registry.add(created[0])
+            if not transport.is_closing():
+                self.registry.add(transport.get_protocol())
             if tls_log.isEnabledFor(logging.DEBUG):  # nothing formatted when debug is off
                 log_handshake(transport.get_extra_info("ssl_object"), _peer_text(peer))
         finally:
