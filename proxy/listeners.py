@@ -20,7 +20,7 @@ from collections.abc import Callable
 from proxy.config import Address
 from proxy.errors import StartupError
 from proxy.logs import log, tls_log
-from proxy.tls import log_handshake
+from proxy.tls import handshake_socket_fd, log_handshake
 
 # How many connections one wake-up of the accept loop takes before yielding to the event loop:
 # big enough to clear a burst, small enough that requests in flight are not starved.
@@ -163,6 +163,8 @@ class HttpsListener:
             task.add_done_callback(self.tasks.discard)
 
     async def _handshake(self, conn: socket.socket, peer: object) -> None:
+        # This task's own context: the SNI callback finds the socket for its refusal alert.
+        handshake_socket_fd.set(conn.fileno())
         try:
             # Under uvloop the second item is the TLS layer's protocol, not ours: ours is the
             # application transport's.

@@ -10,7 +10,9 @@ the handshake on the event loop, so it only reads a dict: no disk, no issuance, 
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import os
 import ssl
 from pathlib import Path
 from typing import Protocol
@@ -31,6 +33,16 @@ TLS12_CIPHERS = ":".join(
     ]
 )
 ALPN_PROTOCOLS = ["http/1.1"]
+
+# The raw socket of the handshake in progress, for the SNI callback. The accept loop sets it in
+# the task that runs one handshake; each task has its own context, and the event loop runs the
+# TLS layer's callbacks (so this SNI callback too) in the context the transport was made in.
+handshake_socket_fd: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "handshake_socket_fd", default=None
+)
+# A TLS record: alert (21), version 3.3 (TLS 1.2, what TLS 1.3 records also say), length 2,
+# fatal (2), unrecognized_name (112). Plaintext, as every record before the ServerHello is.
+UNRECOGNIZED_NAME_ALERT = bytes((21, 3, 3, 0, 2, 2, 112))
 
 
 def _harden(context: ssl.SSLContext) -> ssl.SSLContext:
@@ -130,11 +142,27 @@ class CertificateSelector:
                     "refusing handshake: no certificate for %s",
                     repr(server_name) if server_name else "a client without SNI (no default_site)",
                 )
+            _send_unrecognized_name()
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         ssl_object.context = installed.context
         ssl_object.tlsproxy_sni = normalize_server_name(server_name)  # type: ignore[attr-defined]
         ssl_object.tlsproxy_cert = installed  # type: ignore[attr-defined]
         return None
+
+
+def _send_unrecognized_name() -> None:
+    """Tell the client why, as nginx's ssl_reject_handshake does. OpenSSL puts the alert in
+    its output buffer, but asyncio's and uvloop's TLS layers close the connection on a failed
+    handshake without sending that buffer, so the client would only see the connection close.
+    Nothing has been sent on this connection yet (this runs while the ClientHello is read), so
+    the same plaintext alert record written straight to the socket is what OpenSSL would have
+    sent."""
+    fd = handshake_socket_fd.get()
+    if fd is not None:
+        try:
+            os.write(fd, UNRECOGNIZED_NAME_ALERT)
+        except OSError:
+            pass  # the client is gone, or its window is full: it sees the close anyway
 
 
 def describe_handshake(ssl_object: ssl.SSLObject | None, peer: object) -> str:

@@ -132,13 +132,16 @@ def test_no_sni_and_unknown_names_get_the_default_site(sni_proxy: Proxy) -> None
 def test_without_default_site_the_handshake_fails_and_is_logged(strict_proxy: Proxy) -> None:
     assert cert_for(strict_proxy, "-servername", "app.test") is not None  # the listener works
     mark = len(strict_proxy.log())
-    assert cert_for(strict_proxy, "-noservername") is None
-    assert cert_for(strict_proxy, "-servername", "unknown.test") is None
-    # A bare TCP client with Python's ssl sees the failure too.
+    # The client is told why: the unrecognized_name alert (112), as nginx's
+    # ssl_reject_handshake sends it, not just a closed connection.
+    for args in (("-noservername",), ("-servername", "unknown.test")):
+        result = s_client(strict_proxy.port, *args)
+        assert result.returncode != 0, args
+        assert "SSL alert number 112" in result.stderr, (args, result.stderr)
     context = ssl.create_default_context(cafile=str(strict_proxy.ca))
     with (
         socket.create_connection(("127.0.0.1", strict_proxy.port), timeout=5) as raw,
-        pytest.raises((ssl.SSLError, ConnectionError)),
+        pytest.raises(ssl.SSLError, match="TLSV1_UNRECOGNIZED_NAME"),
     ):
         context.wrap_socket(raw, server_hostname="unknown.test")
     # One debug line per refused handshake, naming the peer (three were refused above).
