@@ -19,6 +19,7 @@ import uvloop
 
 from proxy.config import Address
 from proxy.listeners import ConnectionRegistry, HttpsListener, bind_socket
+from proxy.tls import CertificateSelector
 from tests.unit.certs.factory import make_ca, make_leaf, write_pair
 
 
@@ -94,3 +95,41 @@ def test_accepted_connections(
         "registered": True,
         "forgotten": True,
     }
+
+
+class NoCertificates:
+    def lookup_exact_or_wildcard(self, server_name: str) -> None:
+        return None
+
+    def lookup(self, server_name: str | None) -> None:
+        return None
+
+
+async def _refused(server_name: str | None) -> str:
+    """What a Python TLS client reads when the listener has no certificate for its name."""
+    registry = ConnectionRegistry()
+    selector = CertificateSelector(NoCertificates())
+    sock = bind_socket(Address("127.0.0.1", 0))
+    listener = HttpsListener(
+        sock, selector.context, asyncio.Protocol, registry, lambda: 5.0, lambda: 10
+    )
+    listener.start()
+    client_context = ssl.create_default_context()
+    client_context.check_hostname = False
+    client_context.verify_mode = ssl.CERT_NONE
+    try:
+        await asyncio.open_connection(
+            "127.0.0.1", sock.getsockname()[1], ssl=client_context, server_hostname=server_name
+        )
+    except ssl.SSLError as exc:
+        return exc.reason or ""
+    finally:
+        listener.stop_accepting()
+    return "handshake succeeded"
+
+
+@pytest.mark.parametrize("run", [uvloop.run, asyncio.run], ids=["uvloop", "asyncio"])
+@pytest.mark.parametrize("server_name", ["unknown.test", ""])
+def test_refused_name_gets_the_alert(run, server_name: str) -> None:
+    # "" sends no SNI at all.
+    assert run(_refused(server_name or None)) == "TLSV1_UNRECOGNIZED_NAME"
