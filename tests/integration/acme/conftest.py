@@ -130,6 +130,10 @@ def pebble_tls(tmp_path_factory: pytest.TempPathFactory) -> PebbleTls:
             False,
         )
         .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False)
+        # X.509-strict clients (Python 3.13's default context) refuse a leaf without it.
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
         .sign(ca_key, hashes.SHA256())
     )
     tls = PebbleTls(directory / "ca.pem", directory / "cert.pem", directory / "key.pem")
