@@ -314,8 +314,11 @@ class DownstreamProtocol(asyncio.Protocol):
             return
         if self.gate.reasons & PEER_BUSY:
             self.gate.resume(PEER_BUSY)
-        if not keep_alive or self.draining or self._client_eof or not self._request_done:
-            self._close(linger=not self._request_done)
+        # A request without a body is complete with its head, even when it was answered (an
+        # error) before the head was handed on: nothing more will come to linger for.
+        request_done = self._request_done or not exchange.has_body
+        if not keep_alive or self.draining or self._client_eof or not request_done:
+            self._close(linger=not request_done)
             return
         if self._pipelined:
             self._pipelined = False

@@ -205,6 +205,17 @@ async def test_http10_closes_unless_keep_alive_alone_is_asked(start_proxy, app_t
     assert body == pattern(10)
 
 
+async def test_error_reply_to_a_bodiless_request_closes_at_once(start_proxy, app_tcp):
+    # Lingering (reading a body we will not use, so the kernel sends no reset) is for requests
+    # that have one; a client reading to the end must not wait for it.
+    proxy = await start_proxy([app_tcp.server])
+    started = asyncio.get_running_loop().time()
+    data = await raw_exchange(proxy.port, b"GET / HTTP/1.0\r\nHost: nobody.test\r\n\r\n")
+    elapsed = asyncio.get_running_loop().time() - started
+    assert data.startswith(b"HTTP/1.1 404 ")
+    assert elapsed < 1.5, elapsed  # the linger lasts 2 s
+
+
 async def test_head_is_sent_before_a_late_body(start_proxy, app_tcp):
     proxy = await start_proxy([app_tcp.server])
     async with client(proxy) as c, c.stream("GET", "/late-body") as response:
