@@ -26,6 +26,7 @@ from proxy.errors import UpstreamError
 from proxy.upstream.response_parser import CHUNKED, UNTIL_CLOSE
 
 if TYPE_CHECKING:
+    from proxy.config import Site
     from proxy.downstream.connection import DownstreamProtocol
     from proxy.downstream.request_head import RequestHead
     from proxy.upstream.connection import UpstreamConnection
@@ -53,6 +54,16 @@ _REQUEST_FIELDS = {
     b"upgrade": _UPGRADE,
 }
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
+
+
+def _stand_in_host(sni: str | None, default: Site | None) -> bytes | None:
+    if sni:
+        return sni.encode("ascii", "replace")
+    if default is not None:
+        for host in default.hosts:
+            if not host.startswith("*."):
+                return host.encode("ascii", "replace")
+    return None
 
 
 def _has_token(value: bytes, token: bytes) -> bool:
@@ -170,6 +181,13 @@ class Exchange:
                 fields = [(n, authority if n == b"host" else v) for n, v in fields]
         down = self.down
         state = down.state
+        if self.host is None:
+            # Only HTTP/1.0 may omit Host (h11 requires it in 1.1). As nginx does, the name the
+            # client gave the TLS layer stands in, else the default site's; the upstream gets
+            # it as Host, which its HTTP/1.1 request needs.
+            self.host = _stand_in_host(down.sni, state.router.default)
+            if self.host is not None:
+                fields = [*fields, (b"host", self.host)]
         site, status = state.router.route(down.sni, self.host)
         if site is None:
             self._reply_error(status)

@@ -89,6 +89,16 @@ def test_unknown_host(proxy: Proxy) -> None:
     assert get(proxy, "app.test", b"GET / HTTP/1.1\r\n\r\n").status == 400
 
 
+def test_http10_without_host_goes_to_the_sni_site_or_the_default(proxy: Proxy) -> None:
+    # HTTP/1.0 may omit Host: as in nginx, the SNI name stands in (else the default site),
+    # and the app, spoken to in HTTP/1.1, gets it as its Host.
+    with_sni = seen_headers(get(proxy, "second.test", b"GET / HTTP/1.0\r\n\r\n"))
+    assert with_sni["host"] == ["second.test"]
+    assert with_sni["x-forwarded-host"] == ["second.test"]
+    without_sni = seen_headers(get(proxy, None, b"GET / HTTP/1.0\r\n\r\n"))
+    assert without_sni["host"] == ["localhost"]  # the default site's first name
+
+
 SPOOFED = (
     b"GET / HTTP/1.1\r\nHost: app.test\r\n"
     b"X-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Proto: http\r\n"
