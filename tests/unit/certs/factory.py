@@ -15,6 +15,18 @@ from certs.keys import chain_to_pem, private_key_to_pem
 from certs.models import CertInfo, Installed
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+# A CA signs certificates and CRLs; X.509-strict clients (Python 3.13's default) want it said.
+CA_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=True,
+    crl_sign=True,
+    encipher_only=False,
+    decipher_only=False,
+)
 
 
 def _name(cn: str) -> x509.Name:
@@ -33,20 +45,7 @@ def make_ca(cn: str = "test CA") -> tuple[x509.Certificate, ec.EllipticCurvePriv
         .not_valid_after(NOW + timedelta(days=3650))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(  # X.509-strict clients (Python 3.13's default) want it on a CA
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(CA_KEY_USAGE, critical=True)
         .sign(key, hashes.SHA256())
     )
     return cert, key
