@@ -1,13 +1,14 @@
 """Real processes for integration tests: `tlsproxy run` and a uvicorn app, on 127.0.0.1.
 
 Every process started here is stopped by the fixture that started it (SIGTERM, then SIGKILL),
-ports are chosen by the kernel (port 0, or bound-then-released for programs that need a number),
-and files live in the test's tmp_path.
+ports are chosen by the kernel (port 0) or, for programs that need a number before they start,
+by free_port(), and files live in the test's tmp_path.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import socket
@@ -22,8 +23,37 @@ REPO = Path(__file__).resolve().parents[2]
 LISTEN_LINE = re.compile(r"listening (https|http)://(\S+)")
 
 
+_handed_out: set[int] = set()
+_ports = random.Random()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A port free on 127.0.0.1 now, for a process that binds it later (Pebble's httpPort, an
+    upstream's address). Taken below the kernel's ephemeral range and never twice per session:
+    outgoing connections get their local port from that range, and one of them (any test's
+    client, a pool, Pebble) could otherwise take this port before its owner binds it; a CI run
+    lost a test to exactly that."""
+    high = _ephemeral_low()
+    low = max(1024, high - 12000)
+    for _ in range(500):
+        port = _ports.randrange(low, high)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as sock:  # a crowded range: let the kernel choose
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
