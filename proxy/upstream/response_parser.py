@@ -55,7 +55,6 @@ _HEADER_BLOCK = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1
 _HOP_BY_HOP_LINE = re.compile(
     rb"\n(?:connection:|keep-alive:|te:|trailer:|transfer-encoding:|upgrade:|proxy[:-])"
 )
-_CONNECTION_LINE = re.compile(rb"\n(?:connection|keep-alive):")
 _CONTENT_LENGTH_LINE = b"\ncontent-length:"
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?")
 
@@ -366,13 +365,17 @@ def _head_without_connection_fields(
 ) -> tuple[bytes, bool] | None:
     """(the head as the client may get it, whether a Connection field said close), when the
     only hop-by-hop fields are Keep-Alive and Connection fields that name no other field (just
-    keep-alive or close). Many servers (nginx, gunicorn) send "Connection: keep-alive" on every
-    response: rebuilding the head field by field for that one line would cost more than the
-    rest of the parse. None when another hop-by-hop field is there: the caller rebuilds."""
+    keep-alive or close): those lines are cut out of the upstream's own bytes. Many servers
+    (nginx, gunicorn) send "Connection: keep-alive" on every response: rebuilding the head field
+    by field for that one line would cost more than the rest of the parse. None when another
+    hop-by-hop field is there: the caller rebuilds. (`section` is the lowercased
+    data[line_end:head_end + 2], so its offset i is data's line_end + i.)"""
     found = _HOP_BY_HOP_LINE.search(section)
     if found is None:
         return data[pos : head_end + 2], False
     close = False
+    parts = []
+    kept_from = pos
     while found is not None:
         name = found.group()
         end = section.find(b"\r", found.end())
@@ -384,25 +387,11 @@ def _head_without_connection_fields(
                 close = close or token == b"close"
         elif name != b"\nkeep-alive:":
             return None
+        parts.append(data[kept_from : line_end + found.start() + 1])  # up to this line
+        kept_from = line_end + end + 2  # the next line
         found = _HOP_BY_HOP_LINE.search(section, end)
-    return _drop_connection_lines(data, pos, line_end, head_end, section), close
-
-
-def _drop_connection_lines(
-    data: bytes, pos: int, line_end: int, head_end: int, section: bytes
-) -> bytes:
-    """data[pos:head_end + 2] without its Connection and Keep-Alive lines (`section` is the
-    lowercased data[line_end:head_end + 2])."""
-    parts = []
-    start = pos
-    found = _CONNECTION_LINE.search(section)
-    while found is not None:
-        line_start = line_end + found.start() + 1  # after the "\n"
-        parts.append(data[start:line_start])
-        start = data.find(b"\r\n", line_start) + 2
-        found = _CONNECTION_LINE.search(section, start - line_end - 1)
-    parts.append(data[start : head_end + 2])
-    return b"".join(parts)
+    parts.append(data[kept_from : head_end + 2])
+    return b"".join(parts), close
 
 
 def _field_list(data: bytes, start: int, end: int) -> list[tuple[bytes, bytes]]:
