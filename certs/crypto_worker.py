@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import CertError, CertificateFileError, IssuanceError, LockTimeout
+from .files import refuse_passphrase
 from .models import CertSpec
 
 if TYPE_CHECKING:
@@ -183,20 +184,13 @@ class _Collect(logging.Handler):
         self.records.append([record.name, record.levelno, self.format(record)])
 
 
-def _no_password() -> bytes:
-    import ssl
-
-    # Without a callable, OpenSSL would ask for a passphrase on the terminal.
-    raise ssl.SSLError("private key is encrypted")
-
-
 def _plain_context(cert_file: Path, key_file: Path) -> Any:
     # The parent checks again with its real context factory (certs cannot import proxy.tls);
     # this one only has to refuse what no TLS context would load.
     import ssl
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert_file, key_file, password=_no_password)
+    context.load_cert_chain(cert_file, key_file, password=refuse_passphrase)
     return context
 
 

@@ -10,6 +10,7 @@ need no `cryptography`, so the serving process uses them too and says the same w
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -69,6 +70,12 @@ def _chain_error(path: Path, error: ValueError) -> CertificateFileError:
     if "no PEM certificate" in str(error):
         return CertificateFileError(path, "no PEM certificate found")
     return CertificateFileError(path, f"not a valid PEM certificate ({error})")
+
+
+def refuse_passphrase() -> bytes:
+    """The password callback for ssl's load_cert_chain: without one, OpenSSL would ask for an
+    encrypted key's passphrase on the terminal and wait."""
+    raise ssl.SSLError(1, ENCRYPTED_KEY_REASON)
 
 
 def is_encrypted_key(data: bytes) -> bool:

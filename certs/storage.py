@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LockTimeout
+from .files import refuse_passphrase
 from .x509_lite import leaf_info
 
 DIR_MODE = 0o700
@@ -97,23 +98,12 @@ def ensure_dir(path: Path) -> Path:
     return path
 
 
-class _EncryptedKey(Exception):
-    pass
-
-
-def _no_password() -> bytes:
-    # Without a callable, OpenSSL would prompt for a passphrase on the terminal.
-    raise _EncryptedKey
-
-
 def _pair_matches(cert_path: Path, key_path: Path) -> bool:
     """Whether the TLS library accepts this chain with this key; False when the key is not the
     leaf's (a writer may be between its two renames); ValueError when either is unusable."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.load_cert_chain(cert_path, key_path, password=_no_password)
-    except _EncryptedKey:
-        raise ValueError(f"{key_path}: unusable private key (encrypted)") from None
+        context.load_cert_chain(cert_path, key_path, password=refuse_passphrase)
     except ssl.SSLError as e:
         if e.reason == "KEY_VALUES_MISMATCH":
             return False

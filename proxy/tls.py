@@ -17,6 +17,7 @@ import ssl
 from pathlib import Path
 from typing import Protocol
 
+from certs.files import refuse_passphrase
 from certs.models import Installed
 from proxy.logs import tls_log
 
@@ -56,16 +57,11 @@ def _harden(context: ssl.SSLContext) -> ssl.SSLContext:
     return context
 
 
-def _refuse_passphrase() -> bytes:
-    # Without a callback OpenSSL would ask for the passphrase on the terminal and wait.
-    raise ssl.SSLError(1, "the private key is encrypted (a key without a passphrase is needed)")
-
-
 def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
     """A context serving one certificate chain; the certs package builds one per certificate.
     OpenSSL checks here that the key belongs to the chain's first certificate."""
     context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
-    context.load_cert_chain(str(cert_file), str(key_file), password=_refuse_passphrase)
+    context.load_cert_chain(str(cert_file), str(key_file), password=refuse_passphrase)
     return context
 
 
