@@ -642,7 +642,13 @@ servers = ["{HOST}:{upstream_port}"]
     def start_terminator(
         self, which: str, upstream_port: int, cpus: Sequence[int] | None
     ) -> subprocess.Popen[bytes]:
-        if which == "nginx":
+        if which == "floor":
+            argv = [
+                self.args.python, str(BENCH / "floor.py"), "--cert", str(self.chain),
+                "--key", str(self.key), "--port", str(self.port),
+                "--upstream", f"{HOST}:{upstream_port}",
+            ]  # fmt: skip
+        elif which == "nginx":
             conf = self._nginx_conf(
                 "nginx-tls.conf",
                 "tls.conf",
@@ -700,7 +706,7 @@ servers = ["{HOST}:{upstream_port}"]
         try:
             pids = process_tree(proc.pid)
             probe = http_get(self.port)
-            self.tls_info[which].update(version=probe.version, cipher=probe.cipher)
+            self.tls_info.setdefault(which, {}).update(version=probe.version, cipher=probe.cipher)
             result: dict[str, Any] = {"processes": len(pids)}
             if first:
                 result["memory"] = self.idle_memory(pids)
@@ -1011,6 +1017,34 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def floor_markdown(results: dict[str, Any], floor: dict[str, Any]) -> str:
+    """Work per core-second of nginx, the floor and tlsproxy, and the two ratios that say how
+    much of the gap to nginx is the architecture's and how much is tlsproxy's own work."""
+    lines = [
+        "| per core-second | nginx | floor | tlsproxy | floor / nginx | tlsproxy / floor |",
+        "|---|---|---|---|---|---|",
+    ]
+    for workload, title in (
+        ("keepalive", "keep-alive requests"),
+        ("handshake", "new-connection requests"),
+        ("bulk", "1 MiB responses: MiB"),
+    ):
+        n = _get(results, "nginx", workload, "per_core_second")
+        f = _get({"floor": floor}, "floor", workload, "per_core_second")
+        t = _get(results, "tlsproxy", workload, "per_core_second")
+
+        def show(v: float | None) -> str:
+            return "-" if v is None else f"{v:,.0f}"
+
+        def ratio(a: float | None, b: float | None) -> str:
+            return "-" if a is None or not b else f"{a / b:.2f}"
+
+        lines.append(
+            f"| {title} | {show(n)} | {show(f)} | {show(t)} | {ratio(f, n)} | {ratio(t, f)} |"
+        )
+    return "\n".join(lines)
+
+
 def markdown(table: list[dict[str, Any]]) -> str:
     def show(value: float | None, fmt: str) -> str:
         if value is None:
@@ -1088,6 +1122,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="comma list of terminators to run (nginx,tlsproxy)",
     )
     p.add_argument("--no-e2e", dest="e2e", action="store_false", help="skip the example app row")
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="also measure bench/floor.py (uvloop + ssl relaying bytes, no HTTP work) in the\n"
+        "same rounds: what this architecture costs before tlsproxy's own work",
+    )
     p.add_argument(
         "--profile",
         action="store_true",
@@ -1199,13 +1239,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench = Bench(args, tmp, procs)
             bench.start_upstream()
             bench.prepare_certificates()
-            rounds: dict[str, list[dict[str, Any]]] = {t: [] for t in args.only}
+            micro_terminators = [*args.only, "floor"] if args.floor else args.only
+            rounds: dict[str, list[dict[str, Any]]] = {t: [] for t in micro_terminators}
             for n in range(args.rounds):
-                order = args.only if n % 2 == 0 else list(reversed(args.only))
+                order = micro_terminators if n % 2 == 0 else list(reversed(micro_terminators))
                 for which in order:
                     Bench._say(f"round {n + 1}/{args.rounds}: {which}")
                     rounds[which].append(bench.micro(which, first=n == 0))
             results: dict[str, Any] = {t: median_results(r) for t, r in rounds.items()}
+            floor = results.pop("floor", None)
             if args.e2e:
                 bench.start_app()
                 e2e: dict[str, list[dict[str, Any]]] = {t: [] for t in args.only}
@@ -1252,6 +1294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "tls": bench.tls_info,
         "results": results,
+        "floor": floor,
         "table": [{k: v for k, v in row.items() if k != "format"} for row in table],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -1266,7 +1309,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if errors:
         print(f"\nwrk reported errors: {errors}")
-    rounds_lines = spread(results)
+    if floor is not None:
+        print(
+            "\nThe floor (bench/floor.py: uvloop + ssl relaying bytes, no HTTP work), same rounds:"
+        )
+        print(floor_markdown(results, floor))
+    rounds_lines = spread({**results, **({"floor": floor} if floor else {})})
     if rounds_lines:
         print("\nPer core-second in each round (the table shows the median round):")
         print("\n".join(rounds_lines))

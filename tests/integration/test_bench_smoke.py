@@ -3,7 +3,8 @@
 Not a performance test (1 s per workload on a busy machine says nothing about speed); it keeps
 the benchmark runnable and catches a proxy that fails under wrk's concurrency, with keep-alive,
 with one request per connection, with 1 MiB bodies, with many idle TLS connections, and in
-front of the example app on 2 uvicorn workers.
+front of the example app on 2 uvicorn workers; and keeps the floor (bench/floor.py) serving the
+same workloads.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
             sys.executable,
             str(REPO / "bench" / "run.py"),
             "--quick",
+            "--floor",
             "--idle-connections",
             str(IDLE_CONNECTIONS),
             "--out",
@@ -46,6 +48,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "| metric | nginx, 1 worker | tlsproxy |" in done.stdout
+    assert "| per core-second | nginx | floor | tlsproxy |" in done.stdout
     return json.loads(out.read_text())
 
 
@@ -56,6 +59,15 @@ def test_every_workload_runs_without_errors(report: dict, terminator: str, workl
     assert result["requests"] > 0
     assert result["errors"] == {}
     assert result["terminator_cpu_s"] > 0
+    if workload == "bulk":
+        assert result["bytes"] >= result["requests"] * 1024 * 1024
+
+
+@pytest.mark.parametrize("workload", ["keepalive", "handshake", "bulk"])
+def test_the_floor_serves_every_workload_without_errors(report: dict, workload: str) -> None:
+    result = report["floor"][workload]
+    assert result["requests"] > 0
+    assert result["errors"] == {}
     if workload == "bulk":
         assert result["bytes"] >= result["requests"] * 1024 * 1024
 
