@@ -102,7 +102,7 @@ class HttpsListener:
         self,
         sock: socket.socket,
         ssl_context: ssl.SSLContext,
-        protocol_factory: Callable[[], asyncio.Protocol],
+        protocol_factory: Callable[[str], asyncio.Protocol],
         registry: ConnectionRegistry,
         handshake_timeout: Callable[[], float],
         max_connections: Callable[[], int],
@@ -168,8 +168,11 @@ class HttpsListener:
         try:
             # Under uvloop the second item is the TLS layer's protocol, not ours: ours is the
             # application transport's.
+            # The client's address is known from accept(): the protocol gets it here rather
+            # than asking the socket again.
+            protocol = self.protocol_factory(peer[0] if isinstance(peer, tuple) else "")
             transport, _ = await self.loop.connect_accepted_socket(
-                self.protocol_factory,
+                lambda: protocol,
                 conn,
                 ssl=self.ssl_context,
                 ssl_handshake_timeout=self.handshake_timeout(),

@@ -236,9 +236,9 @@ class ProxyServer:
         assert self.state is not None
         return self.state.limits
 
-    def _new_downstream(self) -> DownstreamProtocol:
+    def _new_downstream(self, client_ip: str) -> DownstreamProtocol:
         assert self.state is not None
-        return DownstreamProtocol(self.state, self.registry.discard)
+        return DownstreamProtocol(self.state, self.registry.discard, client_ip)
 
     def _new_redirect(self, https_port: int) -> RedirectProtocol:
         lookup = self.http01.lookup if self.http01 is not None else None

@@ -101,7 +101,12 @@ class DownstreamProtocol(asyncio.Protocol):
         "write_paused",
     )
 
-    def __init__(self, state: ProxyState, on_close: Callable[[DownstreamProtocol], None]) -> None:
+    def __init__(
+        self,
+        state: ProxyState,
+        on_close: Callable[[DownstreamProtocol], None],
+        client_ip: str = "",
+    ) -> None:
         self.state = state
         self.limits = state.limits
         self._on_close: Callable[[DownstreamProtocol], None] | None = on_close
@@ -112,7 +117,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.exchange: Exchange | None = None
         self.tunnel: Exchange | None = None
         self.sni: str | None = None
-        self.client_ip = ""
+        self.client_ip = client_ip  # from accept(); else read from the transport
         self.draining = False
         self.write_paused = False
         self._closed = False
@@ -137,9 +142,10 @@ class DownstreamProtocol(asyncio.Protocol):
         if ssl_object is not None:
             self._tls = True
             self.sni = getattr(ssl_object, "tlsproxy_sni", None)
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple) and peer:
-            self.client_ip = peer[0]
+        if not self.client_ip:
+            peer = transport.get_extra_info("peername")
+            if isinstance(peer, tuple) and peer:
+                self.client_ip = peer[0]
         self.gate = ReadGate(transport)
         tune_write_buffer(transport)  # type: ignore[arg-type]
         self._set_deadline(self._loop.time() + self.limits.header_read_timeout)

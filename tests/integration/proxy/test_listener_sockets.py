@@ -1,6 +1,7 @@
 """The accept loop on a real loopback socket, under uvloop and under asyncio: accepted TLS
-connections are non-blocking with TCP_NODELAY (set by the loops' transports, not by us), and the
-registry counts our protocol, then forgets it when the connection closes."""
+connections are non-blocking with TCP_NODELAY (set by the loops' transports, not by us), the
+protocol is made with the client's address from accept(), and the registry counts our protocol,
+then forgets it when the connection closes."""
 
 from __future__ import annotations
 
@@ -42,8 +43,10 @@ async def _scenario(cert_file: Path, key_file: Path) -> dict[str, Any]:
     registry = ConnectionRegistry()
     made: asyncio.Future = loop.create_future()
     created: list[Recorded] = []
+    client_ips: list[str] = []
 
-    def factory() -> Recorded:
+    def factory(client_ip: str) -> Recorded:
+        client_ips.append(client_ip)
         created.append(Recorded(registry, made))
         return created[-1]
 
@@ -67,6 +70,7 @@ async def _scenario(cert_file: Path, key_file: Path) -> dict[str, Any]:
             "nodelay": raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0,
             "nonblocking": bool(fcntl.fcntl(raw.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK),
             "registered": registry.protocols == set(created),
+            "client_ips": client_ips,
         }
         writer.close()
         for _ in range(100):
@@ -93,6 +97,7 @@ def test_accepted_connections(
         "nodelay": True,
         "nonblocking": True,
         "registered": True,
+        "client_ips": ["127.0.0.1"],
         "forgotten": True,
     }
 
@@ -111,7 +116,7 @@ async def _refused(server_name: str | None) -> str:
     selector = CertificateSelector(NoCertificates())
     sock = bind_socket(Address("127.0.0.1", 0))
     listener = HttpsListener(
-        sock, selector.context, asyncio.Protocol, registry, lambda: 5.0, lambda: 10
+        sock, selector.context, lambda _ip: asyncio.Protocol(), registry, lambda: 5.0, lambda: 10
     )
     listener.start()
     client_context = ssl.create_default_context()
