@@ -1314,7 +1314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "\nThe floor (bench/floor.py: uvloop + ssl relaying bytes, no HTTP work), same rounds:"
         )
         print(floor_markdown(results, floor))
-    rounds_lines = spread({**results, **({"floor": floor} if floor else {})})
+    measured = {**results, **({"floor": floor} if floor else {})}
+    rounds_lines = spread(measured)
     if rounds_lines:
         print("\nPer core-second in each round (the table shows the median round):")
         print("\n".join(rounds_lines))
@@ -1330,7 +1331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"| {row['self']:.1%} | {row['inclusive']:.1%} | {row['function']} |")
     elif profile:
         print(f"\nprofile: {profile.get('error')}")
-    perf = {t: r["perf"] for t, r in results.items() if "perf" in r}
+    perf = {t: r["perf"] for t, r in measured.items() if "perf" in r}
     if perf:
         workload = next(iter(perf.values())).get("workload", "keepalive")
         print(f"\nCPU per {workload} request by library (perf, microseconds):")
