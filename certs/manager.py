@@ -333,6 +333,8 @@ class CertificateManager:
             return False  # from a CA since replaced: clients trusting the new root reject it
         if not renewing:
             return True
+        if self._outlives_lifetime(spec, info):
+            return False
         return not needs_renewal(
             info.not_before,
             info.not_after,
@@ -340,6 +342,15 @@ class CertificateManager:
             ratio=self.renew_ratio,
             ari_window=self._known_ari(spec.name, info.serial),
         )
+
+    def _outlives_lifetime(self, spec: CertSpec, info: CertInfo) -> bool:
+        """A local-CA leaf issued for longer than the leaf lifetime now configured. It is
+        replaced instead of kept until due, so that shortening the lifetime takes effect at
+        once. The slack covers the backdating every leaf gets (at most a tenth of it)."""
+        if spec.source != "internal":
+            return False
+        slack = self.leaf_lifetime / 10 + timedelta(seconds=1)
+        return info.not_after - info.not_before > self.leaf_lifetime + slack
 
     def _install(self, name: str, found: Found) -> Installed:
         stored, info = found
@@ -433,7 +444,7 @@ class CertificateManager:
         attempts = self._attempts.get(spec.name)
         if attempts is not None and attempts.next_attempt is not None:
             return attempts.next_attempt
-        if installed is None:
+        if installed is None or self._outlives_lifetime(spec, installed.info):
             return float("-inf")
         window = self._known_ari(spec.name, installed.info.serial)
         return self._renewal_time(installed.info, window).timestamp()
@@ -574,6 +585,8 @@ class CertificateManager:
             return line(None, None, "not issued yet", error)
         if uncovered_hosts(spec.hosts, info.hosts):
             return line(info, now, "hosts changed", error)
+        if self._outlives_lifetime(spec, info):
+            return line(info, now, "longer than local_ca.leaf_lifetime", error)
         window = _stored_ari(state, info.serial)
         nxt = self._renewal_time(info, window)
         reason = renewal_reason(

@@ -6,6 +6,7 @@ into `CertSpec`s and `AcmeSettings`, and builds the managers the server and the 
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 from certs.errors import CertError
@@ -74,15 +75,27 @@ def acme_settings(acme: AcmeConfig):  # -> certs.issuers.acme.AcmeSettings
     )
 
 
+def certificate_manager(config: Config, *, isolate_crypto: bool = False) -> CertificateManager:
+    """The manager of `config`'s certificates: its data_dir and the local CA's leaf lifetime."""
+    return CertificateManager(
+        config.server.data_dir,
+        server_context,
+        leaf_lifetime=leaf_lifetime(config),
+        isolate_crypto=isolate_crypto,
+    )
+
+
+def leaf_lifetime(config: Config) -> timedelta:
+    return timedelta(seconds=config.local_ca.leaf_lifetime)
+
+
 def check_config(config: Config, *, isolate_crypto: bool = False) -> None:
     """Everything `tlsproxy check` and start-up verify beyond the TOML itself: the files named,
     the data directory, the ACME settings. Raises ConfigError naming the key at fault.
 
     `isolate_crypto` (what `run` passes): the checks that need `cryptography` run in a child
     process, so that the long-running proxy does not carry it (certs.crypto_worker)."""
-    manager = CertificateManager(
-        config.server.data_dir, server_context, isolate_crypto=isolate_crypto
-    )
+    manager = certificate_manager(config, isolate_crypto=isolate_crypto)
     specs = cert_specs(config)
     try:
         manager.validate(specs)

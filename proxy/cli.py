@@ -98,6 +98,8 @@ def cmd_check(config: Config) -> int:
     for site in config.sites:
         tls = site.tls if isinstance(site.tls, str) else f"files {site.tls.cert}"
         print(f"  site {', '.join(site.hosts)}: tls={tls} -> upstream {site.upstream}")
+    if any(site.tls == "internal" for site in config.sites):
+        print(f"  local CA: leaves live {_duration(config.local_ca.leaf_lifetime)}")
     for name, up in config.upstreams.items():
         if up.command:
             what = f"{up.workers} worker(s): {up.command}"
@@ -110,12 +112,18 @@ def cmd_check(config: Config) -> int:
 
 
 def cmd_ca(config: Config) -> int:
-    from certs.manager import CertificateManager
-    from proxy.tls import server_context
+    from proxy.certificates import certificate_manager
 
-    manager = CertificateManager(config.server.data_dir, server_context)
+    manager = certificate_manager(config)
     sys.stdout.write(manager.local_ca_root_pem().decode("ascii"))
     return EXIT_OK
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
 
 
 def _when(moment: datetime | None) -> str:
@@ -125,12 +133,11 @@ def _when(moment: datetime | None) -> str:
 
 
 def cmd_certs(config: Config) -> int:
-    from certs.manager import CertificateManager
-    from proxy.certificates import acme_settings, cert_specs
+    from proxy.certificates import acme_settings, cert_specs, certificate_manager
     from proxy.tls import server_context
 
     specs = cert_specs(config)
-    manager = CertificateManager(config.server.data_dir, server_context)
+    manager = certificate_manager(config)
     statuses = manager.status([s for s in specs if s.source != "acme"])
     acme_specs = [s for s in specs if s.source == "acme"]
     if acme_specs and config.acme is not None:

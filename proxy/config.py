@@ -137,6 +137,19 @@ class AcmeConfig:
     dns: AcmeDns | None = None
 
 
+# The local CA's leaves: short-lived like Caddy's, long enough that a laptop asleep over a weekend
+# wakes up to a certificate still valid. The bounds keep a typo from issuing a leaf per second
+# or one that outlives the intermediate that signs it.
+DEFAULT_LEAF_LIFETIME = 7 * 86400.0
+MIN_LEAF_LIFETIME = 10.0
+MAX_LEAF_LIFETIME = 365 * 86400.0
+
+
+@dataclass(frozen=True)
+class LocalCaSettings:
+    leaf_lifetime: float = DEFAULT_LEAF_LIFETIME  # seconds
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     https: tuple[Address, ...] = (Address("0.0.0.0", 443),)
@@ -156,6 +169,7 @@ class Config:
     sites: tuple[Site, ...]
     upstreams: Mapping[str, UpstreamConfig]
     acme: AcmeConfig | None = None
+    local_ca: LocalCaSettings = LocalCaSettings()
     source: Path | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -531,6 +545,16 @@ def _parse_upstream(name: str, table: _Table, base: Path) -> UpstreamConfig:
     return upstream
 
 
+def _parse_local_ca(table: _Table) -> LocalCaSettings:
+    lifetime = table.duration("leaf_lifetime", DEFAULT_LEAF_LIFETIME)
+    if not MIN_LEAF_LIFETIME <= lifetime <= MAX_LEAF_LIFETIME:
+        raise ConfigError(
+            table.path("leaf_lifetime"), f"must be between 10s and 365d, got {lifetime:g}s"
+        )
+    table.finish()
+    return LocalCaSettings(leaf_lifetime=lifetime)
+
+
 def _parse_acme(table: _Table, base: Path) -> AcmeConfig:
     d = AcmeConfig()
     dns_table = table.take("dns")
@@ -594,6 +618,7 @@ def parse_config(data: Mapping[str, Any], base: Path, source: Path | None = None
 
     acme_raw = root.take("acme")
     acme = _parse_acme(_Table(acme_raw, "acme"), base) if acme_raw is not None else None
+    local_ca = _parse_local_ca(_Table(root.take("local_ca", {}), "local_ca"))
     root.finish()
 
     seen: dict[str, int] = {}
@@ -622,7 +647,13 @@ def parse_config(data: Mapping[str, Any], base: Path, source: Path | None = None
             "server.default_site", f"{server.default_site!r} is not a host of any [[site]]"
         )
     return Config(
-        server=server, limits=limits, sites=sites, upstreams=upstreams, acme=acme, source=source
+        server=server,
+        limits=limits,
+        sites=sites,
+        upstreams=upstreams,
+        acme=acme,
+        local_ca=local_ca,
+        source=source,
     )
 
 

@@ -18,12 +18,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from certs.errors import CertError
-from certs.manager import CertificateManager
 from proxy.certificates import (
     acme_settings,
     cert_specs,
+    certificate_manager,
     check_config,
     default_cert_name,
+    leaf_lifetime,
     uses_acme,
 )
 from proxy.config import Config, UpstreamConfig, UpstreamServer, load_config
@@ -47,7 +48,7 @@ class ProxyServer:
         self.registry = ConnectionRegistry()
         self.access_log = AccessLog(config.server.access_log)
         # isolate_crypto: `cryptography` work runs in short-lived children (idle memory).
-        self.certs = CertificateManager(config.server.data_dir, server_context, isolate_crypto=True)
+        self.certs = certificate_manager(config, isolate_crypto=True)
         self.selector: CertificateSelector | None = None
         self.state: ProxyState | None = None
         self.https_listeners: list[HttpsListener] = []
@@ -327,13 +328,17 @@ class ProxyServer:
             try:
                 new = await asyncio.to_thread(load_config, self.config_path)
                 await asyncio.to_thread(check_config, new, isolate_crypto=True)
+                # Leaves issued from now on (this load's included) get the new lifetime.
+                self.certs.leaf_lifetime = leaf_lifetime(new)
                 cache = await asyncio.to_thread(
                     self.certs.load, cert_specs(new), default_cert_name(new)
                 )
             except (ConfigError, CertError) as exc:
+                self.certs.leaf_lifetime = leaf_lifetime(self.config)
                 log.error("reload failed, still running the previous config: %s", exc)
                 return False
             except Exception:
+                self.certs.leaf_lifetime = leaf_lifetime(self.config)
                 log.exception("reload failed, still running the previous config")
                 return False
             old = self.config

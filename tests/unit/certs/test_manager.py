@@ -174,3 +174,17 @@ def test_damaged_stored_leaf_is_reissued(manager):
     first = serial(manager.load([LOCAL], None), "localhost")
     manager.storage.key_path("localhost").write_text("-----BEGIN PRIVATE KEY-----\nxx\n")
     assert serial(manager.load([LOCAL], None), "localhost") != first
+
+
+def test_shortening_the_leaf_lifetime_reissues_at_once(manager):
+    first = serial(manager.load([LOCAL], None), "localhost")  # a 7-day leaf
+    manager.leaf_lifetime = timedelta(hours=1)
+    row = manager.status([LOCAL])[0]
+    assert (row.renewal_reason, row.next_renewal) == ("longer than local_ca.leaf_lifetime", NOW)
+    info = manager.load([LOCAL], None).lookup("localhost").info
+    assert info.serial != first
+    assert info.not_after == NOW + timedelta(hours=1)
+    # A leaf of the configured lifetime stays; a longer lifetime applies from the next one.
+    assert serial(manager.load([LOCAL], None), "localhost") == info.serial
+    manager.leaf_lifetime = timedelta(days=7)
+    assert serial(manager.load([LOCAL], None), "localhost") == info.serial

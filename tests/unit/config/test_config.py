@@ -49,6 +49,13 @@ def test_minimal_config_gets_the_documented_defaults() -> None:
     assert config.limits == Limits()
     assert config.sites[0].tls == "internal"
     assert config.upstreams["app"].keepalive_timeout < 5.0  # below uvicorn's keep-alive
+    assert config.local_ca.leaf_lifetime == 7 * 86400
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("10s", 10), ("12h", 43200), ("30d", 30 * 86400)])
+def test_local_ca_leaf_lifetime(text: str, seconds: float) -> None:
+    config = parse(f"[local_ca]\nleaf_lifetime = '{text}'\n" + MINIMAL)
+    assert config.local_ca.leaf_lifetime == seconds
 
 
 @pytest.mark.parametrize(
@@ -104,6 +111,10 @@ def test_hosts_are_normalised_and_wildcards_allowed() -> None:
         ("[server]\nhttps = ['nope']\n", "server.https[0]"),
         ("[server]\ntrusted_proxies = ['10.0.0.0/33']\n", "server.trusted_proxies[0]"),
         ("[server]\ndefault_site = 'other.test'\n", "server.default_site"),
+        ("[local_ca]\nleaf_lifetime = '5s'\n", "local_ca.leaf_lifetime"),
+        ("[local_ca]\nleaf_lifetime = '400d'\n", "local_ca.leaf_lifetime"),
+        ("[local_ca]\nleaf_lifetime = 'a week'\n", "local_ca.leaf_lifetime"),
+        ("[local_ca]\nroot_lifetime = '10y'\n", "local_ca.root_lifetime"),
         ("unknown = true\n", "unknown"),
     ],
 )
