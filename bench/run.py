@@ -1020,6 +1020,13 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 def floor_markdown(results: dict[str, Any], floor: dict[str, Any]) -> str:
     """Work per core-second of nginx, the floor and tlsproxy, and the two ratios that say how
     much of the gap to nginx is the architecture's and how much is tlsproxy's own work."""
+
+    def show(v: float | None) -> str:
+        return "-" if v is None else f"{v:,.0f}"
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return "-" if a is None or not b else f"{a / b:.2f}"
+
     lines = [
         "| per core-second | nginx | floor | tlsproxy | floor / nginx | tlsproxy / floor |",
         "|---|---|---|---|---|---|",
@@ -1032,13 +1039,6 @@ def floor_markdown(results: dict[str, Any], floor: dict[str, Any]) -> str:
         n = _get(results, "nginx", workload, "per_core_second")
         f = _get({"floor": floor}, "floor", workload, "per_core_second")
         t = _get(results, "tlsproxy", workload, "per_core_second")
-
-        def show(v: float | None) -> str:
-            return "-" if v is None else f"{v:,.0f}"
-
-        def ratio(a: float | None, b: float | None) -> str:
-            return "-" if a is None or not b else f"{a / b:.2f}"
-
         lines.append(
             f"| {title} | {show(n)} | {show(f)} | {show(t)} | {ratio(f, n)} | {ratio(t, f)} |"
         )

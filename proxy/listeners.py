@@ -166,11 +166,11 @@ class HttpsListener:
         # This task's own context: the SNI callback finds the socket for its refusal alert.
         handshake_socket_fd.set(conn.fileno())
         try:
-            # Under uvloop the second item is the TLS layer's protocol, not ours: ours is the
-            # application transport's.
             # The client's address is known from accept(): the protocol gets it here rather
             # than asking the socket again.
             protocol = self.protocol_factory(peer[0] if isinstance(peer, tuple) else "")
+            # Under uvloop the second item is the TLS layer's protocol, not ours: ours is the
+            # application transport's.
             transport, _ = await self.loop.connect_accepted_socket(
                 lambda: protocol,
                 conn,

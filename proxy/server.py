@@ -333,13 +333,12 @@ class ProxyServer:
                 cache = await asyncio.to_thread(
                     self.certs.load, cert_specs(new), default_cert_name(new)
                 )
-            except (ConfigError, CertError) as exc:
+            except Exception as exc:
                 self.certs.leaf_lifetime = leaf_lifetime(self.config)
-                log.error("reload failed, still running the previous config: %s", exc)
-                return False
-            except Exception:
-                self.certs.leaf_lifetime = leaf_lifetime(self.config)
-                log.exception("reload failed, still running the previous config")
+                if isinstance(exc, ConfigError | CertError):
+                    log.error("reload failed, still running the previous config: %s", exc)
+                else:
+                    log.exception("reload failed, still running the previous config")
                 return False
             old = self.config
             if (new.server.https, new.server.http) != (old.server.https, old.server.http):
