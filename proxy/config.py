@@ -67,6 +67,11 @@ class Limits:
     max_header_bytes: int = 64 * 1024
     max_body_bytes: int = 100 * 1024 * 1024
     max_connections: int = 10000
+    # nginx's client_body_timeout: the longest wait between two reads of a request body.
+    body_read_timeout: float = 60.0
+    # An upgraded connection (WebSocket) with no byte either way for this long is closed. Long
+    # enough for apps that ping every few minutes; short enough that dead peers do not pile up.
+    tunnel_idle_timeout: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -410,9 +415,17 @@ def _parse_limits(table: _Table) -> Limits:
         max_header_bytes=table.size("max_header_bytes", d.max_header_bytes),
         max_body_bytes=table.size("max_body_bytes", d.max_body_bytes),
         max_connections=table.integer("max_connections", d.max_connections, minimum=1),
+        body_read_timeout=table.duration("body_read_timeout", d.body_read_timeout),
+        tunnel_idle_timeout=table.duration("tunnel_idle_timeout", d.tunnel_idle_timeout),
     )
     table.finish()
-    for name in ("handshake_timeout", "header_read_timeout", "idle_timeout"):
+    for name in (
+        "handshake_timeout",
+        "header_read_timeout",
+        "idle_timeout",
+        "body_read_timeout",
+        "tunnel_idle_timeout",
+    ):
         if getattr(limits, name) <= 0:
             raise ConfigError(f"limits.{name}", "must be more than zero")
     if limits.max_header_bytes < 1024:
