@@ -20,7 +20,12 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from proxy.downstream.flow import PEER_BUSY
-from proxy.downstream.forwarding import request_head, response_headers
+from proxy.downstream.forwarding import (
+    request_head,
+    response_headers,
+    switch_accepted,
+    upgrade_offer,
+)
 from proxy.downstream.responses import error_response, reason, split_target
 from proxy.errors import UpstreamError
 from proxy.upstream.response_parser import CHUNKED, UNTIL_CLOSE
@@ -88,6 +93,7 @@ class Exchange:
         "keep_alive",
         "label",
         "method",
+        "offer",
         "pending",
         "pool",
         "req_chunked",
@@ -134,14 +140,16 @@ class Exchange:
         self.finished = False
         self.retried = False
         self.connecting = False
-        self.tunnel = False
+        self.offer: bytes | None = None  # the protocols an upgrade request offers upstream
+        self.tunnel = False  # a 101 was relayed: bytes now pass unparsed
 
     # --- the request ----------------------------------------------------------------------
 
     def start(self, request: RequestHead) -> None:
         """Route the request and send it upstream (or answer it with a canned error)."""
         length = None
-        upgrade = False
+        upgrades: list[bytes] | None = None
+        connection: list[bytes] | None = None
         closing = False
         fields = request.fields
         for name, value in fields:
@@ -155,6 +163,10 @@ class Exchange:
             elif kind == _CODING:
                 self.req_chunked = True  # h11 accepts no coding but chunked
             elif kind == _CONNECTION:
+                if connection is None:
+                    connection = [value]
+                else:
+                    connection.append(value)
                 if _has_token(value, b"close"):
                     self.keep_alive = False
                     closing = True
@@ -163,8 +175,10 @@ class Exchange:
                     self.keep_alive = True
             elif kind == _EXPECT:
                 self.expect_continue = value.lower() == b"100-continue"
+            elif upgrades is None:
+                upgrades = [value]
             else:
-                upgrade = True
+                upgrades.append(value)
         self.has_body = self.req_chunked or bool(length)
         self.content_length = length or 0
         target = request.target
@@ -208,7 +222,8 @@ class Exchange:
             self._reply_error(502)
             return
         self.pool = pool
-        self.tunnel = upgrade  # an upgrade was asked for; it happens only on a 101
+        if upgrades is not None:  # an upgrade only if Connection says so; it happens on a 101
+            self.offer = upgrade_offer(upgrades, connection or (), http10=self.http10)
         self.head = request_head(
             request.method,
             target,
@@ -216,7 +231,7 @@ class Exchange:
             client_ip=down.client_ip,
             host=self.host or b"",
             trusted=state.trusted,
-            upgrade=upgrade,
+            upgrade=self.offer,
         )
         self._acquire(None)
 
@@ -335,7 +350,6 @@ class Exchange:
         if status == 101:
             self._start_tunnel(phrase, headers or [])
             return
-        self.tunnel = False
         up = self.up
         assert up is not None
         if headers is None:  # nothing to rewrite: the upstream's own bytes go on
@@ -403,11 +417,14 @@ class Exchange:
     def _start_tunnel(self, phrase: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         up = self.up
         assert up is not None
-        if not self.tunnel or not self.req_done:
+        if not self.req_done or not switch_accepted(self.offer, headers):
+            # A 101 to a request that was no upgrade, or to a protocol the client did not
+            # offer: relaying it would turn the rest of the connection into unparsed bytes.
             self.upstream_failed(
                 UpstreamError("unexpected 101 from upstream", 502, request_sent=True)
             )
             return
+        self.tunnel = True
         up.tunnel = True
         parts = [b"HTTP/1.1 101 ", phrase or b"Switching Protocols", _CRLF]
         for name, value in response_headers(headers, upgrade=True):

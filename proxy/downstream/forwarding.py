@@ -3,7 +3,7 @@
 Hop-by-hop headers (RFC 9110 7.6.1) describe one connection and must not cross the proxy:
 Connection and every name it lists, Keep-Alive, Proxy-* (and the bare "Proxy" header, so an app
 never sees it as HTTP_PROXY: "httpoxy"), TE (only "trailers" is forwarded), Trailer (this proxy
-drops trailers in both directions), Upgrade outside an upgrade. Content-Length or
+drops trailers in both directions), Upgrade outside an upgrade, HTTP2-Settings. Content-Length or
 Transfer-Encoding: chunked stays on the request: the data path re-sends the body with the
 framing h11 already validated (never both: with chunked, a Content-Length is dropped).
 Connection cannot list Host or the framing headers away, and whatever it lists cannot remove the
@@ -18,6 +18,13 @@ only added when missing.
 
 The hot path is `request_head`: one dict lookup per header, one bytes join per request, and the
 per-client forwarding lines cached.
+
+Upgrades (RFC 9110 7.8): a request is an upgrade only when it carries Upgrade and its Connection
+lists "upgrade"; anywhere else Upgrade is a hop-by-hop header like the others, and dropped. Were it
+forwarded, an app could answer 101 to a request the client never framed as an upgrade, and every
+later byte of the connection would reach the app unparsed ("h2c smuggling"). `h2c` is never
+offered upstream: RFC 9113 removed it, and behind TLS it has no meaning. A 101 is relayed only when
+every protocol it names was offered (`switch_accepted`).
 
 `StrictHeadScanner` refuses what h11 lets through in a request head (bare LF, obs-fold).
 """
@@ -51,10 +58,12 @@ _HOP_BY_HOP: dict[bytes, int] = {
     b"te": _DROP,
     b"trailer": _DROP,
     b"upgrade": _UPGRADE,
+    b"http2-settings": _DROP,  # h2c's companion of Upgrade (RFC 9113 3.1): never forwarded
 }
 _REQUEST_ACTIONS: dict[bytes, int] = {
     **_HOP_BY_HOP,
     b"te": _TE,
+    b"upgrade": _DROP,  # the offer, when the request is an upgrade, is written once
     b"x-forwarded-for": _XFF,
     b"x-forwarded-proto": _XFPROTO,
     b"x-forwarded-host": _XFHOST,
@@ -115,6 +124,35 @@ def _connection_options(values: list[bytes]) -> set[bytes]:
     return options
 
 
+def _tokens(value: bytes) -> list[bytes]:
+    return [item for item in (part.strip(b" \t").lower() for part in value.split(b",")) if item]
+
+
+def upgrade_offer(
+    upgrades: Sequence[bytes], connection: Sequence[bytes], *, http10: bool = False
+) -> bytes | None:
+    """The Upgrade value to send upstream for a request's Upgrade and Connection field values,
+    or None when the request is no upgrade (then Upgrade is dropped like any hop-by-hop header).
+
+    RFC 9110 7.8: Upgrade means something only when Connection lists "upgrade", and a server
+    ignores it in an HTTP/1.0 request. `h2c` is taken out of the offer."""
+    if http10 or not upgrades or not connection:
+        return None
+    if not any(b"upgrade" in _tokens(value) for value in connection):
+        return None
+    offered = [p for value in upgrades for p in _tokens(value) if p != b"h2c"]
+    return b", ".join(offered) if offered else None
+
+
+def switch_accepted(offer: bytes | None, headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """May a 101 with these headers be relayed for a request that offered `offer`? Only when it
+    names in Upgrade the protocols it switches to, all of them among those the client offered."""
+    if offer is None:
+        return False
+    switched = [p for name, value in headers if name == b"upgrade" for p in _tokens(value)]
+    return bool(switched) and set(switched) <= set(_tokens(offer))
+
+
 def _accepts_trailers(te: bytes) -> bool:
     if b"trailers" not in te.lower():  # the usual TE is absent or "gzip": no parsing needed
         return False
@@ -157,13 +195,14 @@ def request_head(
     client_ip: str,
     host: bytes,
     trusted: TrustedProxies,
-    upgrade: bool,
+    upgrade: bytes | None,
 ) -> bytes:
     """The complete HTTP/1.1 request head to write to the upstream, ending with CRLF CRLF.
 
     `headers` are h11's (lowercased names, validated values); `host` is the request's Host
-    value (for X-Forwarded-Host and Forwarded host=); `upgrade` keeps Upgrade with
-    "Connection: upgrade".
+    value (for X-Forwarded-Host and Forwarded host=); `upgrade` is the request's
+    `upgrade_offer`: sent as Upgrade with "Connection: upgrade", in place of the client's own
+    Upgrade fields (which are always dropped).
     """
     head = _request_head(method, target, headers, client_ip, host, trusted, upgrade, None)
     if isinstance(head, bytes):
@@ -183,7 +222,7 @@ def _request_head(
     client_ip: str,
     host: bytes,
     trusted: TrustedProxies,
-    upgrade: bool,
+    upgrade: bytes | None,
     actions: dict[bytes, int] | None,
 ) -> bytes | set[bytes]:
     """The head, or on the first pass the set of extra names Connection lists (if any)."""
@@ -208,9 +247,6 @@ def _request_head(
                 if connection is None:
                     connection = []
                 connection.append(value)
-        elif action == _UPGRADE:
-            if upgrade:
-                extend((b"upgrade: ", value, b"\r\n"))
         elif action == _TE:
             te_trailers = te_trailers or _accepts_trailers(value)
         elif action == _CODING:
@@ -232,9 +268,11 @@ def _request_head(
         # a request 400 before getting here; should one slip through, RFC 9112 6.3 has an
         # intermediary drop the Content-Length, so no upstream can frame the body differently.
         extend((b"content-length: ", length, b"\r\n"))
+    if upgrade is not None:
+        extend((b"upgrade: ", upgrade, b"\r\n"))
     if te_trailers:  # RFC 9110 10.1.4: a sender of TE also sends the "TE" connection option
-        parts.append(_TE_UPGRADE_LINES if upgrade else _TE_LINES)
-    elif upgrade:
+        parts.append(_TE_UPGRADE_LINES if upgrade is not None else _TE_LINES)
+    elif upgrade is not None:
         parts.append(b"connection: upgrade\r\n")
     if forwarding is not None and trusted.contains(client_ip):
         parts.append(_appended_lines(forwarding, client_ip, host))

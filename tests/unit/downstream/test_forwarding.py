@@ -9,6 +9,8 @@ from proxy.downstream.forwarding import (
     TrustedProxies,
     request_head,
     response_headers,
+    switch_accepted,
+    upgrade_offer,
 )
 
 UNTRUSTED = TrustedProxies()
@@ -24,7 +26,7 @@ def parse(head: bytes) -> h11.Request:
     return event
 
 
-def rewrite(headers, *, client_ip="203.0.113.7", host=b"a.test", trusted=UNTRUSTED, upgrade=False):
+def rewrite(headers, *, client_ip="203.0.113.7", host=b"a.test", trusted=UNTRUSTED, upgrade=None):
     headers = [(b"host", host), *headers]
     return parse(
         request_head(
@@ -62,7 +64,7 @@ def test_http10_client_is_forwarded_as_http11():
         client_ip="1.2.3.4",
         host=b"a",
         trusted=UNTRUSTED,
-        upgrade=False,
+        upgrade=None,
     )
     assert head.startswith(b"GET / HTTP/1.1\r\n")
 
@@ -120,7 +122,7 @@ def test_connection_cannot_strip_framing_host_or_forwarding():
             client_ip="203.0.113.7",
             host=b"a.test",
             trusted=UNTRUSTED,
-            upgrade=False,
+            upgrade=None,
         )
     )
     assert values(req, b"content-length") == [b"5"]
@@ -138,7 +140,7 @@ def test_chunked_framing_is_kept():
             client_ip="1.2.3.4",
             host=b"a",
             trusted=UNTRUSTED,
-            upgrade=False,
+            upgrade=None,
         )
     )
     assert values(req, b"transfer-encoding") == [b"chunked"]
@@ -166,15 +168,71 @@ def test_upgrade_is_kept_with_connection_upgrade():
             (b"sec-websocket-key", b"k"),
             (b"sec-websocket-version", b"13"),
         ],
-        upgrade=True,
+        upgrade=b"websocket",
     )
     assert values(req, b"upgrade") == [b"websocket"]
     assert values(req, b"connection") == [b"upgrade"]
     assert values(req, b"sec-websocket-key") == [b"k"]
 
 
+def test_without_an_offer_upgrade_and_http2_settings_are_dropped():
+    req = rewrite(
+        [(b"upgrade", b"h2c"), (b"http2-settings", b"AAMAAABkAAQCAAAAAAIAAAAA")], upgrade=None
+    )
+    assert b"upgrade" not in names(req)
+    assert b"http2-settings" not in names(req)
+    assert b"connection" not in names(req)
+
+
+def test_the_offer_replaces_the_clients_upgrade_fields():
+    req = rewrite(
+        [(b"connection", b"upgrade"), (b"upgrade", b"h2c, websocket")], upgrade=b"websocket"
+    )
+    assert values(req, b"upgrade") == [b"websocket"]
+
+
+@pytest.mark.parametrize(
+    ("upgrades", "connection", "http10", "offer"),
+    [
+        ([b"websocket"], [b"Upgrade"], False, b"websocket"),
+        ([b"websocket"], [b"keep-alive, upgrade"], False, b"websocket"),
+        ([b"websocket"], [b"keep-alive", b"UPGRADE"], False, b"websocket"),
+        # RFC 9110 7.8: without "upgrade" in Connection, Upgrade means nothing
+        ([b"websocket"], [], False, None),
+        ([b"websocket"], [b"keep-alive"], False, None),
+        ([b"websocket"], [b"upgraded"], False, None),
+        ([b"h2c"], [b"keep-alive"], False, None),
+        # h2c is never offered upstream (RFC 9113 removed it; behind TLS it means nothing)
+        ([b"h2c"], [b"upgrade, http2-settings"], False, None),
+        ([b"H2C, websocket"], [b"upgrade"], False, b"websocket"),
+        ([b"foo/2", b"Bar"], [b"upgrade"], False, b"foo/2, bar"),
+        ([b" , "], [b"upgrade"], False, None),
+        # a server ignores Upgrade in an HTTP/1.0 request
+        ([b"websocket"], [b"upgrade"], True, None),
+    ],
+)
+def test_upgrade_offer(upgrades, connection, http10, offer):
+    assert upgrade_offer(upgrades, connection, http10=http10) == offer
+
+
+@pytest.mark.parametrize(
+    ("offer", "headers", "accepted"),
+    [
+        (b"websocket", [(b"upgrade", b"websocket")], True),
+        (b"websocket", [(b"upgrade", b"WebSocket")], True),
+        (b"websocket, foo", [(b"upgrade", b"foo")], True),
+        (None, [(b"upgrade", b"websocket")], False),  # not an upgrade request
+        (b"websocket", [], False),  # a 101 that does not say what it switched to
+        (b"websocket", [(b"upgrade", b"h2c")], False),
+        (b"websocket", [(b"upgrade", b"websocket, h2c")], False),
+    ],
+)
+def test_switch_accepted(offer, headers, accepted):
+    assert switch_accepted(offer, headers) is accepted
+
+
 def test_upgrade_with_te_trailers_names_both_options():
-    req = rewrite([(b"upgrade", b"websocket"), (b"te", b"trailers")], upgrade=True)
+    req = rewrite([(b"upgrade", b"websocket"), (b"te", b"trailers")], upgrade=b"websocket")
     assert values(req, b"connection") == [b"te, upgrade"]
 
 
@@ -344,7 +402,7 @@ def test_content_length_beside_chunked_never_reaches_the_upstream():
             client_ip="1.2.3.4",
             host=b"a",
             trusted=UNTRUSTED,
-            upgrade=False,
+            upgrade=None,
         )
     )
     assert values(req, b"transfer-encoding") == [b"chunked"]
