@@ -1,10 +1,10 @@
 """The protocol of every plain `http` listener: a 308 to https, and the ACME http-01 responder.
 
-h11 parses each request; the answers are the canned bytes of `responses`. After each answer the
-h11 connection is replaced by a fresh one fed with whatever the client already pipelined, which
-is all the keep-alive state a server that never reads a body needs. A request that carries a
-body gets its answer and the connection closes: nobody posts to a redirect on purpose, and not
-reading the body leaves the stream unusable.
+h11 parses each request; the answers are the canned bytes of `responses`. A request body is
+read (and dropped) before the answer, as a server must to keep the connection usable: at most
+`max_body_bytes` of it (413 and close beyond), with no more than `body_read_timeout` between two
+reads (408 and close). After each answer the h11 connection is replaced by a fresh one fed with
+whatever the client already pipelined, which is all the keep-alive state this server needs.
 
 Timers (one at a time): the request head must arrive within `header_read_timeout` (from the
 connection start, or from its first byte on a kept-alive connection), and a kept-alive
@@ -32,12 +32,15 @@ from proxy.logs import AccessLog, log
 ACME_PREFIX = b"/.well-known/acme-challenge/"
 _TOKEN_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 _STATUS_HINTS = frozenset((400, 413, 431, 501))
+_LINGER = 2.0
 
 
 class RedirectLimits(Protocol):
     header_read_timeout: float
     idle_timeout: float
     max_header_bytes: int
+    max_body_bytes: int
+    body_read_timeout: float
 
 
 AcmeResponder = Callable[[str], "str | None"]
@@ -63,6 +66,9 @@ class RedirectProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_is_idle = False
         self._receiving = False  # some bytes of the current request head have arrived
+        # A request whose body is being read (and dropped), with the answer it will get.
+        self._request: tuple[h11.Request, bytes, bool] | None = None
+        self._body_bytes = 0
         self._paused = False  # the transport's write buffer is full: stop answering
         self._closing = False
 
@@ -94,6 +100,8 @@ class RedirectProtocol(asyncio.Protocol):
                     self._started = asyncio.get_running_loop().time()
                 if self._timer is not None and self._timer_is_idle:
                     self._arm(self._limits.header_read_timeout, self._on_header_timeout)
+            elif self._request is not None:  # a body arrives: the time between reads restarts
+                self._arm(self._limits.body_read_timeout, self._on_body_timeout)
             self._process()
         except Exception:
             log.exception("http listener: unexpected error, closing the connection")
@@ -148,16 +156,31 @@ class RedirectProtocol(asyncio.Protocol):
             if event is h11.NEED_DATA:
                 return
             if isinstance(event, h11.Request):
-                self._answer(event)
+                self._body_bytes = 0
+                response, close = self._response(event)
+                refused = response.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 413 "))
+                if self._conn.their_state is h11.SEND_BODY and not refused:
+                    self._request = (event, response, close)
+                    self._arm(self._limits.body_read_timeout, self._on_body_timeout)
+                else:
+                    self._answer(event, response, close)
+            elif isinstance(event, h11.Data):
+                self._body_bytes += len(event.data)
+                if self._body_bytes > self._limits.max_body_bytes:
+                    self._finish(error_response(413, close=True), close=True)
+                    return
             elif isinstance(event, h11.EndOfMessage):
+                waiting, self._request = self._request, None
+                if waiting is not None:
+                    self._answer(*waiting)
+                    if self._closing:
+                        return
                 self._next_cycle()
             elif isinstance(event, h11.ConnectionClosed):
                 self._finish(b"", close=True)
                 return
-            # Data never arrives: requests with a body close the connection in _answer.
 
-    def _answer(self, request: h11.Request) -> None:
-        response, close = self._response(request)
+    def _answer(self, request: h11.Request, response: bytes, close: bool) -> None:
         self._finish(response, close)
         if self._access is not None:
             host = next((v for n, v in request.headers if n == b"host"), None)
@@ -168,7 +191,7 @@ class RedirectProtocol(asyncio.Protocol):
                 method=request.method,
                 target=request.target,
                 status=int(response[9:12]),  # every canned answer starts "HTTP/1.1 NNN "
-                bytes_in=0,  # bodies are never read here
+                bytes_in=self._body_bytes,
                 bytes_out=len(response),
                 upstream="-",
                 duration=asyncio.get_running_loop().time() - self._started,
@@ -192,7 +215,8 @@ class RedirectProtocol(asyncio.Protocol):
         head = request.method == b"HEAD"
         if chunked and length is not None:  # ambiguous framing: a smuggling attempt
             return error_response(400, close=True, head=head), True
-        close = close or chunked or (length is not None and length != b"0")
+        if length is not None and int(length) > self._limits.max_body_bytes:
+            return error_response(413, close=True, head=head), True
         if (head or request.method == b"GET") and request.target.startswith(ACME_PREFIX):
             return self._challenge(request.target, head, close), close
         location = https_location(host, request.target, self._https_port)
@@ -214,7 +238,9 @@ class RedirectProtocol(asyncio.Protocol):
         return plain_response(200, key_authorization.encode("ascii"), close=close, head=head)
 
     def _finish(self, response: bytes, close: bool) -> None:
-        """Write one answer; on `close`, end the connection after it."""
+        """Write one answer; on `close`, end the connection after it: our FIN goes at once,
+        and what the client still sends (a body we refused) is read and dropped until it
+        closes too, for _LINGER at most, so that no reset destroys the answer."""
         transport = self._transport
         if transport is None:
             return
@@ -223,7 +249,10 @@ class RedirectProtocol(asyncio.Protocol):
         if close:
             self._closing = True
             self._cancel_timer()
-            transport.close()
+            if self._paused:
+                transport.resume_reading()
+            transport.write_eof()
+            asyncio.get_running_loop().call_later(_LINGER, transport.close)
 
     def _next_cycle(self) -> None:
         """The request was answered: start afresh on what the client already pipelined."""
@@ -265,6 +294,12 @@ class RedirectProtocol(asyncio.Protocol):
             self._finish(error_response(408, close=True), close=True)
         else:
             self._abort()
+
+    def _on_body_timeout(self) -> None:
+        self._timer = None
+        if self._closing or self._transport is None:
+            return
+        self._finish(error_response(408, close=True), close=True)
 
     def _on_idle_timeout(self) -> None:
         self._timer = None

@@ -219,17 +219,70 @@ def test_header_section_over_the_limit_is_431(run):
     run(scenario())
 
 
-def test_request_with_body_is_answered_then_closed(run):
+def test_a_request_body_is_read_before_the_answer_and_the_connection_stays(run):
     async def scenario():
         async with serve() as port:
             raw = await talk(
                 port,
                 b"POST /form HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"
-                b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n",
+                b"PUT /chunked HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"3\r\nabc\r\n0\r\n\r\n"
+                b"GET /next HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            )
+            answers = responses(raw, [b"POST", b"PUT", b"GET"])
+            assert [(status, headers[b"location"]) for status, headers, _ in answers] == [
+                (308, b"https://a:8443/form"),
+                (308, b"https://a:8443/chunked"),
+                (308, b"https://a:8443/next"),
+            ]
+            assert b"connection" not in answers[0][1]  # the body was read: no need to close
+
+    run(scenario())
+
+
+def test_a_body_over_max_body_bytes_is_413_without_reading_it(run):
+    async def scenario():
+        async with serve(max_body_bytes=1000) as port:
+            raw = await talk(
+                port, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1001\r\n\r\n" + b"x" * 10
             )
             [(status, headers, _)] = responses(raw, [b"POST"])
+            assert (status, headers[b"connection"]) == (413, b"close")
+            # chunked: counted as it arrives
+            body = b"".join(b"100\r\n" + b"x" * 256 + b"\r\n" for _ in range(5)) + b"0\r\n\r\n"
+            raw = await talk(
+                port,
+                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + body,
+            )
+            [(status, _, _)] = responses(raw, [b"POST"])
+            assert status == 413
+
+    run(scenario())
+
+
+def test_a_body_that_stalls_gets_408(run):
+    async def scenario():
+        async with serve(body_read_timeout=0.5) as port:
+            start = asyncio.get_running_loop().time()
+            raw = await talk(port, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+            elapsed = asyncio.get_running_loop().time() - start
+            [(status, _, _)] = responses(raw, [b"POST"])
+            assert status == 408
+            assert 0.4 < elapsed < 3, elapsed
+
+    run(scenario())
+
+
+def test_a_body_that_keeps_coming_is_waited_for(run):
+    async def scenario():
+        async with serve(body_read_timeout=0.5) as port:
+            parts = [
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nConnection: close\r\n\r\n"
+            ]
+            parts += [b"a", b"b", b"c", b"d"]
+            raw = await talk(port, *parts, pause=0.3)  # 1.2 s in all, 0.3 s between reads
+            [(status, _, _)] = responses(raw, [b"POST"])
             assert status == 308
-            assert headers[b"connection"] == b"close"
 
     run(scenario())
 
