@@ -20,7 +20,7 @@ from collections.abc import Callable
 from proxy.config import Address
 from proxy.errors import StartupError
 from proxy.logs import log, tls_log
-from proxy.tls import handshake_socket_fd, log_handshake
+from proxy.tls import PLAIN_HTTP_REASONS, handshake_socket_fd, log_handshake
 
 # How many connections one wake-up of the accept loop takes before yielding to the event loop:
 # big enough to clear a burst, small enough that requests in flight are not starved.
@@ -179,7 +179,16 @@ class HttpsListener:
             )
         except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
             conn.close()
-            if tls_log.isEnabledFor(logging.DEBUG):
+            if isinstance(exc, ssl.SSLError) and exc.reason in PLAIN_HTTP_REASONS:
+                client = peer[0] if isinstance(peer, tuple) else str(peer)
+                if _plain_http_clients.first_time(client):
+                    log.info(
+                        "%s sent plain HTTP to the HTTPS port %s: answered 400 (said once "
+                        "per client); the URL should start with https://",
+                        client,
+                        _peer_text(self.address),
+                    )
+            elif tls_log.isEnabledFor(logging.DEBUG):
                 tls_log.debug("%s: handshake failed: %s", _peer_text(peer), _reason(exc))
         except Exception:
             conn.close()
@@ -192,6 +201,26 @@ class HttpsListener:
                 log_handshake(transport.get_extra_info("ssl_object"), _peer_text(peer))
         finally:
             self.registry.handshake_ended()
+
+
+class OncePerKey:
+    """Remembers the keys it has seen, up to `size` of them (then it starts over), so that a
+    line is logged once per client without a client being able to grow memory."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self.seen: set[str] = set()
+
+    def first_time(self, key: str) -> bool:
+        if key in self.seen:
+            return False
+        if len(self.seen) >= self.size:
+            self.seen.clear()
+        self.seen.add(key)
+        return True
+
+
+_plain_http_clients = OncePerKey()
 
 
 def _peer_text(peer: object) -> str:

@@ -14,11 +14,13 @@ import contextvars
 import logging
 import os
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 from certs.files import refuse_passphrase
 from certs.models import Installed
+from proxy.downstream.responses import PLAIN_HTTP_ON_TLS_PORT
 from proxy.logs import tls_log
 
 # Mozilla "intermediate": TLS 1.2 with forward-secret AEAD suites only; TLS 1.3's suites are all
@@ -44,6 +46,9 @@ handshake_socket_fd: contextvars.ContextVar[int | None] = contextvars.ContextVar
 # A TLS record: alert (21), version 3.3 (TLS 1.2, what TLS 1.3 records also say), length 2,
 # fatal (2), unrecognized_name (112). Plaintext, as every record before the ServerHello is.
 UNRECOGNIZED_NAME_ALERT = bytes((21, 3, 3, 0, 2, 2, 112))
+# OpenSSL's own errors for a plain HTTP request (or a proxy's CONNECT) where a ClientHello
+# should be: it sees "GET ", "POST", "HEAD", "PUT " or "CONNECT" in the first record header.
+PLAIN_HTTP_REASONS = frozenset(("HTTP_REQUEST", "HTTPS_PROXY_REQUEST"))
 
 
 def _harden(context: ssl.SSLContext) -> ssl.SSLContext:
@@ -66,23 +71,62 @@ def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
 
 
 class DirectSSLObject(ssl.SSLObject):
-    """An SSLObject whose read/write/pending/do_handshake are the C methods themselves.
+    """An SSLObject whose write/pending are the C methods themselves, and whose read lets a
+    client half-close.
 
     The event loop's TLS layer calls these for every record it decrypts or encrypts, and
     ssl.SSLObject's own methods are Python functions that only forward to the C object
     (`self._sslobj`): binding the C methods on the instance skips a Python frame per call,
     several per request. The calls stay positional, as uvloop's and asyncio's TLS layers make
-    them."""
+    them. `do_handshake` stays a Python method: it answers plain HTTP sent to this TLS port.
+
+    `read` stays one too, for the client's close_notify. Both event loops' TLS layers shut the
+    connection down when they read one, so a client that half-closes after its request (TLS 1.3
+    allows it, RFC 8446 6.1; socat and ncat do it at the end of their input) would lose the
+    response. Once the connection's protocol has set `on_close_notify`, a close_notify is not
+    passed on as end of data: the callback hears of it, reads report "no more data yet" from
+    then on, and one byte left in the incoming buffer keeps the TLS layer from reading the FIN
+    that follows (see flow.hold_tls_reads). When the protocol closes, OpenSSL, which knows the
+    close_notify came, answers with its own and the connection ends as usual."""
+
+    on_close_notify: Callable[[], None] | None
+    close_notified: bool
 
     @classmethod
-    def _create(cls, *args: object, **kwargs: object) -> DirectSSLObject:  # type: ignore[override]
-        self = super()._create(*args, **kwargs)  # type: ignore[arg-type]
+    def _create(  # type: ignore[override]
+        cls, incoming: ssl.MemoryBIO, *args: object, **kwargs: object
+    ) -> DirectSSLObject:
+        self = super()._create(incoming, *args, **kwargs)  # type: ignore[arg-type]
         c_object = self._sslobj  # type: ignore[attr-defined]
-        self.read = c_object.read  # type: ignore[method-assign]
+        self._c_read = c_object.read
         self.write = c_object.write  # type: ignore[method-assign]
         self.pending = c_object.pending  # type: ignore[method-assign]
-        self.do_handshake = c_object.do_handshake  # type: ignore[method-assign]
+        self._incoming = incoming
+        self.on_close_notify = None
+        self.close_notified = False
         return self
+
+    def read(self, *args: object) -> bytes | int:  # type: ignore[override]
+        if self.close_notified:
+            raise ssl.SSLWantReadError("the client half-closed: nothing more will be read")
+        result = self._c_read(*args)
+        if result or self.on_close_notify is None:
+            return result
+        # OpenSSL returns nothing (b"" or 0) only for the client's close_notify.
+        self.close_notified = True
+        self._incoming.write(b"\0")  # never parsed: every read stops above from now on
+        self.on_close_notify()
+        raise ssl.SSLWantReadError("the client half-closed")
+
+    def do_handshake(self) -> None:
+        try:
+            self._sslobj.do_handshake()  # type: ignore[attr-defined]
+        except ssl.SSLError as exc:
+            # OpenSSL itself recognizes a plain HTTP request where a ClientHello should be
+            # (its "http request" error): answering it costs the other handshakes nothing.
+            if exc.reason in PLAIN_HTTP_REASONS:
+                _write_before_tls(PLAIN_HTTP_ON_TLS_PORT)
+            raise
 
 
 class CertificateLookup(Protocol):
@@ -153,10 +197,16 @@ def _send_unrecognized_name() -> None:
     Nothing has been sent on this connection yet (this runs while the ClientHello is read), so
     the same plaintext alert record written straight to the socket is what OpenSSL would have
     sent."""
+    _write_before_tls(UNRECOGNIZED_NAME_ALERT)
+
+
+def _write_before_tls(data: bytes) -> None:
+    """Write to the socket of the handshake in progress, before any TLS record went out (so
+    in clear text), while the TLS layer still owns the socket and has not closed it."""
     fd = handshake_socket_fd.get()
     if fd is not None:
         try:
-            os.write(fd, UNRECOGNIZED_NAME_ALERT)
+            os.write(fd, data)
         except OSError:
             pass  # the client is gone, or its window is full: it sees the close anyway
 

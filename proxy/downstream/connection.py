@@ -37,12 +37,21 @@ from h11._readers import ChunkedReader, ContentLengthReader
 from h11._receivebuffer import ReceiveBuffer
 
 from proxy.downstream.exchange import Exchange
-from proxy.downstream.flow import PEER_BUSY, PIPELINE, ReadGate, tune_write_buffer
+from proxy.downstream.flow import (
+    HOLD,
+    PEER_BUSY,
+    ReadGate,
+    discards_after_close_notify,
+    hold_tls_reads,
+    release_tls_reads,
+    tune_write_buffer,
+)
 from proxy.downstream.request_head import RequestHead, read_request_head
 from proxy.downstream.responses import error_response
 from proxy.errors import UpstreamError
 from proxy.logs import log, upstream_log
 from proxy.state import ProxyState
+from proxy.tls import DirectSSLObject
 
 # Where the connection is between requests.
 _IDLE = 0  # waiting for the first byte of the next request
@@ -50,7 +59,11 @@ _HEAD = 1  # part of a request head arrived
 _BUSY = 2  # an exchange is in flight
 _CLOSING = 3
 
-_LINGER = 2.0  # after an error reply, read (and drop) the rest of a body this long, then close
+# After an error reply to a request whose body we will not read: how long to keep reading (and
+# dropping) what the client still sends, so that the kernel does not answer it with a reset that
+# destroys the reply. Over TLS on uvloop the TLS layer does this itself until the client closes,
+# for at most its ssl_shutdown_timeout (30 s, as nginx's lingering_time).
+_LINGER = 2.0
 _HEAD_END = re.compile(rb"\n\r?\n")  # where h11 ends a head
 
 
@@ -80,11 +93,12 @@ class DownstreamProtocol(asyncio.Protocol):
         "_closed",
         "_deadline",
         "_head_chunks",
+        "_held",
         "_loop",
         "_on_close",
-        "_pipelined",
         "_processing",
         "_request_done",
+        "_ssl",
         "_timer",
         "_timer_at",
         "_tls",
@@ -93,6 +107,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "draining",
         "exchange",
         "gate",
+        "last_tunnel_io",
         "limits",
         "sni",
         "state",
@@ -121,10 +136,12 @@ class DownstreamProtocol(asyncio.Protocol):
         self.draining = False
         self.write_paused = False
         self._closed = False
-        self._pipelined = False
+        self._held = False  # see flow.py: a request is read, its response not out yet
+        self.last_tunnel_io = 0.0  # loop time of the last byte either way through a tunnel
         self._request_done = False  # the current request was read completely
         self._client_eof = False
         self._tls = False
+        self._ssl: DirectSSLObject | None = None  # told of the client's close_notify
         self._processing = False
         self._wait = _IDLE
         self._head_chunks: list[bytes] = []  # the raw bytes of the head being received
@@ -142,6 +159,9 @@ class DownstreamProtocol(asyncio.Protocol):
         if ssl_object is not None:
             self._tls = True
             self.sni = getattr(ssl_object, "tlsproxy_sni", None)
+            if isinstance(ssl_object, DirectSSLObject):
+                self._ssl = ssl_object
+                ssl_object.on_close_notify = self._on_close_notify
         if not self.client_ip:
             peer = transport.get_extra_info("peername")
             if isinstance(peer, tuple) and peer:
@@ -153,17 +173,16 @@ class DownstreamProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         tunnel = self.tunnel
         if tunnel is not None:
+            self.tunnel_io()
             tunnel.tunnel_from_client(data)
             return
         wait = self._wait
         if wait == _CLOSING:
             return  # lingering after an error reply: drop the rest of the body
         if wait == _BUSY and self._request_done:
-            # The next (pipelined) request: it waits in the buffer for its turn.
+            # The next (pipelined) request, decrypted with the last bytes of this one: it waits
+            # in the buffer for its turn (reading is held: nothing more comes until then).
             self._buf += data
-            if not self._pipelined:
-                self._pipelined = True
-                self.gate.pause(PIPELINE)
             return
         try:
             if wait == _IDLE:
@@ -171,26 +190,42 @@ class DownstreamProtocol(asyncio.Protocol):
                 self._deadline = self._loop.time() + self.limits.header_read_timeout
             if wait != _BUSY:
                 self._head_chunks.append(data)
+            elif self._body is not None:
+                self._deadline = self._loop.time() + self.limits.body_read_timeout
             self._buf += data
             self._process()
         except Exception:
             self.internal_error()
 
     def eof_received(self) -> bool | None:
+        # Over TCP, the client's FIN. Over TLS, only a close_notify read while we close (any
+        # other reaches _on_close_notify instead); the TLS transport closes whatever we return.
+        keep_open = self._client_ended()
+        return keep_open and not self._tls
+
+    def _on_close_notify(self) -> None:
+        """The client half-closed over TLS. Called from inside the TLS layer's read, before the
+        data decrypted with the close_notify reaches data_received: the FIN that follows must
+        stay unread (a TLS layer shuts down on it), and the rest waits for that data."""
+        self._client_eof = True
+        hold_tls_reads(self.transport)
+        self._loop.call_soon(self._client_ended)
+
+    def _client_ended(self) -> bool:
+        """The client will send nothing more. True: the connection stays open for what is
+        still to be sent (the responses to requests it sent in full, a tunnel's other way)."""
+        self._client_eof = True
         try:
             if self.tunnel is not None:
                 self.tunnel.client_eof()
-                return None if self._tls else True
-            if self._wait == _CLOSING:
+                return True
+            if self._wait == _CLOSING or self._closed:
                 return False
             if self.exchange is None:
                 self._close()
                 return False
             if self._request_done:
-                # A client may half-close after its request; the response can still go out
-                # (over TCP: a TLS transport closes after EOF whatever we answer).
-                self._client_eof = True
-                return None if self._tls else True
+                return True  # its response, and those of requests already here, still go out
             if self._body is not None:
                 self._body.read_eof()  # raises: the body is incomplete
             self._close()
@@ -204,6 +239,8 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        if self._ssl is not None:
+            self._ssl.on_close_notify = None
         self._wait = _CLOSING
         if self._timer is not None:
             self._timer.cancel()
@@ -269,6 +306,7 @@ class DownstreamProtocol(asyncio.Protocol):
                         if exchange.req_chunked
                         else ContentLengthReader(exchange.content_length)
                     )
+                    self._set_deadline(self._loop.time() + self.limits.body_read_timeout)
                     continue
                 event = body(buf)
                 if event is None:
@@ -307,7 +345,23 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def _end_of_request(self, exchange: Exchange) -> None:
         self._request_done = True
+        self._hold()
         exchange.on_request_end()
+
+    def _hold(self) -> None:
+        """The request is read: the client's next bytes wait until its response is out."""
+        if not self._held:
+            self._held = True
+            self.gate.pause(HOLD)
+            if self._tls:
+                hold_tls_reads(self.transport)
+
+    def _release(self) -> None:
+        if self._held:
+            self._held = False
+            if self._tls and not self._client_eof:  # after a close_notify, the FIN stays unread
+                release_tls_reads(self.transport)
+            self.gate.resume(HOLD)
 
     def exchange_done(self, exchange: Exchange, keep_alive: bool, *, abort: bool = False) -> None:
         """The response is complete (or failed): next request, or close."""
@@ -323,12 +377,11 @@ class DownstreamProtocol(asyncio.Protocol):
         # A request without a body is complete with its head, even when it was answered (an
         # error) before the head was handed on: nothing more will come to linger for.
         request_done = self._request_done or not exchange.has_body
-        if not keep_alive or self.draining or self._client_eof or not request_done:
+        ended = self._client_eof and not self._buf  # requests it sent before its EOF go on
+        if not keep_alive or self.draining or ended or not request_done:
             self._close(linger=not request_done)
             return
-        if self._pipelined:
-            self._pipelined = False
-            self.gate.resume(PIPELINE)
+        self._release()
         if not self._buf:
             self._wait = _IDLE
             self._set_deadline(self._loop.time() + self.limits.idle_timeout)
@@ -338,6 +391,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self._deadline = self._loop.time() + self.limits.header_read_timeout
         self._head_chunks.append(bytes(self._buf))
         self._process()
+        if self._client_eof and self.exchange is None and self._wait != _CLOSING:
+            self._close()  # what is left is not a whole request, and nothing more comes
 
     def start_tunnel(self, exchange: Exchange) -> bytes:
         """After a 101: bytes go both ways unparsed. Returns what the client sent early."""
@@ -345,10 +400,14 @@ class DownstreamProtocol(asyncio.Protocol):
         self.tunnel = exchange
         early = bytes(self._buf)
         self._buf = ReceiveBuffer()
-        if self._pipelined:
-            self._pipelined = False
-            self.gate.resume(PIPELINE)
+        self.last_tunnel_io = self._loop.time()
+        self._set_deadline(self.last_tunnel_io + self.limits.tunnel_idle_timeout)
+        self._release()
         return early
+
+    def tunnel_io(self) -> None:
+        """A byte went through the tunnel, either way: its idle timer starts again."""
+        self.last_tunnel_io = self._loop.time()
 
     # --- errors and closing ---------------------------------------------------------------
 
@@ -412,31 +471,72 @@ class DownstreamProtocol(asyncio.Protocol):
     def _on_timer(self) -> None:
         self._timer = None
         wait = self._wait
-        if wait == _BUSY or wait == _CLOSING or self._closed:
+        if wait == _CLOSING or self._closed:
             return
+        if wait == _BUSY:
+            if self.tunnel is not None:
+                self._deadline = self.last_tunnel_io + self.limits.tunnel_idle_timeout
+            elif self._body is None:
+                return  # the request is read: the upstream's timers apply
+            elif self.gate.reasons:
+                # Not reading: the upstream is slow to take the body, not the client to send it.
+                self._deadline = self._loop.time() + self.limits.body_read_timeout
         deadline = self._deadline
         if self._loop.time() < deadline:
             self._timer_at = deadline
             self._timer = self._loop.call_at(deadline, self._on_timer)
             return
-        if wait == _HEAD:
+        if wait == _BUSY:
+            self._busy_timeout()
+        elif wait == _HEAD:
             self._refuse(408, linger=False)  # a client this slow gets no more time
         else:
             self._close()
 
     def _close(self, *, linger: bool = False) -> None:
         """Close after what is buffered has been written. With `linger`, the client may still
-        be sending a body we will not read: keep reading (and dropping) it for a moment, so
-        the kernel does not answer it with a reset that destroys our response."""
+        be sending a body we will not read: our side ends at once (TLS close_notify, or FIN),
+        and what the client still sends is read and dropped for a while, so the kernel does
+        not answer it with a reset that destroys our response (nginx's lingering close)."""
         self._wait = _CLOSING
         transport = self.transport
         if transport.is_closing():
             return
-        if linger:
-            self.gate.resume(PIPELINE | PEER_BUSY)
-            self._loop.call_later(_LINGER, transport.close)
-        else:
+        if self._ssl is not None:
+            self._ssl.on_close_notify = None  # the TLS layer's own shutdown reads it now
+        self._release()
+        if not linger:
             transport.close()
+            return
+        self.gate.resume(PEER_BUSY)
+        if not self._tls:
+            transport.write_eof()
+            self._loop.call_later(_LINGER, transport.close)
+        elif discards_after_close_notify(transport):
+            transport.close()  # the TLS layer reads into the void until the client closes
+        else:
+            # asyncio's TLS layer would reset the connection on the first record after our
+            # close_notify: the close_notify waits for the linger instead.
+            self._loop.call_later(_LINGER, transport.close)
+
+    def _busy_timeout(self) -> None:
+        """A tunnel idle for tunnel_idle_timeout, or a request body that stalled for
+        body_read_timeout (nginx's client_body_timeout): 408 if no response started, and the
+        upstream connection is closed short of the body's end, so the app sees an aborted
+        request, never a complete one."""
+        if self.tunnel is not None:
+            log.debug(
+                "closing a tunnel from %s idle for %gs (tunnel_idle_timeout)",
+                self.client_ip,
+                self.limits.tunnel_idle_timeout,
+            )
+            self._drop_exchange()
+            self._close()
+            return
+        exchange = self.exchange
+        self._body = None
+        if exchange is not None:
+            exchange.client_failed(408)
 
     def internal_error(self) -> None:
         """A bug surfaced in this connection: log it, close this connection only."""

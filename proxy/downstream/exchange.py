@@ -377,6 +377,7 @@ class Exchange:
 
     def on_body(self, data: bytes) -> None:
         if self.tunnel:
+            self.down.tunnel_io()
             self._write(data)
             return
         head = self.resp_head

@@ -147,3 +147,10 @@ def redirect_to_https(
     if location is None:
         return error_response(400, close=True)
     return redirect_response(location, close=close)
+
+
+# What a client that spoke plain HTTP to a TLS port gets, as nginx and Caddy answer it: written
+# in clear text, since no TLS session exists to carry it.
+PLAIN_HTTP_ON_TLS_PORT = plain_response(
+    400, b"Client sent an HTTP request to an HTTPS server: use https:// in the URL.\n", close=True
+)
