@@ -3,6 +3,7 @@
 - `Proxy`: a `tlsproxy run` process (harness.ProxyProcess) that also knows its local CA root.
 - `TlsConn`: a raw TLS socket for requests httpx would refuse to send (ambiguous framing,
   pipelining, slowloris); responses are parsed back with an h11 client so they must be valid.
+- `TcpServer`: the base of hand-written upstreams: records every byte and each close.
 - `RawUpstream`: a hand-written TCP upstream that records every byte and can hang or die.
 - Certificates made with `cryptography` for `tls = {cert, key}` sites and broken-config checks.
 - `s_client`: the real `openssl s_client`, and the certificate it was served.
@@ -17,7 +18,7 @@ import ssl
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import h11
@@ -212,23 +213,17 @@ def parse_responses(raw: bytes, methods: list[bytes]) -> list[Response]:
 _CONTENT_LENGTH = re.compile(rb"(?im)^content-length:\s*(\d+)\s*$")
 
 
-@dataclass
-class RawUpstream:
-    """A TCP upstream on 127.0.0.1 that records everything it receives.
+class TcpServer:
+    """A TCP server on 127.0.0.1 (port 0), a thread per connection, for upstreams written by
+    hand. It records every byte each connection received (`received[i]`) and when it ended
+    (`closed[i]`); a subclass says what to do in `serve`, reading with `recv`."""
 
-    mode "ok":       answers each request (head + Content-Length body) with 200 "ok", keep-alive
-    mode "hang":     accepts and reads, never answers
-    mode "truncate": answers the first request with a head announcing `announced` bytes, sends
-                     `sent` of them and closes the connection
-    """
+    def __init__(self) -> None:
+        self.received: list[bytearray] = []
+        self.closed: list[threading.Event] = []
+        self.port = 0
 
-    mode: str = "ok"
-    announced: int = 100_000
-    sent: int = 1000
-    received: list[bytearray] = field(default_factory=list)
-    port: int = 0
-
-    def start(self) -> RawUpstream:
+    def start(self) -> TcpServer:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._conns: list[socket.socket] = []
@@ -240,6 +235,17 @@ class RawUpstream:
         self._spawn(self._accept_loop)
         return self
 
+    def stop(self) -> None:
+        self._stop.set()
+        self._sock.close()
+        for conn in self._conns:
+            try:
+                conn.close()
+            except OSError:
+                pass
+        for thread in self._threads:
+            thread.join(2)
+
     @property
     def server(self) -> str:
         return f"127.0.0.1:{self.port}"
@@ -247,6 +253,22 @@ class RawUpstream:
     @property
     def data(self) -> bytes:
         return b"".join(bytes(b) for b in list(self.received))
+
+    def serve(self, conn: socket.socket, buf: bytearray) -> None:
+        raise NotImplementedError
+
+    def recv(self, conn: socket.socket, buf: bytearray) -> bytes:
+        """The next bytes from `conn` (also added to `buf`); b"" once it closed or we stop."""
+        while not self._stop.is_set():
+            try:
+                data = conn.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return b""
+            buf += data
+            return data
+        return b""
 
     def _spawn(self, target, *args) -> None:  # type: ignore[no-untyped-def]
         thread = threading.Thread(target=target, args=args, daemon=True)
@@ -261,56 +283,59 @@ class RawUpstream:
                 continue
             except OSError:
                 return
+            conn.settimeout(0.1)
             self._conns.append(conn)
-            buf = bytearray()
+            buf, closed = bytearray(), threading.Event()
             self.received.append(buf)
-            self._spawn(self._serve, conn, buf)
+            self.closed.append(closed)
+            self._spawn(self._run, conn, buf, closed)
 
-    def _serve(self, conn: socket.socket, buf: bytearray) -> None:
-        conn.settimeout(0.1)
-        pending = b""
+    def _run(self, conn: socket.socket, buf: bytearray, closed: threading.Event) -> None:
         try:
-            while not self._stop.is_set():
-                try:
-                    data = conn.recv(65536)
-                except TimeoutError:
-                    continue
-                if not data:
-                    return
-                buf += data
-                if self.mode == "hang":
-                    continue
-                pending += data
-                while b"\r\n\r\n" in pending:
-                    head, _, rest = pending.partition(b"\r\n\r\n")
-                    match = _CONTENT_LENGTH.search(head)
-                    length = int(match.group(1)) if match else 0
-                    if len(rest) < length:
-                        break
-                    pending = rest[length:]
-                    if self.mode == "truncate":
-                        conn.sendall(
-                            b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-                            b"Content-Length: %d\r\n\r\n" % self.announced + b"x" * self.sent
-                        )
-                        time.sleep(0.2)  # let the proxy relay what was sent before the close
-                        return
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            self.serve(conn, buf)
         except OSError:
-            return
+            pass
         finally:
             conn.close()
+            closed.set()
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._sock.close()
-        for conn in self._conns:
-            try:
-                conn.close()
-            except OSError:
-                pass
-        for thread in self._threads:
-            thread.join(2)
+
+class RawUpstream(TcpServer):
+    """An upstream that records everything it receives.
+
+    mode "ok":       answers each request (head + Content-Length body) with 200 "ok", keep-alive
+    mode "hang":     accepts and reads, never answers
+    mode "truncate": answers the first request with a head announcing `announced` bytes, sends
+                     `sent` of them and closes the connection
+    """
+
+    def __init__(self, mode: str = "ok", announced: int = 100_000, sent: int = 1000) -> None:
+        super().__init__()
+        self.mode = mode
+        self.announced = announced
+        self.sent = sent
+
+    def serve(self, conn: socket.socket, buf: bytearray) -> None:
+        pending = b""
+        while data := self.recv(conn, buf):
+            if self.mode == "hang":
+                continue
+            pending += data
+            while b"\r\n\r\n" in pending:
+                head, _, rest = pending.partition(b"\r\n\r\n")
+                match = _CONTENT_LENGTH.search(head)
+                length = int(match.group(1)) if match else 0
+                if len(rest) < length:
+                    break
+                pending = rest[length:]
+                if self.mode == "truncate":
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                        b"Content-Length: %d\r\n\r\n" % self.announced + b"x" * self.sent
+                    )
+                    time.sleep(0.2)  # let the proxy relay what was sent before the close
+                    return
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
 
 # --- certificates -------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import websockets
 
 from tests.integration.harness import AppProcess, running
 from tests.integration.proxy.conftest import MakeProxy
-from tests.integration.proxy.support import Proxy, parse_responses, proxy_config
+from tests.integration.proxy.support import Proxy, TcpServer, parse_responses, proxy_config
 
 LIMITS = """
 header_read_timeout = "3s"
@@ -34,63 +34,13 @@ tunnel_idle_timeout = "1s"
 """
 
 
-class Recorder:
-    """An upstream that reads request bytes and never answers, and notes for each connection
-    what arrived and whether the proxy closed it."""
+class Recorder(TcpServer):
+    """An upstream that reads request bytes and never answers (TcpServer notes what arrived on
+    each connection and whether the proxy closed it)."""
 
-    def __init__(self) -> None:
-        self.received: list[bytearray] = []
-        self.closed: list[threading.Event] = []
-        self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(16)
-        self._sock.settimeout(0.1)
-        self.server = f"127.0.0.1:{self._sock.getsockname()[1]}"
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-
-    def start(self) -> Recorder:
-        self._spawn(self._accept)
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._sock.close()
-        for thread in self._threads:
-            thread.join(2)
-
-    def _spawn(self, target, *args) -> None:  # type: ignore[no-untyped-def]
-        thread = threading.Thread(target=target, args=args, daemon=True)
-        self._threads.append(thread)
-        thread.start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            buf, closed = bytearray(), threading.Event()
-            self.received.append(buf)
-            self.closed.append(closed)
-            self._spawn(self._serve, conn, buf, closed)
-
-    def _serve(self, conn: socket.socket, buf: bytearray, closed: threading.Event) -> None:
-        conn.settimeout(0.1)
-        with conn:
-            while not self._stop.is_set():
-                try:
-                    data = conn.recv(65536)
-                except TimeoutError:
-                    continue
-                except OSError:
-                    break
-                if not data:
-                    break
-                buf += data
-        closed.set()
+    def serve(self, conn: socket.socket, buf: bytearray) -> None:
+        while self.recv(conn, buf):
+            pass
 
 
 @pytest.fixture(scope="module")

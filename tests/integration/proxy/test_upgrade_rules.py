@@ -8,7 +8,6 @@ the proxy, not the app, must decide whether the connection becomes a tunnel.
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from collections.abc import Iterator
 
@@ -16,81 +15,29 @@ import pytest
 
 from tests.integration.harness import basic_config, running
 from tests.integration.proxy.conftest import MakeProxy
-from tests.integration.proxy.support import Proxy
+from tests.integration.proxy.support import Proxy, TcpServer
 
 H2C_101 = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
 WS_101 = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
-class ScriptedUpstream:
+class ScriptedUpstream(TcpServer):
     """Answers the next request head it gets (on whichever pooled connection) with `first`,
     later heads with 200; records every byte it receives, per connection."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.first = OK
-        self.received: list[bytearray] = []
-        self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(16)
-        self._sock.settimeout(0.1)
-        self.port = self._sock.getsockname()[1]
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
 
-    @property
-    def server(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> ScriptedUpstream:
-        self._spawn(self._accept)
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._sock.close()
-        for thread in self._threads:
-            thread.join(2)
-
-    def _spawn(self, target, *args) -> None:  # type: ignore[no-untyped-def]
-        thread = threading.Thread(target=target, args=args, daemon=True)
-        self._threads.append(thread)
-        thread.start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            buf = bytearray()
-            self.received.append(buf)
-            self._spawn(self._serve, conn, buf)
-
-    def _serve(self, conn: socket.socket, buf: bytearray) -> None:
-        conn.settimeout(0.1)
+    def serve(self, conn: socket.socket, buf: bytearray) -> None:
         pending = b""
-        with conn:
-            while not self._stop.is_set():
-                try:
-                    data = conn.recv(65536)
-                except TimeoutError:
-                    continue
-                except OSError:
-                    return
-                if not data:
-                    return
-                buf += data
-                pending += data
-                while b"\r\n\r\n" in pending:
-                    pending = pending.split(b"\r\n\r\n", 1)[1]
-                    first, self.first = self.first, OK
-                    conn.sendall(first)
-
-    def everything(self) -> bytes:
-        return b"".join(bytes(b) for b in self.received)
+        while data := self.recv(conn, buf):
+            pending += data
+            while b"\r\n\r\n" in pending:
+                pending = pending.split(b"\r\n\r\n", 1)[1]
+                first, self.first = self.first, OK
+                conn.sendall(first)
 
 
 @pytest.fixture(scope="module")
@@ -137,13 +84,13 @@ def test_upgrade_without_connection_upgrade_is_not_an_upgrade(
 ) -> None:
     upstream.first = H2C_101  # the app would switch if asked
     got = exchange(proxy, H2C_REQUEST, SMUGGLED)
-    head = upstream.everything().split(b"\r\n\r\n")[0].lower()
+    head = upstream.data.split(b"\r\n\r\n")[0].lower()
     assert b"upgrade" not in head  # neither Upgrade nor "connection: upgrade"
     assert b"http2-settings" not in head
     # The app's 101 is refused, the connection ends: no tunnel carries the next request.
     assert got.startswith(b"HTTP/1.1 502 ")
     time.sleep(0.2)
-    assert b"/internal/admin" not in upstream.everything()
+    assert b"/internal/admin" not in upstream.data
 
 
 def test_h2c_is_never_forwarded_even_with_connection_upgrade(
@@ -152,11 +99,11 @@ def test_h2c_is_never_forwarded_even_with_connection_upgrade(
     upstream.first = H2C_101
     request = H2C_REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: Upgrade, HTTP2-Settings\r\n\r\n")
     got = exchange(proxy, request, SMUGGLED)
-    head = upstream.everything().split(b"\r\n\r\n")[0].lower()
+    head = upstream.data.split(b"\r\n\r\n")[0].lower()
     assert b"upgrade" not in head and b"h2c" not in head
     assert got.startswith(b"HTTP/1.1 502 ")
     time.sleep(0.2)
-    assert b"/internal/admin" not in upstream.everything()
+    assert b"/internal/admin" not in upstream.data
 
 
 def test_a_101_naming_a_protocol_the_client_did_not_offer_is_a_502(
@@ -168,11 +115,11 @@ def test_a_101_naming_a_protocol_the_client_did_not_offer_is_a_502(
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
     got = exchange(proxy, request, SMUGGLED)
-    head = upstream.everything().split(b"\r\n\r\n")[0].lower()
+    head = upstream.data.split(b"\r\n\r\n")[0].lower()
     assert b"upgrade: websocket" in head and b"connection: upgrade" in head
     assert got.startswith(b"HTTP/1.1 502 ")
     time.sleep(0.2)
-    assert b"/internal/admin" not in upstream.everything()
+    assert b"/internal/admin" not in upstream.data
 
 
 def test_a_101_to_a_request_that_asked_nothing_is_a_502(
@@ -182,7 +129,7 @@ def test_a_101_to_a_request_that_asked_nothing_is_a_502(
     got = exchange(proxy, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", SMUGGLED)
     assert got.startswith(b"HTTP/1.1 502 ")
     time.sleep(0.2)
-    assert b"/internal/admin" not in upstream.everything()
+    assert b"/internal/admin" not in upstream.data
 
 
 def test_an_upgrade_answered_without_101_keeps_http_framing(
@@ -196,7 +143,7 @@ def test_an_upgrade_answered_without_101_keeps_http_framing(
     )
     assert got.count(b"HTTP/1.1 200 OK\r\n") == 2
     # The second request went up as a request of its own, rewritten by the proxy (so parsed).
-    second = upstream.everything().split(b"GET /next HTTP/1.1\r\n", 1)[1]
+    second = upstream.data.split(b"GET /next HTTP/1.1\r\n", 1)[1]
     assert b"x-forwarded-for: 127.0.0.1" in second.lower()
 
 
@@ -209,6 +156,6 @@ def test_the_offered_protocol_gets_its_tunnel(proxy: Proxy, upstream: ScriptedUp
     got = exchange(proxy, request, b"raw tunnel bytes")
     assert got.startswith(b"HTTP/1.1 101 ")
     deadline = time.monotonic() + 3
-    while b"raw tunnel bytes" not in upstream.everything() and time.monotonic() < deadline:
+    while b"raw tunnel bytes" not in upstream.data and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert upstream.everything().endswith(b"raw tunnel bytes")
+    assert upstream.data.endswith(b"raw tunnel bytes")
