@@ -292,3 +292,32 @@ def test_an_idle_websocket_is_closed_after_tunnel_idle_timeout(proxy: Proxy) -> 
     busy, idle = asyncio.run(scenario())
     assert busy >= 2
     assert 0.8 < idle < 4, idle
+
+
+# --- the same under the standard library's event loop ------------------------------------------
+
+
+def test_under_asyncio_half_close_works_and_errors_still_end_the_connection(
+    make_proxy: MakeProxy, example_app: AppProcess
+) -> None:
+    proxy = make_proxy(
+        proxy_config([(["localhost"], "app")], {"app": example_app.server}, limits=LIMITS),
+        start=False,
+    )
+    proxy.loop = "asyncio"
+    proxy.start()
+    client = HalfClosingClient(proxy, ssl.TLSVersion.TLSv1_3)
+    try:
+        client.send(b"GET /slow/0.2 HTTP/1.1\r\nHost: localhost\r\n\r\n" * 2)
+        client.half_close()
+        data = client.read_all()
+    finally:
+        client.close()
+    assert [r.status for r in parse_responses(data, [b"GET"] * 2)] == [200, 200]
+    # asyncio's TLS layer resets on data after its close_notify: it comes after the linger.
+    with proxy.conn() as conn:
+        conn.send(b"GARBAGE\r\n\r\n")
+        took, data = conn.wait_closed(5)
+    assert data.startswith(b"HTTP/1.1 400 ")
+    assert took is not None and took < 4, took
+    assert "Traceback" not in proxy.log()
