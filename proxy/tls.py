@@ -106,10 +106,10 @@ class DirectSSLObject(ssl.SSLObject):
         self.close_notified = False
         return self
 
-    def read(self, *args: object) -> bytes | int:  # type: ignore[override]
+    def read(self, size: int = 1024, buffer: bytearray | None = None) -> bytes | int:  # type: ignore[override]
         if self.close_notified:
             raise ssl.SSLWantReadError("the client half-closed: nothing more will be read")
-        result = self._c_read(*args)
+        result = self._c_read(size) if buffer is None else self._c_read(size, buffer)
         if result or self.on_close_notify is None:
             return result
         # OpenSSL returns nothing (b"" or 0) only for the client's close_notify.
