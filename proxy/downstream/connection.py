@@ -38,12 +38,10 @@ from h11._receivebuffer import ReceiveBuffer
 
 from proxy.downstream.exchange import Exchange
 from proxy.downstream.flow import (
-    HOLD,
     PEER_BUSY,
+    PIPELINE,
     ReadGate,
     discards_after_close_notify,
-    hold_tls_reads,
-    release_tls_reads,
     tune_write_buffer,
 )
 from proxy.downstream.request_head import RequestHead, read_request_head
@@ -93,9 +91,9 @@ class DownstreamProtocol(asyncio.Protocol):
         "_closed",
         "_deadline",
         "_head_chunks",
-        "_held",
         "_loop",
         "_on_close",
+        "_pipelined",
         "_processing",
         "_request_done",
         "_ssl",
@@ -136,7 +134,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.draining = False
         self.write_paused = False
         self._closed = False
-        self._held = False  # see flow.py: a request is read, its response not out yet
+        self._pipelined = False  # reading paused: a pipelined request waits for its turn
         self.last_tunnel_io = 0.0  # loop time of the last byte either way through a tunnel
         self._request_done = False  # the current request was read completely
         self._client_eof = False
@@ -166,7 +164,7 @@ class DownstreamProtocol(asyncio.Protocol):
             peer = transport.get_extra_info("peername")
             if isinstance(peer, tuple) and peer:
                 self.client_ip = peer[0]
-        self.gate = ReadGate(transport)
+        self.gate = ReadGate(transport, tls=self._tls)
         tune_write_buffer(transport)  # type: ignore[arg-type]
         self._set_deadline(self._loop.time() + self.limits.header_read_timeout)
 
@@ -180,9 +178,11 @@ class DownstreamProtocol(asyncio.Protocol):
         if wait == _CLOSING:
             return  # lingering after an error reply: drop the rest of the body
         if wait == _BUSY and self._request_done:
-            # The next (pipelined) request, decrypted with the last bytes of this one: it waits
-            # in the buffer for its turn (reading is held: nothing more comes until then).
+            # The next (pipelined) request: it waits in the buffer for its turn.
             self._buf += data
+            if not self._pipelined:
+                self._pipelined = True
+                self.gate.pause(PIPELINE)
             return
         try:
             if wait == _IDLE:
@@ -208,7 +208,7 @@ class DownstreamProtocol(asyncio.Protocol):
         data decrypted with the close_notify reaches data_received: the FIN that follows must
         stay unread (a TLS layer shuts down on it), and the rest waits for that data."""
         self._client_eof = True
-        hold_tls_reads(self.transport)
+        self.gate.hold_socket()
         self._loop.call_soon(self._client_ended)
 
     def _client_ended(self) -> bool:
@@ -345,23 +345,13 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def _end_of_request(self, exchange: Exchange) -> None:
         self._request_done = True
-        self._hold()
         exchange.on_request_end()
 
-    def _hold(self) -> None:
-        """The request is read: the client's next bytes wait until its response is out."""
-        if not self._held:
-            self._held = True
-            self.gate.pause(HOLD)
-            if self._tls:
-                hold_tls_reads(self.transport)
-
     def _release(self) -> None:
-        if self._held:
-            self._held = False
-            if self._tls and not self._client_eof:  # after a close_notify, the FIN stays unread
-                release_tls_reads(self.transport)
-            self.gate.resume(HOLD)
+        """Read again after a pipelined request waited for the response before it."""
+        if self._pipelined:
+            self._pipelined = False
+            self.gate.resume(PIPELINE)
 
     def exchange_done(self, exchange: Exchange, keep_alive: bool, *, abort: bool = False) -> None:
         """The response is complete (or failed): next request, or close."""

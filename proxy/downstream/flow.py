@@ -8,13 +8,14 @@ instead of growing a buffer. Reading can be paused for several reasons at once (
 slow, a pipelined request waits for its turn, the upstream is still connecting); a `ReadGate`
 reads again only when the last reason is gone.
 
-Between a request read in full and the end of its response, a client connection is *held*:
-its next bytes wait in the kernel. They may be a pipelined request (served after this one), or
-the client's half-close: a TLS close_notify or a FIN. asyncio's and uvloop's TLS transports shut
-the whole connection down on either, dropping the response still to come, so neither may be
-read before the response is out. Pausing the TLS transport's reading only stops decryption; a
-read-buffer high-water mark of one byte makes the TLS layer stop reading the socket as soon as
-anything arrives, and the FIN that follows a close_notify stays unread too.
+A client's FIN must stay unread while responses are still to go out to it: asyncio's and
+uvloop's TLS transports shut the whole connection down when they read one. It follows a
+close_notify (the client half-closed), or requests the client sent before it. Pausing a TLS
+transport's reading only stops decryption, so while reading is paused the gate also lowers the
+TLS layer's read-buffer high-water mark to one byte: records that arrive stay undecrypted in its
+incoming buffer, and it stops reading the socket, FIN included, until reading resumes and
+those records were decrypted (a close_notify among them is then seen for what it is). After a
+close_notify (tls.DirectSSLObject leaves a byte in that buffer) `hold_socket` keeps it so.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import asyncio
 
 # Reasons to stop reading, as bits.
 PEER_BUSY = 1  # the transport we forward to is over its high water mark, or not there yet
-HOLD = 2  # the request is read: the client's next bytes wait until its response is out
+PIPELINE = 2  # a pipelined request waits until the current response is done
 
 # Large writes are normal on this path (bodies): a larger buffer means fewer pause/resume
 # flips per megabyte while still bounding memory per connection.
@@ -34,17 +35,22 @@ WRITE_LOW_WATER = 64 * 1024
 class ReadGate:
     """Pauses and resumes reading on one transport; `reasons` holds the bits currently set."""
 
-    __slots__ = ("reasons", "transport")
+    __slots__ = ("_loop", "reasons", "socket_held", "tls", "transport")
 
-    def __init__(self, transport: asyncio.BaseTransport) -> None:
+    def __init__(self, transport: asyncio.BaseTransport, *, tls: bool = False) -> None:
         self.transport = transport
         self.reasons = 0
+        self.tls = tls
+        self.socket_held = False
+        self._loop = asyncio.get_running_loop() if tls else None
 
     def pause(self, reason: int) -> None:
         if not self.reasons:
             transport = self.transport
             if not transport.is_closing():
                 transport.pause_reading()  # type: ignore[attr-defined]
+                if self.tls:
+                    transport.set_read_buffer_limits(1, 0)  # type: ignore[attr-defined]
         self.reasons |= reason
 
     def resume(self, reason: int) -> None:
@@ -54,6 +60,20 @@ class ReadGate:
                 transport = self.transport
                 if not transport.is_closing():
                     transport.resume_reading()  # type: ignore[attr-defined]
+                    if self.tls:
+                        # The TLS layer decrypts what waits (its read is scheduled by now); the
+                        # socket is read again only after that.
+                        self._loop.call_soon(self._read_the_socket)  # type: ignore[union-attr]
+
+    def _read_the_socket(self) -> None:
+        transport = self.transport
+        if not self.reasons and not self.socket_held and not transport.is_closing():
+            transport.set_read_buffer_limits()  # type: ignore[attr-defined]  # the defaults
+
+    def hold_socket(self) -> None:
+        """The client half-closed over TLS: its FIN stays unread from now on."""
+        self.socket_held = True
+        self.transport.set_read_buffer_limits(1, 0)  # type: ignore[attr-defined]
 
     @property
     def paused(self) -> bool:
@@ -63,15 +83,6 @@ class ReadGate:
 def tune_write_buffer(transport: asyncio.WriteTransport) -> None:
     """Give a transport this path's water marks (bounded memory, few flips)."""
     transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
-
-
-def hold_tls_reads(transport: asyncio.BaseTransport) -> None:
-    """With reading paused, let the TLS layer stop reading the socket once a byte arrives."""
-    transport.set_read_buffer_limits(1, 0)  # type: ignore[attr-defined]
-
-
-def release_tls_reads(transport: asyncio.BaseTransport) -> None:
-    transport.set_read_buffer_limits()  # type: ignore[attr-defined]  # the loop's defaults
 
 
 def discards_after_close_notify(transport: asyncio.BaseTransport) -> bool:

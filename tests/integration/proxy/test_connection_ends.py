@@ -225,10 +225,16 @@ def test_a_client_that_half_closes_after_its_request_gets_the_response(
     assert response.body  # the app's answer, whole (h11 checked its length)
 
 
-def test_pipelined_requests_then_a_half_close_are_all_answered(proxy: Proxy) -> None:
+@pytest.mark.parametrize("pause", [0.0, 0.1], ids=["same-read", "later"])
+def test_pipelined_requests_then_a_half_close_are_all_answered(proxy: Proxy, pause: float) -> None:
     client = HalfClosingClient(proxy, ssl.TLSVersion.TLSv1_3)
     try:
-        client.send(b"GET /slow/0.2 HTTP/1.1\r\nHost: localhost\r\n\r\n" * 3)
+        client.send(b"GET /slow/0.3 HTTP/1.1\r\nHost: localhost\r\n\r\n" * 2)
+        time.sleep(pause)
+        # 0.1: this one arrives while the first is served: the proxy stops reading, and the
+        # close_notify and FIN that follow must wait unread until every response is out.
+        client.send(b"GET /slow/0.1 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        time.sleep(pause)
         client.half_close()
         data = client.read_all()
     finally:
