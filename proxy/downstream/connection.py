@@ -494,11 +494,11 @@ class DownstreamProtocol(asyncio.Protocol):
             return
         if self._ssl is not None:
             self._ssl.on_close_notify = None  # the TLS layer's own shutdown reads it now
-        self._release()
+        self._pipelined = False
+        self.gate.open()
         if not linger:
             transport.close()
             return
-        self.gate.resume(PEER_BUSY)
         if not self._tls:
             transport.write_eof()
             self._loop.call_later(_LINGER, transport.close)

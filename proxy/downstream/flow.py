@@ -70,6 +70,16 @@ class ReadGate:
         if not self.reasons and not self.socket_held and not transport.is_closing():
             transport.set_read_buffer_limits()  # type: ignore[attr-defined]  # the defaults
 
+    def open(self) -> None:
+        """Read again at once, whatever the reasons were: the connection is closing, and its
+        TLS layer's shutdown (or our linger) reads what still comes."""
+        self.reasons = 0
+        transport = self.transport
+        if not transport.is_closing():
+            if self.tls and not self.socket_held:
+                transport.set_read_buffer_limits()  # type: ignore[attr-defined]
+            transport.resume_reading()  # type: ignore[attr-defined]
+
     def hold_socket(self) -> None:
         """The client half-closed over TLS: its FIN stays unread from now on."""
         self.socket_held = True
