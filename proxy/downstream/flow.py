@@ -37,12 +37,18 @@ class ReadGate:
 
     __slots__ = ("_loop", "reasons", "socket_held", "tls", "transport")
 
-    def __init__(self, transport: asyncio.BaseTransport, *, tls: bool = False) -> None:
+    def __init__(
+        self,
+        transport: asyncio.BaseTransport,
+        *,
+        tls: bool = False,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self.transport = transport
         self.reasons = 0
         self.tls = tls
         self.socket_held = False
-        self._loop = asyncio.get_running_loop() if tls else None
+        self._loop = loop or (asyncio.get_running_loop() if tls else None)
 
     def pause(self, reason: int) -> None:
         if not self.reasons:
