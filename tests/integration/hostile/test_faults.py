@@ -29,14 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import h11
-import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tests.integration.harness import REPO, AppProcess, ProxyProcess, tlsproxy
 from tests.integration.proxy.conftest import MakeProxy
-from tests.integration.proxy.support import Proxy, TlsConn
+from tests.integration.proxy.support import Proxy
 
 MIB = 1024 * 1024
 SINK_APP = "tests.integration.proxy.apps.sink:app"
@@ -536,3 +535,461 @@ def worker_rollout_running(log: str) -> bool:
         if started > done:
             return True
     return False
+
+
+# --- SIGTERM with slow requests in flight -------------------------------------------------------
+
+
+def slow_clients(
+    proxy: Proxy, seconds: float, count: int
+) -> tuple[list[Outcome], list[threading.Thread]]:
+    """`count` clients, each on its own connection, waiting for GET /slow/SECONDS."""
+    outcomes: list[Outcome] = []
+    ready = threading.Barrier(count + 1, timeout=30)
+
+    def one() -> None:
+        with proxy.conn("localhost", timeout=seconds + 30) as conn:
+            conn.send(f"GET /slow/{seconds:g} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+            ready.wait()
+            outcome = read_outcome(conn.sock, timeout=seconds + 30)
+            outcome.headers.append((b"x-test-ended", str(time.monotonic()).encode()))
+            outcomes.append(outcome)
+
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    ready.wait()
+    time.sleep(1.0)  # the requests reach the app and wait in its sleep
+    return outcomes, threads
+
+
+def ended_at(outcome: Outcome) -> float:
+    return float(dict(outcome.headers)[b"x-test-ended"])
+
+
+def refused(port: int) -> bool:
+    """Whether a TCP connect to the port is refused (nothing listens any more). A reset is
+    not counted: the listener was closing just then; the next try says."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except ConnectionResetError:
+        return False
+
+
+def wait_for_status_pids(proxy: ProxyProcess, want: int) -> set[int]:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(AssertionError):
+            pids = status_pids(proxy)
+            if len(pids) == want:
+                return pids
+        time.sleep(0.2)
+    raise AssertionError(f"`tlsproxy status` never showed {want} workers up")
+
+
+def test_sigterm_lets_slow_requests_finish(make_proxy: MakeProxy) -> None:
+    proxy = make_proxy(workers_config(grace="15s"))
+    assert proxy.proc is not None
+    outcomes, threads = slow_clients(proxy, 4, count=3)
+    proxy.signal(signal.SIGTERM)
+    sent = time.monotonic()
+    refused_at = None
+    while time.monotonic() - sent < 3:
+        if refused(proxy.port):
+            refused_at = time.monotonic() - sent
+            break
+        time.sleep(0.05)
+    returncode = proxy.proc.wait(30)
+    exited = time.monotonic() - sent
+    for thread in threads:
+        thread.join(10)
+    print(
+        f"\n[fault] SIGTERM, 3 x /slow/4 in flight, grace 15 s: new connections refused after "
+        f"{refused_at} s, {[o.status for o in outcomes]} at "
+        f"{[round(ended_at(o) - sent, 2) for o in outcomes]} s, exit {returncode} after "
+        f"{exited:.2f} s"
+    )
+    assert refused_at is not None, "new connections were still accepted 3 s after SIGTERM"
+    assert len(outcomes) == 3
+    for outcome in outcomes:
+        assert outcome.complete and outcome.status == 200, outcome
+        assert b'"slept":4' in outcome.body
+        assert refused_at < ended_at(outcome) - sent  # refused while requests were in flight
+    assert returncode == 0, proxy.log()[-3000:]
+    assert exited < 15, "the proxy waited out the grace although every request was done"
+    log = proxy.log()
+    assert "draining" in log and "shutdown_grace over" not in log
+    assert "Traceback" not in log
+
+
+def test_sigterm_cuts_requests_slower_than_the_grace(make_proxy: MakeProxy) -> None:
+    proxy = make_proxy(workers_config(grace="2s"))
+    assert proxy.proc is not None
+    workers = wait_for_status_pids(proxy, 2)
+    assert workers == uvicorn_children(proxy.pid)
+    outcomes, threads = slow_clients(proxy, 60, count=3)
+    proxy.signal(signal.SIGTERM)
+    sent = time.monotonic()
+    returncode = proxy.proc.wait(30)
+    exited = time.monotonic() - sent
+    for thread in threads:
+        thread.join(10)
+    print(
+        f"\n[fault] SIGTERM, 3 x /slow/60 in flight, grace 2 s: clients got "
+        f"{[(o.status, o.ended_by) for o in outcomes]} after "
+        f"{[round(ended_at(o) - sent, 2) for o in outcomes]} s; exit {returncode} after "
+        f"{exited:.2f} s"
+    )
+    assert len(outcomes) == 3
+    for outcome in outcomes:
+        assert outcome.status is None and not outcome.complete, outcome
+        assert 1.5 < ended_at(outcome) - sent < 12, "not cut at the grace"
+    assert returncode == 0, proxy.log()[-3000:]
+    assert "shutdown_grace over: closing 3 connection(s)" in proxy.log()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(pid_alive(p) for p in workers):
+        time.sleep(0.05)
+    assert not any(pid_alive(p) for p in workers), "orphan workers"
+
+
+# --- kill -9 of the proxy while it writes certificates ------------------------------------------
+
+CERT_SITES = 3
+
+
+def certs_config(app: AppProcess, variant: int) -> str:
+    """Three local-CA sites whose second name changes with `variant` (so a SIGHUP that brings a
+    new variant issues three new leaves), and leaves that live 10 s (renewed every ~7 s)."""
+    sites = "".join(
+        f'[[site]]\nhosts = ["s{i}.test", "v{variant}.s{i}.test"]\ntls = "internal"\n'
+        f'upstream = "app"\n\n'
+        for i in range(CERT_SITES)
+    )
+    return f"""
+[server]
+https = ["127.0.0.1:0"]
+http = []
+data_dir = "data"
+default_site = "s0.test"
+shutdown_grace = "2s"
+access_log = "off"
+
+{sites}
+[upstream.app]
+servers = ["{app.server}"]
+
+[local_ca]
+leaf_lifetime = "10s"
+"""
+
+
+def crypto_workers(pid: int) -> set[int]:
+    """The proxy's `python -m certs.crypto_worker` children (they write data_dir)."""
+    found = set()
+    for child in children(pid):
+        with contextlib.suppress(FileNotFoundError):
+            if b"certs.crypto_worker" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.add(child)
+    return found
+
+
+def spawn_proxy(config: Path, log_file: Path) -> subprocess.Popen[bytes]:
+    with open(log_file, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "proxy", "run", "-c", str(config), "--log-level", "info"],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO,
+        )
+
+
+def temp_files(data_dir: Path) -> list[str]:
+    """The temporary files of atomic writes in progress (storage.write_atomic: `.NAME.*.tmp`)."""
+    found = []
+    for directory in [data_dir / "ca", *(data_dir / "certificates").glob("*")]:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            found += [n for n in os.listdir(directory) if n.endswith(".tmp")]
+    return found
+
+
+def kill_when_issuing(
+    proc: subprocess.Popen[bytes], data_dir: Path, rng: random.Random, nth: int, at_write: bool
+) -> tuple[bool, bool]:
+    """SIGKILL the proxy a random moment after its `nth` crypto worker started, or (with
+    `at_write`) the moment a temporary file of an atomic write shows up in data_dir, killing
+    that crypto worker too (a crash of everything, as a power cut would be). Gives up waiting
+    after 4 s. Returns (a crypto worker was running, a write was under way) at the kill."""
+    before = set(temp_files(data_dir))  # left by an earlier round's kill
+    seen: set[int] = set()
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline and proc.poll() is None:
+        seen |= crypto_workers(proc.pid)
+        if len(seen) >= nth:
+            break
+        time.sleep(0.005)
+    if at_write:
+        # Busy-wait (bounded): a write lasts about as long as its fsync, a few milliseconds.
+        while time.monotonic() < deadline and proc.poll() is None:
+            if set(temp_files(data_dir)) - before or not crypto_workers(proc.pid):
+                break
+    else:
+        time.sleep(rng.uniform(0, 0.25))
+    writers = crypto_workers(proc.pid)
+    writing = bool(set(temp_files(data_dir)) - before)
+    proc.kill()
+    if at_write:
+        for pid in writers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    proc.wait(10)
+    # A crypto worker left alone finishes its one job and exits; wait for that (bounded).
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(pid_alive(p) for p in writers):
+        time.sleep(0.05)
+    for pid in writers:  # still there after 20 s: not ours to leave running
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return bool(writers), writing
+
+
+def check_data_dir(data_dir: Path) -> tuple[int, list[Path]]:
+    """Every PEM and key file parses, and every stored pair (current and previous) belongs
+    together. Returns the number of files checked and the temporary files left behind."""
+    checked = 0
+    for path in sorted(data_dir.rglob("*")):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        data = path.read_bytes()
+        if path.suffix == ".key" or path.name.startswith("key."):  # root.key, key.prev.pem
+            serialization.load_pem_private_key(data, password=None)
+            checked += 1
+        elif path.suffix == ".pem":
+            assert x509.load_pem_x509_certificates(data), f"{path}: no certificate"
+            checked += 1
+    for directory in (data_dir / "certificates").iterdir():
+        for cert_name, key_name in (("cert.pem", "key.pem"), ("cert.prev.pem", "key.prev.pem")):
+            cert_file, key_file = directory / cert_name, directory / key_name
+            if not cert_file.exists() and not key_file.exists():
+                continue
+            leaf = x509.load_pem_x509_certificates(cert_file.read_bytes())[0]
+            key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+            assert leaf.public_key() == key.public_key(), (
+                f"{directory}: {key_name} is not the key of {cert_name}"
+            )
+    leftovers = [p for p in data_dir.rglob(".*.tmp")]
+    return checked, leftovers
+
+
+def test_kill_9_while_writing_certificates(make_proxy: MakeProxy, example_app: AppProcess) -> None:
+    proxy = make_proxy(certs_config(example_app, 0), start=False)
+    config, log_file = proxy.config_file, proxy.dir / "killed.log"
+    data_dir = config.parent / "data"
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    rounds = 8
+    hits = writes = 0
+    for n in range(rounds):
+        at_write = n % 2 == 0
+        proc = spawn_proxy(config, log_file)
+        try:
+            if n > 0:  # the first start creates the CA and three leaves: kill inside those
+                deadline = time.monotonic() + 30
+                while "listening https://" not in log_file.read_text().split("--- round")[-1]:
+                    assert proc.poll() is None, log_file.read_text()[-3000:]
+                    assert time.monotonic() < deadline, "the proxy did not start after a kill"
+                    time.sleep(0.05)
+                config.write_text(certs_config(example_app, n))
+                proc.send_signal(signal.SIGHUP)
+            # A reload's first crypto worker validates; the next ones issue and write.
+            nth = rng.randint(1, 3) if n == 0 else rng.randint(2, 1 + CERT_SITES)
+            hit, writing = kill_when_issuing(proc, data_dir, rng, nth, at_write)
+            hits += hit
+            writes += writing
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            with open(log_file, "a") as log:
+                log.write(f"\n--- round {n} killed\n")
+    checked, leftovers = check_data_dir(data_dir)
+    print(
+        f"\n[fault] kill -9 while writing certificates (seed {seed}): {rounds} kills, {hits} "
+        f"with a crypto worker running, {writes} during an atomic write; {checked} PEM/key "
+        f"files parse, {len(leftovers)} temporary files left behind"
+    )
+    assert hits >= rounds // 2, "the kills missed the crypto workers"
+    assert writes >= 1, "no kill landed during an atomic write"
+    # The restart serves: every site's chain verifies against the local CA's root.
+    proxy.start()
+    for i in range(CERT_SITES):
+        for host in (f"s{i}.test", f"v{rounds - 1}.s{i}.test"):
+            with proxy.conn(host) as conn:
+                conn.send(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                assert conn.response().status == 200
+    checked_after, _ = check_data_dir(data_dir)
+    assert checked_after >= checked
+
+
+# --- a data_dir on a full filesystem ------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `path` for the test (needs root), unmounted after it."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Write one file until the filesystem says ENOSPC (it is a small tmpfs: bounded)."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for _ in range(100_000):
+            try:
+                f.write(b"\0" * 4096)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+                return filler
+    raise AssertionError("the tmpfs never filled up")
+
+
+def served_leaf(proxy: Proxy, host: str = "localhost") -> x509.Certificate:
+    """The leaf a new handshake gets (its chain verified against the local CA); the request
+    on that connection must be answered too."""
+    with proxy.conn(host) as conn:
+        der = conn.sock.getpeercert(binary_form=True)
+        conn.send(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        assert conn.response().status == 200
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def leaf_serial(proxy: Proxy, host: str = "localhost") -> int:
+    return served_leaf(proxy, host).serial_number
+
+
+def wait_until_due(leaf: x509.Certificate, slack: float = 0.3) -> None:
+    """Sleep until a third of the leaf's lifetime is left (due by any reader's arithmetic,
+    whatever the jitter of the background renewal)."""
+    before, after = leaf.not_valid_before_utc.timestamp(), leaf.not_valid_after_utc.timestamp()
+    due = after - (after - before) / 3 + slack
+    time.sleep(max(0.0, due - time.time()))
+    assert time.time() < after - 1, "the leaf expired before the test got to it"
+
+
+def certs_line(proxy: Proxy) -> str:
+    result = tlsproxy("certs", "-c", str(proxy.config_file))
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def short_leaf_config(app: AppProcess, lifetime: str) -> str:
+    return f"""
+[server]
+https = ["127.0.0.1:0"]
+http = []
+data_dir = "data"
+default_site = "localhost"
+access_log = "off"
+
+[[site]]
+hosts = ["localhost"]
+tls = "internal"
+upstream = "app"
+
+[upstream.app]
+servers = ["{app.server}"]
+
+[local_ca]
+leaf_lifetime = "{lifetime}"
+"""
+
+
+def test_full_data_dir_when_a_renewal_is_due(
+    make_proxy: MakeProxy, example_app: AppProcess
+) -> None:
+    """The renewal fails (logged), the old leaf keeps serving, also across a SIGHUP while the
+    disk is still full; once there is space, a reload issues a new leaf."""
+    # Leaves of 15 s are due about 10 s after they are issued, and valid 5 s more.
+    proxy = make_proxy(short_leaf_config(example_app, "15s"), start=False)
+    with small_tmpfs(proxy.dir / "data", "1m") as data_dir:
+        try:
+            proxy.start()
+            first = served_leaf(proxy)
+            filler = fill(data_dir)
+            failure = proxy.wait_for_log(r"certificate for localhost not renewed.*", timeout=30)
+            print(f"\n[fault] full data_dir: {failure.group(0)}")
+            assert "No space left on device" in failure.group(0)
+            assert leaf_serial(proxy) == first.serial_number
+            # A reload while it is still full cannot issue either; the old leaf stays.
+            wait_until_due(first)
+            mark = len(proxy.log())
+            proxy.signal(signal.SIGHUP)
+            reload = proxy.wait_for_log(r"(reload failed|reloaded ).*", timeout=20, start=mark)
+            print(f"[fault] full data_dir, SIGHUP: {reload.group(0)}")
+            assert leaf_serial(proxy) == first.serial_number
+            # Space again: the next reload issues a new leaf, and new handshakes get it.
+            filler.unlink()
+            mark = len(proxy.log())
+            proxy.signal(signal.SIGHUP)
+            proxy.wait_for_log("reloaded ", timeout=20, start=mark)
+            assert leaf_serial(proxy) != first.serial_number
+            assert "Traceback" not in proxy.log()
+        finally:
+            proxy.stop()
+
+
+def test_full_data_dir_error_shows_in_tlsproxy_certs(
+    make_proxy: MakeProxy, example_app: AppProcess
+) -> None:
+    proxy = make_proxy(short_leaf_config(example_app, "10s"), start=False)
+    with small_tmpfs(proxy.dir / "data", "1m") as data_dir:
+        try:
+            proxy.start()
+            fill(data_dir)
+            proxy.wait_for_log(r"certificate for localhost not renewed", timeout=30)
+            status = certs_line(proxy)
+            print(f"\n[fault] full data_dir, tlsproxy certs: {status.strip()}")
+            assert "last_error=-" not in status, "the renewal error is not shown"
+        finally:
+            proxy.stop()
+
+
+def test_restart_with_a_full_data_dir_serves_the_stored_leaf(
+    make_proxy: MakeProxy, example_app: AppProcess
+) -> None:
+    """A proxy restarted while data_dir is full and its leaf is due (still valid): the leaf
+    cannot be renewed, but the one stored can be served until it can."""
+    proxy = make_proxy(short_leaf_config(example_app, "10s"), start=False)
+    with small_tmpfs(proxy.dir / "data", "1m") as data_dir:
+        try:
+            proxy.start()
+            first = served_leaf(proxy)
+            assert proxy.stop() == 0
+            fill(data_dir)
+            wait_until_due(first)
+            # start() reads "listening" from the log: the first run's log goes aside.
+            proxy.log_file.rename(proxy.dir / "first-run.log")
+            try:
+                proxy.start()
+            except RuntimeError as exc:  # exited at start-up
+                raise AssertionError(f"no restart, full data_dir:\n{str(exc)[-2000:]}") from None
+            assert leaf_serial(proxy) == first.serial_number
+        finally:
+            proxy.stop()
