@@ -63,14 +63,18 @@ _CLOSING = 3
 # for at most its ssl_shutdown_timeout (30 s, as nginx's lingering_time).
 _LINGER = 2.0
 _HEAD_END = re.compile(rb"\n\r?\n")  # where h11 ends a head
+# Control bytes other than HTAB (and the CR LF that end lines): h11 lets them through in field
+# values, RFC 9110 5.5 calls them invalid, and an app's parser may refuse or read them otherwise.
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 def head_problem(raw: bytes, max_bytes: int) -> int:
     """0 if the request head at the start of `raw` is clean, else the status to answer.
 
-    h11 is lenient where a proxy must not be: it accepts bare LF line ends and unfolds
-    obs-fold (the upstream would see a different message than a strict peer would), and it
-    checks the head size only while the head is incomplete, so one large read slips through.
+    h11 is lenient where a proxy must not be: it accepts bare LF line ends, control bytes in
+    field values, and unfolds obs-fold (the upstream would see a different message than a
+    strict peer would), and it checks the head size only while the head is incomplete, so one
+    large read slips through.
     """
     match = _HEAD_END.search(raw)
     end = match.end() if match is not None else len(raw)
@@ -80,6 +84,8 @@ def head_problem(raw: bytes, max_bytes: int) -> int:
         return 400  # a bare LF
     if raw.find(b"\n ", 0, end) >= 0 or raw.find(b"\n\t", 0, end) >= 0:
         return 400  # obs-fold
+    if _CONTROL.search(raw, 0, end) is not None:
+        return 400
     return 0
 
 
@@ -403,7 +409,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def _reject(self, status: int, request: RequestHead | None = None) -> None:
         """The request is refused while its head or body is parsed (400, 431, 501)."""
-        if status not in (400, 431, 501):
+        if status not in (400, 431, 501, 505):
             status = 400
         exchange = self.exchange
         if exchange is not None and not exchange.resp_started:

@@ -31,7 +31,7 @@ from proxy.logs import AccessLog, log
 
 ACME_PREFIX = b"/.well-known/acme-challenge/"
 _TOKEN_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
-_STATUS_HINTS = frozenset((400, 413, 431, 501))
+_STATUS_HINTS = frozenset((400, 413, 431, 501, 505))
 _LINGER = 2.0
 
 

@@ -61,6 +61,10 @@ def read_request_head(buf: ReceiveBuffer) -> RequestHead | None:
         if name == b"host":
             hosts += 1
     http_version = matches["http_version"]
+    if http_version != b"1.1" and http_version != b"1.0":
+        # h11 takes any digit.digit; a message that says 0.9 or 2.0 but has HTTP/1.1's syntax
+        # is none of them (RFC 9110 15.6.6), and an app might read it by the version it says.
+        raise LocalProtocolError("unsupported HTTP version", error_status_hint=505)
     if hosts == 0 and http_version == b"1.1":
         raise LocalProtocolError("Missing mandatory Host: header")
     if hosts > 1:

@@ -27,8 +27,9 @@ _REASONS: dict[int, bytes] = {
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
 }
-ERROR_STATUSES = (400, 404, 405, 408, 413, 421, 431, 500, 501, 502, 503, 504)
+ERROR_STATUSES = (400, 404, 405, 408, 413, 421, 431, 500, 501, 502, 503, 504, 505)
 
 
 def reason(status: int) -> bytes:

@@ -84,3 +84,12 @@ def test_incomplete_head_waits(cut):
     buf += raw[cut:]
     head = read_request_head(buf)
     assert head is not None and head.fields == [(b"host", b"localhost")]
+
+
+@pytest.mark.parametrize("version", [b"0.9", b"2.0", b"1.2", b"3.1"])
+def test_versions_other_than_1_0_and_1_1_are_505(version: bytes) -> None:
+    buf = ReceiveBuffer()
+    buf += b"GET / HTTP/" + version + b"\r\nHost: a\r\n\r\n"
+    with pytest.raises(LocalProtocolError) as raised:
+        read_request_head(buf)
+    assert raised.value.error_status_hint == 505
