@@ -172,6 +172,75 @@ class TlsConn:
         return None, bytes(data)
 
 
+class HalfClosingClient:
+    """A TLS client driven by hand (ssl.SSLObject over memory BIOs), so that it can send its
+    close_notify and its FIN after the request and still read what comes back, as TLS 1.3
+    allows (RFC 8446 6.1) and socat or ncat do on end of input."""
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3,
+        sni: str = "localhost",
+    ) -> None:
+        context = proxy.context()
+        context.maximum_version = version
+        self.sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname=sni)
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                self._fill()
+        self._flush()
+
+    def _flush(self) -> None:
+        data = self.outgoing.read()
+        if data:
+            self.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(65536)
+        if not data:
+            self.incoming.write_eof()
+            return False
+        self.incoming.write(data)
+        return True
+
+    def send(self, data: bytes) -> None:
+        self.tls.write(data)
+        self._flush()
+
+    def half_close(self) -> None:
+        try:
+            self.tls.unwrap()  # writes our close_notify; the server's has not come yet
+        except ssl.SSLWantReadError:
+            pass
+        self._flush()
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def read_all(self) -> bytes:
+        data = b""
+        while True:
+            try:
+                chunk = self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                if not self._fill():
+                    return data
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return data
+            if not chunk:
+                return data
+            data += chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def wait_tcp_closed(sock: socket.socket, timeout: float) -> float | None:
     """Seconds until the peer closed a plain socket (EOF or reset), None if it stayed open."""
     start = time.monotonic()

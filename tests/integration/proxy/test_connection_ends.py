@@ -22,7 +22,13 @@ import websockets
 
 from tests.integration.harness import AppProcess, running
 from tests.integration.proxy.conftest import MakeProxy
-from tests.integration.proxy.support import Proxy, TcpServer, parse_responses, proxy_config
+from tests.integration.proxy.support import (
+    HalfClosingClient,
+    Proxy,
+    TcpServer,
+    parse_responses,
+    proxy_config,
+)
 
 LIMITS = """
 header_read_timeout = "3s"
@@ -144,70 +150,6 @@ def test_plain_http_to_the_tls_port_gets_a_plain_400_logged_once(proxy: Proxy) -
 
 
 # --- a client that half-closes after its request ---------------------------------------------
-
-
-class HalfClosingClient:
-    """A TLS client driven by hand (ssl.SSLObject over memory BIOs), so that it can send its
-    close_notify and its FIN after the request and still read what comes back, as TLS 1.3
-    allows (RFC 8446 6.1) and socat or ncat do on end of input."""
-
-    def __init__(self, proxy: Proxy, version: ssl.TLSVersion) -> None:
-        context = proxy.context()
-        context.maximum_version = version
-        self.sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
-        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
-        while True:
-            try:
-                self.tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                self._flush()
-                self._fill()
-        self._flush()
-
-    def _flush(self) -> None:
-        data = self.outgoing.read()
-        if data:
-            self.sock.sendall(data)
-
-    def _fill(self) -> bool:
-        data = self.sock.recv(65536)
-        if not data:
-            self.incoming.write_eof()
-            return False
-        self.incoming.write(data)
-        return True
-
-    def send(self, data: bytes) -> None:
-        self.tls.write(data)
-        self._flush()
-
-    def half_close(self) -> None:
-        try:
-            self.tls.unwrap()  # writes our close_notify; the server's has not come yet
-        except ssl.SSLWantReadError:
-            pass
-        self._flush()
-        self.sock.shutdown(socket.SHUT_WR)
-
-    def read_all(self) -> bytes:
-        data = b""
-        while True:
-            try:
-                chunk = self.tls.read(65536)
-            except ssl.SSLWantReadError:
-                if not self._fill():
-                    return data
-                continue
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                return data
-            if not chunk:
-                return data
-            data += chunk
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])
