@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+) HTTP/1\.([01])")
-_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9]{2}) [\x09\x20-\x7e\x80-\xff]*")
+# The SP before an empty reason phrase is often left out; nobody reads that line two ways.
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: [\x09\x20-\x7e\x80-\xff]*)?")
 _VALUE = re.compile(rb"[\x21-\x7e\x80-\xff]([\x09\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?|")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(;[\x09\x20-\x7e\x80-\xff]*)?")
 
@@ -148,9 +149,9 @@ def parse_response(data: bytes, *, head_request: bool = False) -> tuple[Message,
             break
         pos = body_at
     start = (match.group(1), match.group(2))
-    framing, length = _framing(fields)
-    if head_request or status in (101, 204, 304):
+    if head_request or status in (101, 204, 304):  # no body, whatever the framing fields say
         return Message(start, fields, b"", "none"), data[body_at:]
+    framing, length = _framing(fields)
     if framing == "chunked":
         got = _chunked(data, body_at)
         if got is None:
