@@ -191,8 +191,12 @@ class Exchange:
                 return
             authority, target = split
             if authority:
+                had_host = self.host is not None
                 self.host = authority
-                fields = [(n, authority if n == b"host" else v) for n, v in fields]
+                if had_host:
+                    fields = [(n, authority if n == b"host" else v) for n, v in fields]
+                else:  # HTTP/1.0 may omit Host; the upstream's HTTP/1.1 request needs one
+                    fields = [*fields, (b"host", authority)]
         down = self.down
         state = down.state
         if self.host is None:

@@ -276,3 +276,12 @@ def test_unknown_host_without_a_default_site_is_404(
     proxy = make_proxy(proxy_config([(["app.test"], "app")], {"app": example_app.server}))
     assert get(proxy, "app.test", b"GET / HTTP/1.1\r\nHost: unknown.test\r\n\r\n").status == 404
     assert get(proxy, "app.test", b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").status == 200
+
+
+def test_http10_absolute_form_without_host_reaches_the_app_with_a_host(proxy: Proxy) -> None:
+    """Found by the request fuzzer: the upstream's HTTP/1.1 request had no Host at all."""
+    with proxy.conn() as conn:
+        conn.send(b"GET https://localhost/ HTTP/1.0\r\n\r\n")
+        response = conn.response()
+    assert response.status == 200
+    assert b'["host","localhost"]' in response.body
