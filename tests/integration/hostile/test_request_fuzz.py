@@ -30,6 +30,8 @@ from tests.integration.hostile.strict import Ambiguous, parse_requests
 from tests.integration.proxy.conftest import MakeProxy
 from tests.integration.proxy.support import HalfClosingClient, Proxy, TcpServer, proxy_config
 
+# The long mode's length (0: CI's fixed round).
+LONG_SECONDS = float(os.environ.get("TLSPROXY_FUZZ_SECONDS") or 0)
 CI_SEED = 20261204
 CI_INPUTS = 3000
 
@@ -374,7 +376,7 @@ def rounds() -> Iterator[tuple[int, int, float]]:
     if seed := os.environ.get("TLSPROXY_FUZZ_SEED"):
         yield int(seed), CI_INPUTS, 3600.0
         return
-    seconds = float(os.environ.get("TLSPROXY_FUZZ_SECONDS") or 0)
+    seconds = LONG_SECONDS
     if not seconds:
         yield CI_SEED, CI_INPUTS, 600.0
         return
@@ -383,6 +385,7 @@ def rounds() -> Iterator[tuple[int, int, float]]:
         yield random.randrange(2**32), 10**9, left
 
 
+@pytest.mark.timeout(LONG_SECONDS + 300)  # the long mode runs past pytest's usual 300 s
 def test_request_path_differential_fuzz(proxy: Proxy, upstream: RecordingUpstream) -> None:
     stats = Stats()
     started = time.monotonic()

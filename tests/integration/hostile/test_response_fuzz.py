@@ -35,6 +35,8 @@ from tests.integration.hostile.strict import Ambiguous, parse_response
 from tests.integration.proxy.conftest import MakeProxy
 from tests.integration.proxy.support import Proxy, TcpServer, proxy_config
 
+# The long mode's length (0: CI's fixed round).
+LONG_SECONDS = float(os.environ.get("TLSPROXY_FUZZ_SECONDS") or 0)
 CI_SEED = 4122026
 CI_INPUTS = 1000
 _CASE = re.compile(rb"^[A-Z]+ /case/(\d+) ")
@@ -313,7 +315,7 @@ def rounds() -> Iterator[tuple[int, int, float]]:
     if seed := os.environ.get("TLSPROXY_FUZZ_SEED"):
         yield int(seed), CI_INPUTS, 3600.0
         return
-    seconds = float(os.environ.get("TLSPROXY_FUZZ_SECONDS") or 0)
+    seconds = LONG_SECONDS
     if not seconds:
         yield CI_SEED, CI_INPUTS, 600.0
         return
@@ -322,6 +324,7 @@ def rounds() -> Iterator[tuple[int, int, float]]:
         yield random.randrange(2**32), 10**9, left
 
 
+@pytest.mark.timeout(LONG_SECONDS + 300)  # the long mode runs past pytest's usual 300 s
 def test_response_path_fuzz(proxy: Proxy, upstream: ScriptedUpstream) -> None:
     stats = Stats()
     started = time.monotonic()
