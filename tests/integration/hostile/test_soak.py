@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
+
 from tests.integration.harness import AppProcess
 from tests.integration.hostile.traffic import Mix, Sampler, Target, sample, summary
 from tests.integration.proxy.conftest import MakeProxy
@@ -28,6 +30,9 @@ FD_SLACK = 2
 SETTLE_SECONDS = 20.0
 
 
+# pytest-timeout's default (300 s) would cut a long run: the run's own length plus set-up and
+# settling is the bound.
+@pytest.mark.timeout(SECONDS + 180)
 def test_soak_mixed_traffic(make_proxy: MakeProxy, example_app: AppProcess) -> None:
     proxy = make_proxy(
         # No default_site: an unknown Host gets 404 and an unknown SNI the unrecognized_name
