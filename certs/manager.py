@@ -302,6 +302,8 @@ class CertificateManager:
         if spec.source == "files":
             return self._load_files(spec, now)
         if spec.source == "internal":
+            self.storage.reserve_state(spec.name)
+            stored = None
             try:
                 if not self.isolate_crypto:
                     self._ca()  # created, or its intermediate renewed, before it is compared
@@ -310,7 +312,13 @@ class CertificateManager:
                     return self._install(spec.name, stored)
                 return self._issue_locked(spec, None)
             except (OSError, IssuanceError, LockTimeout) as e:
+                if stored is not None and self._good(spec, stored, now, renewing=False):
+                    # Due but still valid (a full disk, a CA hiccup): serve it, and let the
+                    # maintenance loop retry with back-off, as a renewal in flight would.
+                    self._renewal_failed(spec.name, e)
+                    return self._install(spec.name, stored)
                 raise CertificateFileError(self.storage.certificate_dir(spec.name), str(e)) from e
+        self.storage.reserve_state(spec.name)
         stored = self._read_stored(spec)
         if stored is not None and self._good(spec, stored, now, renewing=False):
             return self._install(spec.name, stored)
@@ -481,21 +489,7 @@ class CertificateManager:
         try:
             new = await asyncio.to_thread(self._issue_locked, spec, serial)
         except Exception as e:
-            attempts = self._attempts.setdefault(spec.name, _Attempts())
-            attempts.failures += 1
-            delay = retry_delay(attempts.failures, base=self.retry_base, cap=self.retry_cap)
-            attempts.next_attempt = self._clock() + delay
-            attempts.last_error = describe_error(e)
-            expected = isinstance(e, CertError | OSError)
-            log.warning(
-                "certificate for %s not renewed (attempt %d, next in %.0fs): %s",
-                spec.name,
-                attempts.failures,
-                delay,
-                attempts.last_error,
-                exc_info=not expected,
-            )
-            await asyncio.to_thread(self._save_state, spec.name)
+            await asyncio.to_thread(self._renewal_failed, spec.name, e)
             return
         self._attempts.pop(spec.name, None)
         await asyncio.to_thread(self._save_state, spec.name)
@@ -503,6 +497,23 @@ class CertificateManager:
         if current is not None and current.hosts == spec.hosts:
             # A reload may have changed the spec meanwhile; then load() already installed one.
             cache_getter().replace(new, current.hosts)
+
+    def _renewal_failed(self, name: str, error: BaseException) -> None:
+        """Count the failure, schedule the retry, log it and record it for `tlsproxy certs`."""
+        attempts = self._attempts.setdefault(name, _Attempts())
+        attempts.failures += 1
+        delay = retry_delay(attempts.failures, base=self.retry_base, cap=self.retry_cap)
+        attempts.next_attempt = self._clock() + delay
+        attempts.last_error = describe_error(error)
+        log.warning(
+            "certificate for %s not renewed (attempt %d, next in %.0fs): %s",
+            name,
+            attempts.failures,
+            delay,
+            attempts.last_error,
+            exc_info=not isinstance(error, CertError | OSError),
+        )
+        self._save_state(name)
 
     async def _refresh_ari(self, spec: CertSpec, installed: Installed | None) -> None:
         issuer = self._issuers.get(spec.source)

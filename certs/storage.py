@@ -18,6 +18,7 @@ written into the file only to name it in a timeout error.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -37,6 +38,9 @@ DIR_MODE = 0o700
 KEY_MODE = 0o600
 # Certificates are public, but a data_dir is private to the proxy's user: keep one mode.
 CERT_MODE = 0o600
+# Renewal state files are written at this size (JSON padded with spaces), so that an update
+# fits in the file's own blocks when the file system is full.
+STATE_SIZE = 4096
 
 _UNSAFE = re.compile(r"[^a-z0-9._-]")
 # How often to re-read a cert/key pair that did not match: a writer replaces key.pem and then
@@ -72,6 +76,26 @@ def write_atomic(path: Path, data: bytes, *, mode: int = KEY_MODE) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _overwrite_in_place(path: Path, data: bytes) -> bool:
+    """Write `data` over an existing file at least as large, in the blocks it has (a full file
+    system has none to give a new one). A reader may meet a torn write; state readers accept
+    anything unreadable as no state."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if os.fstat(fd).st_size < len(data):
+            return False
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -233,8 +257,24 @@ class Storage:
         return state if isinstance(state, dict) else {}
 
     def save_state(self, name: str, state: dict[str, Any]) -> None:
+        """Record a certificate's renewal state. Written at a fixed size (JSON padded with
+        spaces): when the file system is full, which is when a renewal's error matters most,
+        the new state overwrites the old in the blocks it already has instead of failing."""
         data = json.dumps(state, sort_keys=True, indent=1).encode()
-        self.write(self.state_path(name), data, mode=CERT_MODE)
+        if len(data) < STATE_SIZE:
+            data = data.ljust(STATE_SIZE - 1) + b"\n"
+        path = self.state_path(name)
+        try:
+            self.write(path, data, mode=CERT_MODE)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not _overwrite_in_place(path, data):
+                raise
+
+    def reserve_state(self, name: str) -> None:
+        """Make sure a state file exists, at its fixed size, while there is room for one."""
+        if not self.state_path(name).exists():
+            with contextlib.suppress(OSError):
+                self.save_state(name, {})
 
     # -- locking -------------------------------------------------------------------------
     @contextlib.contextmanager

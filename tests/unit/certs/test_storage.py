@@ -101,3 +101,32 @@ def test_safe_name(name, expected):
 def test_safe_name_rejects(name):
     with pytest.raises(ValueError):
         safe_name(name)
+
+
+def test_state_is_written_in_place_when_the_file_system_is_full(tmp_path, monkeypatch):
+    import errno
+
+    import certs.storage as storage_module
+
+    storage = Storage(tmp_path)
+    storage.reserve_state("a.test")
+    path = storage.state_path("a.test")
+    assert path.stat().st_size == storage_module.STATE_SIZE  # reserved while there is room
+    storage.reserve_state("a.test")  # a second reservation keeps what is there
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage_module, "write_atomic", full)
+    storage.save_state("a.test", {"failures": 1, "last_error": "No space left on device"})
+    assert storage.load_state("a.test") == {"failures": 1, "last_error": "No space left on device"}
+    assert path.stat().st_size == storage_module.STATE_SIZE
+    # No reserved file to write over: the error is raised, as before.
+    with pytest.raises(OSError):
+        storage.save_state("b.test", {"failures": 1})
+    # Other errors than a full file system are not papered over.
+    monkeypatch.setattr(
+        storage_module, "write_atomic", lambda *a, **k: (_ for _ in ()).throw(PermissionError())
+    )
+    with pytest.raises(PermissionError):
+        storage.save_state("a.test", {})
