@@ -947,11 +947,6 @@ def test_full_data_dir_when_a_renewal_is_due(
             proxy.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the renewal state (last_error) is written to data_dir itself, which is full: "
-    "`tlsproxy certs` says last_error=- and only the log has the error",
-)
 def test_full_data_dir_error_shows_in_tlsproxy_certs(
     make_proxy: MakeProxy, example_app: AppProcess
 ) -> None:
@@ -968,12 +963,6 @@ def test_full_data_dir_error_shows_in_tlsproxy_certs(
             proxy.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CertificateManager.load() must issue a due leaf: with data_dir full, `tlsproxy run` "
-    "exits 1 with a traceback (CertificateFileError ... No space left on device) instead of "
-    "serving the stored leaf, which is still valid",
-)
 def test_restart_with_a_full_data_dir_serves_the_stored_leaf(
     make_proxy: MakeProxy, example_app: AppProcess
 ) -> None:
