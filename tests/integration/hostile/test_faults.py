@@ -699,23 +699,32 @@ def spawn_proxy(config: Path, log_file: Path) -> subprocess.Popen[bytes]:
         )
 
 
-def temp_files(data_dir: Path) -> list[str]:
-    """The temporary files of atomic writes in progress (storage.write_atomic: `.NAME.*.tmp`)."""
-    found = []
+def data_files(data_dir: Path) -> dict[str, tuple[int, int]]:
+    """(mtime, size) of every file where certificates are written, temporary ones included."""
+    found = {}
     for directory in [data_dir / "ca", *(data_dir / "certificates").glob("*")]:
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            found += [n for n in os.listdir(directory) if n.endswith(".tmp")]
+            for entry in os.scandir(directory):
+                with contextlib.suppress(FileNotFoundError):
+                    stat = entry.stat()
+                    found[entry.path] = (stat.st_mtime_ns, stat.st_size)
     return found
+
+
+def temp_files(files: dict[str, tuple[int, int]]) -> set[str]:
+    """The temporary files of atomic writes (storage.write_atomic: `.NAME.*.tmp`)."""
+    return {path for path in files if path.endswith(".tmp")}
 
 
 def kill_when_issuing(
     proc: subprocess.Popen[bytes], data_dir: Path, rng: random.Random, nth: int, at_write: bool
 ) -> tuple[bool, bool]:
     """SIGKILL the proxy a random moment after its `nth` crypto worker started, or (with
-    `at_write`) the moment a temporary file of an atomic write shows up in data_dir, killing
-    that crypto worker too (a crash of everything, as a power cut would be). Gives up waiting
-    after 4 s. Returns (a crypto worker was running, a write was under way) at the kill."""
-    before = set(temp_files(data_dir))  # left by an earlier round's kill
+    `at_write`) the moment anything changes where certificates are written (a temporary file
+    appears, a file is replaced or grows), killing that crypto worker too: a crash of
+    everything, as a power cut would be. Gives up waiting after 4 s. Returns (a crypto worker
+    was running, a write of this round was under way) at the kill."""
+    left_before = temp_files(data_files(data_dir))  # from earlier rounds' kills
     seen: set[int] = set()
     deadline = time.monotonic() + 4
     while time.monotonic() < deadline and proc.poll() is None:
@@ -725,18 +734,19 @@ def kill_when_issuing(
         time.sleep(0.005)
     if at_write:
         # Busy-wait (bounded): a write lasts about as long as its fsync, a few milliseconds.
+        files = data_files(data_dir)
         while time.monotonic() < deadline and proc.poll() is None:
-            if set(temp_files(data_dir)) - before or not crypto_workers(proc.pid):
+            if data_files(data_dir) != files:
                 break
     else:
         time.sleep(rng.uniform(0, 0.25))
     writers = crypto_workers(proc.pid)
-    writing = bool(set(temp_files(data_dir)) - before)
     proc.kill()
     if at_write:
         for pid in writers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+    writing = bool(temp_files(data_files(data_dir)) - left_before)
     proc.wait(10)
     # A crypto worker left alone finishes its one job and exits; wait for that (bounded).
     deadline = time.monotonic() + 20
