@@ -48,7 +48,9 @@ def worker_command(app: str) -> str:
     )
 
 
-def workers_config(*, grace: str = "5s", limits: str = "", server: str = "") -> str:
+def workers_config(
+    *, grace: str = "5s", limits: str = "", server: str = "", stop_timeout: str = "3s"
+) -> str:
     """Two sites, each on one supervised worker: localhost -> examples/app.py, sink.test ->
     the sink app (reads a whole body before it answers)."""
     return f"""
@@ -77,13 +79,13 @@ upstream = "sink"
 command = "{worker_command("examples.app:app")}"
 workers = 1
 health = "/healthz"
-stop_timeout = "3s"
+stop_timeout = "{stop_timeout}"
 
 [upstream.sink]
 command = "{worker_command(SINK_APP)}"
 workers = 1
 health = "/count"
-stop_timeout = "3s"
+stop_timeout = "{stop_timeout}"
 """
 
 
@@ -484,15 +486,15 @@ class Load:
 def test_sighup_storm_under_load(make_proxy: MakeProxy, example_app: AppProcess) -> None:
     proxy = make_proxy(storm_config(example_app, 0))
     fds_before = len(os.listdir(f"/proc/{proxy.pid}/fd"))
-    signals = 25
+    signals = 22
     with Load(proxy, seconds=60) as load:
         time.sleep(1.0)
         for n in range(1, signals + 1):
             # One reload in the middle sees a broken config: logged, the running one stays.
-            text = "[server]\nno_such_key = 1\n" if n == 12 else storm_config(example_app, n)
+            text = "[server]\nno_such_key = 1\n" if n == 11 else storm_config(example_app, n)
             proxy.config_file.write_text(text)
             proxy.signal(signal.SIGHUP)
-            if n == 12:  # reloads queue up: keep the broken file until one has read it
+            if n == 11:  # reloads queue up: keep the broken file until one has read it
                 proxy.wait_for_log("reload failed", timeout=20)
             time.sleep(0.2)
         # Every SIGHUP is a reload (serialised) and, with workers, a rolling restart (folded
@@ -618,7 +620,8 @@ def test_sigterm_lets_slow_requests_finish(make_proxy: MakeProxy) -> None:
 
 
 def test_sigterm_cuts_requests_slower_than_the_grace(make_proxy: MakeProxy) -> None:
-    proxy = make_proxy(workers_config(grace="2s"))
+    # A worker still busy with a cut request is killed stop_timeout after its SIGTERM.
+    proxy = make_proxy(workers_config(grace="2s", stop_timeout="1s"))
     assert proxy.proc is not None
     workers = wait_for_status_pids(proxy, 2)
     assert workers == uvicorn_children(proxy.pid)
@@ -792,7 +795,7 @@ def test_kill_9_while_writing_certificates(make_proxy: MakeProxy, example_app: A
     data_dir = config.parent / "data"
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
-    rounds = 8
+    rounds = 6
     hits = writes = 0
     for n in range(rounds):
         at_write = n % 2 == 0
@@ -928,8 +931,8 @@ def test_full_data_dir_when_a_renewal_is_due(
 ) -> None:
     """The renewal fails (logged), the old leaf keeps serving, also across a SIGHUP while the
     disk is still full; once there is space, a reload issues a new leaf."""
-    # Leaves of 15 s are due about 10 s after they are issued, and valid 5 s more.
-    proxy = make_proxy(short_leaf_config(example_app, "15s"), start=False)
+    # Leaves of 12 s are due about 8 s after they are issued, and valid 4 s more.
+    proxy = make_proxy(short_leaf_config(example_app, "12s"), start=False)
     with small_tmpfs(proxy.dir / "data", "1m") as data_dir:
         try:
             proxy.start()
