@@ -250,6 +250,8 @@ class CertificateManager:
         if not os.access(existing, os.W_OK | os.X_OK):
             where = "not writable" if existing == root else f"not writable (to create {root})"
             raise CertificateFileError(existing, f"data_dir: {where}")
+        for path in self.storage.remove_stale_temp_files():
+            log.info("removed %s, left by a write that was interrupted", path)
 
     def _files_of(self, spec: CertSpec) -> tuple[Path, Path]:
         if spec.cert_file is None or spec.key_file is None:

@@ -78,6 +78,22 @@ def write_atomic(path: Path, data: bytes, *, mode: int = KEY_MODE) -> None:
     _fsync_dir(path.parent)
 
 
+# write_atomic's temporary files: "." + the file's name + "." + pid + "." + 12 hex + ".tmp".
+_TEMP_FILE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{12}\.tmp$")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, owned by someone else
+    return True
+
+
 def _overwrite_in_place(path: Path, data: bytes) -> bool:
     """Write `data` over an existing file at least as large, in the blocks it has (a full file
     system has none to give a new one). A reader may meet a torn write; state readers accept
@@ -269,6 +285,24 @@ class Storage:
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not _overwrite_in_place(path, data):
                 raise
+
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Delete what atomic writes left behind when their writer was killed (kill -9, a
+        power cut): `.NAME.PID.HEX.tmp` files of processes that are gone. They may hold
+        private keys, and nothing would ever read or remove them."""
+        removed = []
+        if not self.root.is_dir():
+            return removed
+        for directory, _, files in os.walk(self.root):
+            for name in files:
+                match = _TEMP_FILE.match(name)
+                if match is None or _alive(int(match.group(1))):
+                    continue
+                path = Path(directory) / name
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed.append(path)
+        return removed
 
     def reserve_state(self, name: str) -> None:
         """Make sure a state file exists, at its fixed size, while there is room for one."""

@@ -130,3 +130,16 @@ def test_state_is_written_in_place_when_the_file_system_is_full(tmp_path, monkey
     )
     with pytest.raises(PermissionError):
         storage.save_state("a.test", {})
+
+
+def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
+    storage = Storage(tmp_path)
+    directory = storage.certificate_dir("a.test")
+    directory.mkdir(parents=True)
+    dead = directory / ".key.pem.999999999.0123456789ab.tmp"  # no such pid
+    ours = directory / f".key.pem.{os.getpid()}.0123456789ab.tmp"  # a write in progress
+    other = directory / "key.pem"
+    for path in (dead, ours, other):
+        path.write_bytes(b"x")
+    assert storage.remove_stale_temp_files() == [dead]
+    assert not dead.exists() and ours.exists() and other.exists()
