@@ -14,6 +14,7 @@ import contextvars
 import logging
 import os
 import ssl
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -144,6 +145,31 @@ def normalize_server_name(name: str | None) -> str | None:
     return name.rstrip(".").lower() or None
 
 
+def _quiet_undecodable_server_names(previous: Callable[..., object]) -> Callable[..., object]:
+    """CPython's ssl decodes the ClientHello's server name before calling the SNI callback; a
+    name that is not ASCII fails that decoding, the handshake is refused, and the error is
+    printed as an "Exception ignored" traceback. Any client could fill the log with those: the
+    hook says it once per handshake, in one debug line, and passes everything else on."""
+
+    def hook(unraisable: sys.UnraisableHookArgs) -> None:
+        # The "object" CPython reports is the server name's bytes.
+        if isinstance(unraisable.exc_value, UnicodeDecodeError) and isinstance(
+            unraisable.object, bytes
+        ):
+            if tls_log.isEnabledFor(logging.DEBUG):
+                tls_log.debug("refusing handshake: the server name is not ASCII")
+            return
+        previous(unraisable)
+
+    hook.tlsproxy = True  # type: ignore[attr-defined]
+    return hook
+
+
+def install_sni_decode_hook() -> None:
+    if not getattr(sys.unraisablehook, "tlsproxy", False):
+        sys.unraisablehook = _quiet_undecodable_server_names(sys.unraisablehook)
+
+
 class CertificateSelector:
     """Owns the listener context and its SNI callback. `cache` (and `sites`, the configured
     names) are swapped whole on SIGHUP or when certificates change; a handshake reads whichever
@@ -155,6 +181,7 @@ class CertificateSelector:
         self.context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
         self.context.sni_callback = self.on_server_name
         self.context.sslobject_class = DirectSSLObject
+        install_sni_decode_hook()
 
     def choose(self, server_name: str | None) -> Installed | None:
         """The certificate for a ClientHello's name: the name's own (exact, then wildcard),

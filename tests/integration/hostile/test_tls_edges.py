@@ -418,11 +418,6 @@ def test_sni_empty_name_is_no_name(proxy: Proxy, strict: Proxy) -> None:
     assert reply.refused and reply.alert == UNRECOGNIZED_NAME, reply
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a non-ASCII SNI makes CPython's ssl print 'Exception ignored ... UnicodeDecodeError' "
-    "with a traceback to the proxy's log, once per handshake (reported to the lead)",
-)
 def test_sni_with_non_ascii_bytes_is_refused_quietly(make_proxy: MakeProxy) -> None:
     with running(RawUpstream("ok")) as upstream:
         own = make_proxy(edges_config(upstream, "localhost"))
