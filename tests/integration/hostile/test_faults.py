@@ -837,8 +837,16 @@ def test_kill_9_while_writing_certificates(make_proxy: MakeProxy, example_app: A
                 assert conn.response().status == 200
     checked_after, leftovers_after = check_data_dir(data_dir)
     assert checked_after >= checked
-    # What the killed writes left (they may hold private keys) is gone after the restart.
-    assert leftovers_after == []
+    # What the killed writes left (they may hold private keys) is gone after the restart. A
+    # temporary file seen now may be a renewal in progress (12 s leaves): it is renamed within
+    # moments, while its writer lives.
+    time.sleep(0.5)
+    stale = [
+        path
+        for path in leftovers_after
+        if path.exists() and not Path(f"/proc/{path.name.split('.')[-3]}").exists()
+    ]
+    assert stale == []
 
 
 # --- a data_dir on a full filesystem ------------------------------------------------------------
