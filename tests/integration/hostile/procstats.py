@@ -24,10 +24,10 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def tcp_connections(pid: int, local_port: int) -> int:
-    """How many of the process's fds are TCP connections on `local_port` (accepted clients
-    of that listener; the listening socket itself is not counted). Unlike the fd count, this
-    leaves out the upstream pool, whose idle connections live on for keepalive_timeout."""
+def tcp_connections(pid: int, local_port: int = 0, remote_port: int = 0) -> int:
+    """How many of the process's fds are TCP connections with that local port (the accepted
+    clients of a listener; the listening socket itself is not counted) or that remote port
+    (its connections to an upstream). Unlike the fd count, this tells the two apart."""
     inodes = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
@@ -44,8 +44,11 @@ def tcp_connections(pid: int, local_port: int) -> int:
             continue
         for line in lines:
             fields = line.split()
-            port = int(fields[1].rsplit(":", 1)[1], 16)
-            if port == local_port and fields[3] != LISTEN and int(fields[9]) in inodes:
+            local = int(fields[1].rsplit(":", 1)[1], 16)
+            remote = int(fields[2].rsplit(":", 1)[1], 16)
+            if fields[3] == LISTEN or int(fields[9]) not in inodes:
+                continue
+            if (local_port and local == local_port) or (remote_port and remote == remote_port):
                 count += 1
     return count
 
@@ -53,12 +56,16 @@ def tcp_connections(pid: int, local_port: int) -> int:
 LISTEN = "0A"  # the state column of /proc/net/tcp
 
 
-def wait_tcp_connections_at_most(pid: int, local_port: int, at_most: int, timeout: float) -> int:
-    """Poll until the process holds at most `at_most` connections on `local_port`."""
+def wait_tcp_connections_at_most(
+    pid: int, at_most: int, timeout: float, *, local_port: int = 0, remote_port: int = 0
+) -> int:
+    """Poll until the process holds at most `at_most` such connections; the last count."""
     deadline = time.monotonic() + timeout
-    while (count := tcp_connections(pid, local_port)) > at_most and time.monotonic() < deadline:
+    while True:
+        count = tcp_connections(pid, local_port, remote_port)
+        if count <= at_most or time.monotonic() >= deadline:
+            return count
         time.sleep(0.1)
-    return count
 
 
 def nofile_limit(pid: int) -> tuple[int, int]:

@@ -574,6 +574,6 @@ def test_garbage_instead_of_a_client_hello_does_no_harm(proxy: Proxy) -> None:
         for conn in conns:
             conn.close()
     # Counted on the listener's port: the upstream pool keeps its own idle connections a while.
-    left = procstats.wait_tcp_connections_at_most(proxy.pid, proxy.port, 0, timeout=5)
+    left = procstats.wait_tcp_connections_at_most(proxy.pid, 0, timeout=5, local_port=proxy.port)
     procstats.change(f"{len(payloads)} garbage connections", before, procstats.sample(proxy.pid))
     assert left == 0, f"{left} client connections still open"
