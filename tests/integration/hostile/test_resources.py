@@ -276,6 +276,50 @@ def test_1000_pipelined_requests_in_one_write(proxy: Proxy, upstream: CountingUp
     assert after.rss_kib - before.rss_kib < 8 * MiB
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="pipelined requests are buffered without bound: reading resumes after each response "
+    "although the buffer still holds thousands of requests (reported to the lead)",
+)
+def test_a_pipelining_client_that_never_reads_is_pushed_back(
+    proxy: Proxy, upstream: CountingUpstream
+) -> None:
+    """A client that writes pipelined requests as fast as it can and reads no response: the
+    proxy must stop reading it (its writes block) long before it holds much of that in
+    memory. What the kernel's socket buffers take is a few MiB here; 24 MB is far beyond."""
+    bound = 24_000_000
+    chunk = b"GET /flood HTTP/1.1\r\nHost: localhost\r\n\r\n" * 1000
+    warm(proxy)
+    before = settled(proxy, upstream)
+    peak = before.rss_kib
+    sent = 0
+    blocked = False
+    conn = proxy.conn()
+    try:
+        conn.sock.settimeout(1.0)
+        deadline = time.monotonic() + 15
+        while sent < bound and time.monotonic() < deadline:
+            try:
+                conn.sock.sendall(chunk)
+            except (TimeoutError, ssl.SSLWantWriteError):
+                blocked = True
+                break
+            sent += len(chunk)
+            peak = max(peak, procstats.rss_kib(proxy.pid))
+    finally:
+        conn.close()
+    after = settled(proxy, upstream)
+    print(
+        f"\n[resources] a pipelining client that never reads: {sent / 1e6:.1f} MB taken before "
+        f"{'its writes blocked' if blocked else 'the test stopped'}; peak RSS "
+        f"{peak / 1024:.1f} MiB"
+    )
+    procstats.change("pipelining client that never reads", before, after)
+    assert_quiet(proxy)
+    assert blocked and sent < bound, f"the proxy took {sent} bytes without pushing back"
+    assert peak - before.rss_kib < 48 * MiB
+
+
 # --- header counts ------------------------------------------------------------------------------
 
 
