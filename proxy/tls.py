@@ -140,9 +140,14 @@ class SiteNames(Protocol):
 
 
 def normalize_server_name(name: str | None) -> str | None:
+    # One trailing dot, as certs.selection.normalize_host strips: the cache and the site
+    # lookup must agree on the name, or "localhost.." looks like a site without a certificate.
     if not name:
         return None
-    return name.rstrip(".").lower() or None
+    name = name.lower()
+    if name.endswith("."):
+        name = name[:-1]
+    return name or None
 
 
 def _quiet_undecodable_server_names(previous: Callable[..., object]) -> Callable[..., object]:

@@ -418,12 +418,6 @@ def test_sni_empty_name_is_no_name(proxy: Proxy, strict: Proxy) -> None:
     assert reply.refused and reply.alert == UNRECOGNIZED_NAME, reply
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="'localhost..' is refused even with a default_site: the certificate cache strips one "
-    "trailing dot, the site lookup in CertificateSelector.choose strips all, so the name looks "
-    "like a site whose certificate is missing (reported to the lead)",
-)
 def test_sni_with_two_trailing_dots_is_not_refused_with_a_default_site(proxy: Proxy) -> None:
     # Whether it is read as localhost or as an unknown name, the answer here is localhost's
     # certificate (localhost is the default site too); a refusal is neither reading.
