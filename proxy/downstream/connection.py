@@ -366,7 +366,11 @@ class DownstreamProtocol(asyncio.Protocol):
         if self._closed:
             return
         if abort:
-            self._close()
+            # The response was cut short: end without close_notify, so that a client reading
+            # to the end of the connection (HTTP/1.0, close-delimited) sees a truncation, not
+            # a complete body.
+            self._wait = _CLOSING
+            self.transport.abort()
             return
         if self.gate.reasons & PEER_BUSY:
             self.gate.resume(PEER_BUSY)

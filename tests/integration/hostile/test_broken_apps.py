@@ -568,11 +568,6 @@ HTTP10_TRUNCATED = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy bug: a response cut short ends with a clean TLS close (close_notify), so an "
-    "HTTP/1.0 client reads the close-delimited part as the whole body",
-)
 @pytest.mark.parametrize(
     "steps",
     HTTP10_TRUNCATED,
