@@ -205,6 +205,19 @@ CONNECTIONS = (
     b"close, upgrade",
     None,
 )
+HOP_NAMES = (
+    b"X-Fz-Hop",
+    b"x-fz-hop",
+    b"Keep-Alive",
+    b"TE",
+    b"Proxy-Authorization",
+    b"X-Forwarded-For",
+    b"Forwarded",
+    b"Content-Length",
+    b"Host",
+    b"X-Fz",
+    b"Cookie",
+)
 H2C_SETTINGS = b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -447,6 +460,18 @@ class _Builder:
         follow = rng.choice((H2_PREFACE, self.request(), b""))
         return raw + follow
 
+    def hop(self) -> bytes:
+        """Connection naming other headers (hop-by-hop for this request), some of which the
+        proxy must keep (framing, Host) or write itself (forwarding)."""
+        rng = self.rng
+        names = rng.sample(HOP_NAMES, rng.randrange(1, 4))
+        headers = [b"Connection: " + b", ".join(names) + b"\r\n"]
+        if rng.random() < 0.3:
+            headers.append(b"Connection: " + rng.choice((b"close", b"keep-alive")) + b"\r\n")
+        headers += [n + b": v\r\n" for n in names if n not in (b"Content-Length", b"Host")]
+        body = self.body(5) if rng.random() < 0.5 else b""
+        return self.request(headers=headers, body=body) + self.request()
+
     def expect(self) -> bytes:
         rng = self.rng
         value = rng.choice((b"100-continue", b"100-Continue", b"100-continue, foo", b"200-ok"))
@@ -496,6 +521,7 @@ SINGLE_GENERATORS: tuple[Callable[[_Builder], bytes], ...] = (
     _Builder.version,
     _Builder.upgrade,
     _Builder.expect,
+    _Builder.hop,
     _Builder.huge,
 )
 GENERATORS = (*SINGLE_GENERATORS, _Builder.te_cl, _Builder.chunks, _Builder.pipelined)
@@ -568,27 +594,38 @@ def make_input(
     *,
     max_header_bytes: int,
     max_body_bytes: int,
+    keep: Callable[[bytes], bool] | None = None,
 ) -> FuzzInput:
-    """Input `index` of `seed`, its markers numbered `number`."""
+    """Input `index` of `seed`, its markers numbered `number`. A mutated input that `keep`
+    refuses is mutated again from the start (a few times, then left unmutated): the fuzzer uses
+    it to make sure every request a parser can read still carries a marker, which a splice or a
+    truncation can otherwise cut away."""
     rng = random.Random(f"{seed}/{index}")
     builder = _Builder(rng, max_header_bytes, max_body_bytes)
     generator = rng.choice(GENERATORS)
     builder.recipe.append(generator.__name__)
-    data = generator(builder)
+    generated = generator(builder)
+    recipe = list(builder.recipe)
+    data = generated.replace(PLACEHOLDER, b"fz%08d" % number)
     if rng.random() < 0.45:
         partner = _Builder(rng, max_header_bytes, max_body_bytes)
         other = rng.choice(GENERATORS)(partner)
-        for _ in range(rng.choice((1, 1, 2, 3))):
-            data, what = mutate(rng, data, other)
-            builder.recipe.append(what)
-    data = data.replace(PLACEHOLDER, b"fz%08d" % number)
+        for _ in range(4):
+            mutated, steps = generated, []
+            for _ in range(rng.choice((1, 1, 2, 3))):
+                mutated, what = mutate(rng, mutated, other)
+                steps.append(what)
+            candidate = mutated.replace(PLACEHOLDER, b"fz%08d" % number)
+            if keep is None or keep(candidate):
+                data, recipe = candidate, recipe + steps
+                break
     writes = [data]
     if len(data) > 1 and rng.random() < 0.4:
         cuts = sorted({rng.randrange(1, len(data)) for _ in range(rng.randrange(1, 5))})
         writes = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
     pause = rng.choice((0.0, 0.0, 0.001, 0.005))
     half_close = rng.random() < 0.15
-    return FuzzInput(seed, index, number, data, writes, pause, half_close, builder.recipe)
+    return FuzzInput(seed, index, number, data, writes, pause, half_close, recipe)
 
 
 def markers(data: bytes) -> set[int]:

@@ -61,6 +61,23 @@ max_body_bytes = {MAX_BODY_BYTES}
 QUIET = 0.12  # once every expected answer is in: this long without a byte ends the read
 READ_CAP = 6.0  # the most one input may take (the proxy's own timeouts are 2-3 s)
 CRASH = re.compile(r"unexpected error|Traceback")
+# Names a client's Connection may list that still reach the app, rightly: the framing and Host
+# (listing them is a smuggling attempt; the proxy keeps the message whole), the forwarding
+# headers the proxy writes itself, and what the proxy re-adds for an upgrade or TE: trailers.
+_KEPT_WHEN_LISTED = frozenset(
+    (
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"forwarded",
+        b"upgrade",
+        b"te",
+        b"connection",
+    )
+)
 
 
 # --- the reference: what h11 reads from the client's bytes ---------------------------------------
@@ -73,6 +90,8 @@ class RefRequest:
     version: bytes
     body: bytes = b""
     complete: bool = False  # h11 read its end
+    hop_by_hop: frozenset[bytes] = frozenset()  # the names its Connection lists
+    marked: bool = True  # its head carries a marker
 
 
 @dataclass
@@ -110,9 +129,16 @@ def h11_reference(data: bytes, half_close: bool) -> Reference:
                 if isinstance(event, h11.ConnectionClosed):
                     return Reference(out, "closed")
                 if isinstance(event, h11.Request):
-                    current = RefRequest(event.method, event.target, event.http_version)
-                    out.append(current)
                     options = _tokens(event.headers, b"connection")
+                    current = RefRequest(
+                        event.method,
+                        event.target,
+                        event.http_version,
+                        hop_by_hop=frozenset(options),
+                        marked=bool(MARKER.search(event.target))
+                        or any(MARKER.search(v) for _, v in event.headers),
+                    )
+                    out.append(current)
                     keep_alive_10 = (
                         event.http_version == b"1.0"
                         and b"keep-alive" in options
@@ -141,6 +167,11 @@ def h11_reference(data: bytes, half_close: bool) -> Reference:
             return Reference(out, "need-data")
 
 
+def all_marked(data: bytes) -> bool:
+    """Does every request h11 reads in `data` (half-closed or not) carry a marker?"""
+    return all(r.marked for half in (False, True) for r in h11_reference(data, half).requests)
+
+
 def origin_form(target: bytes) -> bytes | None:
     """What a gateway must send upstream for a request-target (RFC 9112 3.2), None for a target
     that has none (authority-form, garbage, an absolute-URI with a fragment or an odd scheme)."""
@@ -167,6 +198,7 @@ class Outcome:
     raw: bytes = b""
     ended: str = ""  # "closed", "quiet", "timeout", or an error
     seconds: float = 0.0
+    started: float = 0.0  # time.monotonic() at the start
 
 
 def read_responses(raw: bytes, methods: list[bytes]) -> tuple[list[ClientResponse], str]:
@@ -208,7 +240,7 @@ def send_input(proxy: Proxy, context: ssl.SSLContext, fuzz: FuzzInput, expected:
     """Send one input on a new TLS connection; read until the proxy closes, or every expected
     answer came and then QUIET passed, or READ_CAP."""
     start = time.monotonic()
-    outcome = Outcome()
+    outcome = Outcome(started=start)
     if fuzz.half_close:
         return _send_half_closed(proxy, fuzz, outcome, start)
     raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
@@ -317,13 +349,15 @@ class AppSide:
     forwards: dict[int, list[Forwarded]] = field(default_factory=dict)  # by input number
     by_position: dict[tuple[int, int], Forwarded] = field(default_factory=dict)
     problems: list[tuple[int | None, str]] = field(default_factory=list)
+    unattributed: list[Forwarded] = field(default_factory=list)  # no marker at all
 
 
 def _marker_numbers(request: Request | None, raw: bytes) -> set[int]:
     if request is None:
         return {int(m.group(1)) for m in MARKER.finditer(raw)}
+    # A mutation may have moved the marker anywhere in the head (into Host, say).
     found = {int(m.group(1)) for m in MARKER.finditer(request.target)}
-    for value in request.values(b"x-fz"):
+    for _, value in request.fields:
         found |= {int(m.group(1)) for m in MARKER.finditer(value)}
     return found
 
@@ -414,6 +448,8 @@ def _add(
         )
     if forwarded.number is not None:
         side.forwards.setdefault(forwarded.number, []).append(forwarded)
+    else:
+        side.unattributed.append(forwarded)
     if request is not None and complete:
         side.problems.extend((forwarded.number, p) for p in _hop_problems(request))
 
@@ -526,6 +562,10 @@ def _differences(forwarded: Forwarded, ref: RefRequest) -> list[str]:
         out.append(f"target {forwarded.target!r}, h11 read {ref.target!r} ({expected!r})")
     if forwarded.body != ref.body:
         out.append(f"body {forwarded.body[:200]!r}, h11 read {ref.body[:200]!r}")
+    if forwarded.request is not None:
+        for name in sorted(ref.hop_by_hop - _KEPT_WHEN_LISTED):
+            if forwarded.request.values(name):
+                out.append(f"{name.decode('latin-1')} reached the app though Connection lists it")
     return out
 
 
@@ -609,6 +649,7 @@ def run_round(
             first_number + i,
             max_header_bytes=MAX_HEADER_BYTES,
             max_body_bytes=MAX_BODY_BYTES,
+            keep=all_marked,
         )
         for i in range(count)
     ]
@@ -650,6 +691,15 @@ def run_round(
     for number, problems in flagged.items():  # names no input of this round
         tally.ambiguous += 1
         tally.failures.append(f"AMBIGUOUS FORWARD (input {number}, seed {seed}): {problems}")
+    for forwarded in side.unattributed:  # the inputs whose connection was open when it came
+        suspects = [
+            fuzz.describe()
+            for fuzz, outcome in zip(inputs, outcomes, strict=True)
+            if outcome.started - 0.5 <= forwarded.arrival <= outcome.started + outcome.seconds + 3
+        ]
+        tally.failures.append(
+            f"  the {forwarded.show()} came while these inputs were sent: " + "\n".join(suspects)
+        )
     tally.seconds += time.monotonic() - start
 
 
