@@ -532,6 +532,8 @@ class FuzzCase:
     http10: bool  # the client's request is HTTP/1.0
     script: Script
     notes: list[str] = field(default_factory=list)
+    keep_alive10: bool = False  # an HTTP/1.0 request that asks for keep-alive
+    upgrade: bool = False  # the request offers an upgrade to websocket
 
     @property
     def data(self) -> bytes:
@@ -539,12 +541,24 @@ class FuzzCase:
 
     def request(self, host: str) -> bytes:
         version = b"1.0" if self.http10 else b"1.1"
-        return b"%s /case/f%d HTTP/%s\r\nHost: %s\r\n\r\n" % (
-            self.method,
-            self.index,
-            version,
-            host.encode(),
-        )
+        fields = b"Host: %s\r\n" % host.encode()
+        if self.keep_alive10:
+            fields += b"Connection: keep-alive\r\n"
+        if self.upgrade:
+            fields += (
+                b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            )
+        return b"%s /case/f%d HTTP/%s\r\n%s\r\n" % (self.method, self.index, version, fields)
+
+    def describe(self) -> str:
+        flags = [
+            self.method.decode(),
+            "HTTP/1.0" if self.http10 else "",
+            "keep-alive" if self.keep_alive10 else "",
+            "upgrade" if self.upgrade else "",
+        ]
+        return " ".join(f for f in flags if f)
 
 
 def _choice(rng: random.Random, weighted: dict[str, int]) -> str:
@@ -879,7 +893,9 @@ def generate_case(seed: int, index: int) -> FuzzCase:
             data, note = mutate(rng, data)
             notes.append(note)
     method = b"HEAD" if rng.random() < 0.12 else b"GET"
-    http10 = rng.random() < 0.08
+    http10 = rng.random() < 0.1
+    keep_alive10 = http10 and rng.random() < 0.5
+    upgrade = not http10 and rng.random() < (0.5 if family == "switching" else 0.05)
     script = Script([*_pieces(rng, data), *_ending(rng, family)])
     notes.append(type(script.steps[-1]).__name__)
-    return FuzzCase(index, family, method, http10, script, notes)
+    return FuzzCase(index, family, method, http10, script, notes, keep_alive10, upgrade)

@@ -69,9 +69,9 @@ MAX_HEADER_BYTES = "8KiB"
 # one (by its signature, see known_defect) is counted and printed apart instead of failing the
 # run, so that the run still hunts for new ones. Remove an entry once its defect is fixed.
 KNOWN_DEFECTS = {
-    # test_cut_body_to_an_http10_client_does_not_look_complete: a response cut short ends with
-    # close_notify, so an HTTP/1.0 client reads the close-delimited part as the whole body.
-    "http10-clean-close",
+    # test_invalid_content_length_without_a_body: the Content-Length of a 204, 304 or HEAD
+    # response reaches the client unchecked, conflicting or invalid.
+    "no-body-content-length",
 }
 
 
@@ -126,17 +126,19 @@ def compare(expected: Parsed, got: Parsed) -> str | None:
 
 
 def known_defect(case: FuzzCase, outcome: Outcome) -> str | None:
-    """The known defect this violation shows, if it has its signature."""
-    response = outcome.response
-    if case.http10 and response is not None and response.framing == "close":
-        if outcome.end == "clean" and "http10-clean-close" in KNOWN_DEFECTS:
-            return "http10-clean-close"
+    """The known defect an invalid answer shows, if it has its signature."""
+    if outcome.kind == "invalid" and outcome.note.startswith("Content-Length"):
+        status = outcome.raw[9:12]
+        if case.method == b"HEAD" or status in (b"204", b"304"):
+            return "no-body-content-length"
     return None
 
 
 def judge(case: FuzzCase, outcome: Outcome, records: list[Record]) -> tuple[str, str | None]:
     """(category, what went wrong or None)."""
     if outcome.kind == "invalid":
+        if (known := known_defect(case, outcome)) in KNOWN_DEFECTS:
+            return "known", known
         return "violation", f"the proxy sent bytes that are no valid response ({outcome.note})"
     if outcome.kind == "stuck":
         return "violation", "no complete response and no end of the connection in 15 s"
@@ -153,7 +155,10 @@ def judge(case: FuzzCase, outcome: Outcome, records: list[Record]) -> tuple[str,
             return "violation", "the app's script never finished (a test bug)"
         try:
             expected = parse_response(
-                bytes(record.sent), method=case.method, closed=record.ending == "fin"
+                bytes(record.sent),
+                method=case.method,
+                closed=record.ending == "fin",
+                upgrade=case.upgrade,
             )
         except Invalid as exc:
             problems.append(f"the app's bytes are no valid response ({exc})")
@@ -162,11 +167,17 @@ def judge(case: FuzzCase, outcome: Outcome, records: list[Record]) -> tuple[str,
             problems.append("the app's response is incomplete")
             continue
         difference = compare(expected, outcome.response)
+        if difference is None and expected.status == 101:
+            switched = {
+                token.strip(b" \t").lower()
+                for value in expected.values(b"upgrade")
+                for token in value.split(b",")
+            }
+            if not switched or not switched <= {b"websocket"}:
+                difference = f"a 101 to {sorted(switched)} relayed, the client offered websocket"
         if difference is None:
             return "correct", None
         problems.append(difference)
-    if all(p.startswith("the app's") for p in problems) and (known := known_defect(case, outcome)):
-        return "known", known  # the app's response was broken, and the proxy made it look whole
     return "violation", "; ".join(problems)
 
 
@@ -241,19 +252,20 @@ class Worker:
             sent = [short(bytes(r.sent)) for r in records]
             tally.violation(
                 f"seed {seed} case {case.index} ({' '.join(case.notes)}), "
-                f"{case.method.decode()}{' HTTP/1.0' if case.http10 else ''}"
+                f"{case.describe()}"
                 f"{' on a reused connection' if reused else ''}: {problem}\n"
                 f"  script: {script_text(case)}\n"
                 f"  the app sent: {sent} (endings {[r.ending for r in records]})\n"
                 f"  the client got: {outcome.describe()}"
             )
-        keep = (
-            outcome.kind == "complete"
-            and outcome.end is None
-            and not case.http10
-            and outcome.response is not None
-            and b"close" not in b",".join(outcome.response.values(b"connection")).lower()
-        )
+        keep = False
+        if outcome.kind == "complete" and outcome.end is None and outcome.response is not None:
+            tokens = b",".join(outcome.response.values(b"connection")).lower()
+            # HTTP/1.0 stays open only when the proxy says keep-alive; after a 101 the
+            # connection is a tunnel.
+            keep = b"close" not in tokens and outcome.response.status != 101
+            if case.http10:
+                keep = keep and b"keep-alive" in tokens
         if not keep:
             self.close()
         if self.previous is not None:
@@ -282,7 +294,7 @@ class Worker:
     def _ask(self, case: FuzzCase) -> Outcome:
         assert self.sock is not None
         self.sock.sendall(case.request(self.host))
-        return read_response(self.sock, self.buf, method=case.method)
+        return read_response(self.sock, self.buf, method=case.method, upgrade=case.upgrade)
 
 
 # --- the run ----------------------------------------------------------------------------------
