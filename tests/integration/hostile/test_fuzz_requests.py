@@ -9,8 +9,10 @@ then closed: an aborted request, never a complete one), or the app receives it, 
 strict parser (strict_http.py, not h11) reads from the upstream bytes the same method, origin-form
 target and body as h11 (h11.Connection(SERVER), the reference of what the proxy may accept) read
 from the client's bytes; in order, with no request h11 did not read, no leftover bytes on any
-upstream connection, and the app's answer relayed to this client and no other. A violation is an
-"ambiguous forward". A crash is the proxy dying or logging "unexpected error" or a traceback.
+upstream connection, and the app's answer relayed to this client and no other. What reaches the
+app must also respect the upgrade rules (no h2c, no HTTP2-Settings, Upgrade only with
+Connection: upgrade) and drop what the client's Connection lists. A violation is an "ambiguous
+forward". A crash is the proxy dying or logging "unexpected error" or a traceback.
 
 CI mode: a fixed seed and count. Long mode: TLSPROXY_FUZZ_SECONDS=N runs rounds of new seeds
 (each printed) for N seconds; TLSPROXY_FUZZ_SEED=S replays seed S (with TLSPROXY_FUZZ_INPUTS
