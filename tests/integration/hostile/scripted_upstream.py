@@ -18,8 +18,8 @@ A target that names no script gets a clean 200 whose body names the target, so a
 that carries someone else's bytes is easy to tell apart.
 
 Every request is recorded per case (`records(id)`): its head and body, the bytes the script
-sent, how the connection ended, and two events: `sent_all` (no byte of the script remains to
-be sent) and `finished` (the script is over).
+sent, how the connection ended, and `sent_all`, an event set once no byte of the script
+remains to be sent.
 """
 
 from __future__ import annotations
@@ -104,7 +104,6 @@ class Record:
     # call, so whoever saw the close also sees the flag.
     ending: str = "running"
     sent_all: threading.Event = field(default_factory=threading.Event)
-    finished: threading.Event = field(default_factory=threading.Event)
 
 
 def clean_body(target: bytes) -> bytes:
@@ -141,15 +140,6 @@ class ScriptedUpstream(TcpServer):
         with self._lock:
             return list(self._records.get(case, ()))
 
-    def wait_record(self, case: str, timeout: float = 10.0) -> Record | None:
-        """The first request that reached us for `case`, waiting for it a bounded time."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if records := self.records(case):
-                return records[0]
-            time.sleep(0.005)
-        return None
-
     def wait_sent(self, case: str, timeout: float = 10.0) -> bool:
         """Has every request of `case` sent all of its script (or stopped for good)?"""
         deadline = time.monotonic() + timeout
@@ -163,6 +153,16 @@ class ScriptedUpstream(TcpServer):
         with self._lock:
             self._scripts.pop(case, None)
             self._records.pop(case, None)
+
+    def prune(self) -> None:
+        """Forget the connections that ended: their recordings, sockets and threads (a long
+        run opens hundreds of thousands). Only while no connection is being accepted: the
+        accept loop appends to these lists without a lock."""
+        keep = [i for i, closed in enumerate(self.closed) if not closed.is_set()]
+        self.received = [self.received[i] for i in keep]
+        self.closed = [self.closed[i] for i in keep]
+        self._conns = [conn for conn in self._conns if conn.fileno() != -1]
+        self._threads = [thread for thread in self._threads if thread.is_alive()]
 
     # --- the server -----------------------------------------------------------------------
 
@@ -216,7 +216,6 @@ class ScriptedUpstream(TcpServer):
                 return
             finally:
                 record.sent_all.set()
-                record.finished.set()
 
     def _step(self, conn: socket.socket, buf: bytearray, step: Step, record: Record) -> bool:
         """Run one step; True when it ended the connection."""

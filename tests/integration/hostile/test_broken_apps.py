@@ -354,6 +354,29 @@ def test_valid_chunked_body_is_relayed(proxy: Proxy, upstream: ScriptedUpstream)
     assert_next_is_clean(proxy, upstream, case)
 
 
+def test_response_one_byte_at_a_time(proxy: Proxy, upstream: ScriptedUpstream) -> None:
+    # Every state of the proxy's incremental parser sees a partial line: the status line, a
+    # field, the blank line, a chunk size, chunk data, its CRLF, the last chunk, a trailer.
+    data = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Case: bytewise\r\n\r\n"
+        b"5;e=1\r\nhello\r\n3\r\n, w\r\n0\r\nX-T: 1\r\n\r\n"
+    )
+    steps: list[Step] = []
+    for i in range(len(data)):
+        steps += [Send(data[i : i + 1]), Sleep(0.001)]
+    outcome, case = answer(proxy, upstream, steps)
+    assert_relayed(outcome, data)
+    assert_next_is_clean(proxy, upstream, case)
+
+
+def test_chunked_answer_to_head_has_no_body(proxy: Proxy, upstream: ScriptedUpstream) -> None:
+    data = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Case: head\r\n\r\n"
+    outcome, case = answer(proxy, upstream, [Send(data)], method=b"HEAD")
+    assert_relayed(outcome, data, b"HEAD")
+    assert outcome.response is not None and not outcome.response.values(b"transfer-encoding")
+    assert_next_is_clean(proxy, upstream, case)
+
+
 # --- bad chunking -----------------------------------------------------------------------------
 
 HEAD_CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -406,6 +429,17 @@ def test_chunk_extension_with_a_control_byte(proxy: Proxy, upstream: ScriptedUps
     steps = [Send(HEAD_CHUNKED), Sleep(0.1), Send(b"5;a=\x01\r\nhello\r\n0\r\n\r\n")]
     outcome, _ = answer(proxy, upstream, steps)
     assert_no_complete_message(outcome)
+
+
+def test_trailer_section_over_max_header_bytes(proxy: Proxy, upstream: ScriptedUpstream) -> None:
+    trailers = b"".join(b"X-T%d: %s\r\n" % (i, b"t" * 100) for i in range(MAX_HEADER_BYTES // 100))
+    steps = [
+        Send(HEAD_CHUNKED + b"5\r\nhello\r\n"),
+        Sleep(0.05),
+        Send(b"0\r\n" + trailers + b"\r\n"),
+    ]
+    outcome, _ = answer(proxy, upstream, steps)
+    assert outcome.kind == "cut", outcome.describe()
 
 
 # --- 1xx --------------------------------------------------------------------------------------

@@ -280,7 +280,7 @@ class Worker:
         if not self.upstream.wait_sent(f"f{previous.index}", 5):
             return False
         if has_leftover(previous):
-            time.sleep(0.02)  # the proxy's turn to see the leftover on its idle connection
+            time.sleep(0.05)  # the proxy's turn to see the leftover on its idle connection
         extra = bytes(self.buf) + unsolicited(self.sock)
         if extra:
             tally.violation(
@@ -377,6 +377,7 @@ def test_response_fuzz(proxy: Proxy, upstream: ScriptedUpstream) -> None:
         run_round(proxy, upstream, seed, count, seconds, tally)
         if tally.violations or proxy.proc is None or proxy.proc.poll() is not None:
             break
+        upstream.prune()  # no client is active between rounds
     elapsed = time.monotonic() - started
     log = proxy.log()
     crashes = int(proxy.proc is None or proxy.proc.poll() is not None)
