@@ -776,3 +776,32 @@ def test_request_path_differential_fuzz(proxy: Proxy, upstream: RecordingUpstrea
     assert not found, "\n".join(found[:20])
     normal_get(proxy)
     assert tally.inputs >= (1 if LONG_SECONDS else CI_INPUTS)
+
+
+HEAD_REFUSALS = {
+    "bare LF": b"HEAD /h HTTP/1.1\r\nHost: localhost\nX-A: b\r\n\r\n",
+    "obs-fold": b"HEAD /h HTTP/1.1\r\nHost: localhost\r\nX-A: b\r\n c\r\n\r\n",
+    "control byte": b"HEAD /h HTTP/1.1\r\nHost: localhost\r\nX-A: a\x01b\r\n\r\n",
+    "HTTP/1.2": b"HEAD /h HTTP/1.2\r\nHost: localhost\r\n\r\n",
+    "head too large": b"HEAD /h HTTP/1.1\r\nHost: localhost\r\nX-A: "
+    + b"v" * MAX_HEADER_BYTES
+    + b"\r\n\r\n",
+}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="errors made while the head is read (400 for bare LF, obs-fold or control bytes, "
+    "505, 431) carry a body even when the method is HEAD; Exchange._reply_error's do not",
+)
+@pytest.mark.parametrize("data", HEAD_REFUSALS.values(), ids=HEAD_REFUSALS.keys())
+def test_an_error_to_a_head_request_has_no_body(proxy: Proxy, data: bytes) -> None:
+    """Found by the fuzzer (counted as Tally.head_error_bodies): RFC 9112 6.3, a response to
+    HEAD ends with its head; a client reads what follows as the next response."""
+    with proxy.conn("localhost") as conn:
+        conn.send(data)
+        waited, raw = conn.wait_closed(5.0)
+    assert waited is not None
+    responses, error = read_responses(raw, [b"HEAD"])
+    assert [r.status for r in responses] and responses[0].status >= 400, raw
+    assert error == "", raw
