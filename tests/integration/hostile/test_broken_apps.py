@@ -442,6 +442,22 @@ def test_trailer_section_over_max_header_bytes(proxy: Proxy, upstream: ScriptedU
     assert outcome.kind == "cut", outcome.describe()
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="proxy bug: when the head and a broken body arrive in one read, the head is not out "
+    "yet but the exchange counts as started: the client gets a reset and no byte instead of a "
+    "502 (and the access log shows the app's status with out=0)",
+)
+@pytest.mark.parametrize("body", [b"zz\r\nhello\r\n0\r\n\r\n", b"f" * 20 + b"\r\n"], ids=repr)
+def test_broken_body_in_the_same_read_as_the_head_is_502(
+    proxy: Proxy, upstream: ScriptedUpstream, body: bytes
+) -> None:
+    # Nothing of the response went out yet: the proxy can still answer 502, as it does when
+    # the head alone is broken (and 504 when nothing came, per issue 9).
+    outcome, _ = answer(proxy, upstream, [Send(HEAD_CHUNKED + body)])
+    assert_gateway(outcome)
+
+
 # --- 1xx --------------------------------------------------------------------------------------
 
 
@@ -743,6 +759,28 @@ def test_101_for_the_offered_protocol_opens_the_tunnel(
             assert data
             client.buf += data
         assert bytes(client.buf) == b"tunnel bytes"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="proxy bug: a 204/304/HEAD head and the body it must not have, in one read: the "
+    "client gets a reset and no byte (the head is never written), neither the head nor a 502",
+)
+@pytest.mark.parametrize(
+    ("method", "status"),
+    [(b"GET", b"204 No Content"), (b"GET", b"304 Not Modified"), (b"HEAD", b"200 OK")],
+    ids=["204", "304", "HEAD"],
+)
+def test_body_on_a_response_without_one_gets_an_answer(
+    proxy: Proxy, upstream: ScriptedUpstream, method: bytes, status: bytes
+) -> None:
+    """Apps that send a body with a HEAD answer are common; the client should get the head
+    (the body dropped, the upstream connection closed) or at least a 502."""
+    head = b"HTTP/1.1 " + status + b"\r\nContent-Length: %d\r\n\r\n" % len(SMUGGLED)
+    outcome, _ = answer(proxy, upstream, [Send(head + SMUGGLED)], method=method)
+    assert outcome.kind == "complete", outcome.describe()
+    if not outcome.gateway_error(method):
+        assert_relayed(outcome, head, method)
 
 
 # --- 204, 304 and HEAD: the length fields they carry ---------------------------------------
