@@ -69,7 +69,8 @@ def lenient_frame(data: bytes) -> int | None:
         if size is None:
             return None
         pos = size.end()
-        n = int(size.group(1)[:16], 16)
+        # 15 hex digits at most: still "never complete", and within re's index range (2**63).
+        n = int(size.group(1)[:15], 16)
         if n == 0:
             break
         crlf = _LINE_END.match(data, pos + n)

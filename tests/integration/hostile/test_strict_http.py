@@ -190,3 +190,6 @@ def test_lenient_framing_of_the_recording_upstream() -> None:
     chunked = b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
     chunked += b"3;x\r\nabc\r\n0\r\nT: 1\r\n\r\n"
     assert lenient_frame(chunked[:-2]) is None and lenient_frame(chunked + b"x") == len(chunked)
+    # A size past any index (a naive relay forwards one) leaves the request incomplete, no error.
+    huge = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + b"f" * 40 + b"\r\nab"
+    assert lenient_frame(huge) is None
