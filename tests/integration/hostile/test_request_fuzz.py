@@ -14,7 +14,6 @@ TLSPROXY_FUZZ_SEED=S replays one seed (the seed of a failure is in its message).
 
 from __future__ import annotations
 
-import os
 import random
 import socket
 import ssl
@@ -26,12 +25,11 @@ import h11
 import pytest
 
 from tests.integration.harness import running
+from tests.integration.hostile.fuzz_rounds import LONG_SECONDS, rounds
 from tests.integration.hostile.strict import Ambiguous, parse_requests
 from tests.integration.proxy.conftest import MakeProxy
 from tests.integration.proxy.support import HalfClosingClient, Proxy, TcpServer, proxy_config
 
-# The long mode's length (0: CI's fixed round).
-LONG_SECONDS = float(os.environ.get("TLSPROXY_FUZZ_SECONDS") or 0)
 CI_SEED = 20261204
 CI_INPUTS = 3000
 
@@ -371,25 +369,11 @@ def proxy(make_module_proxy: MakeProxy, upstream: RecordingUpstream) -> Proxy:
     )
 
 
-def rounds() -> Iterator[tuple[int, int, float]]:
-    """(seed, inputs, seconds) to run: CI's fixed round, or the long mode's."""
-    if seed := os.environ.get("TLSPROXY_FUZZ_SEED"):
-        yield int(seed), CI_INPUTS, 3600.0
-        return
-    seconds = LONG_SECONDS
-    if not seconds:
-        yield CI_SEED, CI_INPUTS, 600.0
-        return
-    end = time.monotonic() + seconds
-    while (left := end - time.monotonic()) > 0:
-        yield random.randrange(2**32), 10**9, left
-
-
 @pytest.mark.timeout(LONG_SECONDS + 300)  # the long mode runs past pytest's usual 300 s
 def test_request_path_differential_fuzz(proxy: Proxy, upstream: RecordingUpstream) -> None:
     stats = Stats()
     started = time.monotonic()
-    for seed, count, seconds in rounds():
+    for seed, count, seconds in rounds(CI_SEED, CI_INPUTS):
         rng = random.Random(seed)
         deadline = time.monotonic() + seconds
         for serial in range(count):

@@ -17,7 +17,6 @@ request fuzzer.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import socket
@@ -31,12 +30,11 @@ import h11
 import pytest
 
 from tests.integration.harness import running
+from tests.integration.hostile.fuzz_rounds import LONG_SECONDS, rounds
 from tests.integration.hostile.strict import Ambiguous, parse_response
 from tests.integration.proxy.conftest import MakeProxy
 from tests.integration.proxy.support import Proxy, TcpServer, proxy_config
 
-# The long mode's length (0: CI's fixed round).
-LONG_SECONDS = float(os.environ.get("TLSPROXY_FUZZ_SECONDS") or 0)
 CI_SEED = 4122026
 CI_INPUTS = 1000
 _CASE = re.compile(rb"^[A-Z]+ /case/(\d+) ")
@@ -311,25 +309,12 @@ def proxy(make_module_proxy: MakeProxy, upstream: ScriptedUpstream) -> Proxy:
     )
 
 
-def rounds() -> Iterator[tuple[int, int, float]]:
-    if seed := os.environ.get("TLSPROXY_FUZZ_SEED"):
-        yield int(seed), CI_INPUTS, 3600.0
-        return
-    seconds = LONG_SECONDS
-    if not seconds:
-        yield CI_SEED, CI_INPUTS, 600.0
-        return
-    end = time.monotonic() + seconds
-    while (left := end - time.monotonic()) > 0:
-        yield random.randrange(2**32), 10**9, left
-
-
 @pytest.mark.timeout(LONG_SECONDS + 300)  # the long mode runs past pytest's usual 300 s
 def test_response_path_fuzz(proxy: Proxy, upstream: ScriptedUpstream) -> None:
     stats = Stats()
     started = time.monotonic()
     case = 0
-    for seed, count, seconds in rounds():
+    for seed, count, seconds in rounds(CI_SEED, CI_INPUTS):
         rng = random.Random(seed)
         deadline = time.monotonic() + seconds
         for _ in range(count):
