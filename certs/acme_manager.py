@@ -36,7 +36,7 @@ from .challenges.http01 import Http01Responder
 from .errors import CertError, LockTimeout
 from .issuers.acme import AcmeError, AcmeIssuer, AcmeSettings
 from .keys import cert_info, key_matches_certificate, load_certificates, load_private_key
-from .manager import describe_error, read_stored
+from .manager import build_context, describe_error, read_stored
 from .models import CertInfo, CertSpec, CertStatus, Installed
 from .renewal import DEFAULT_RATIO, RETRY_BASE, RETRY_CAP
 from .selection import uncovered_hosts
@@ -295,10 +295,20 @@ class AcmeManager:
         if not hosts:
             return
         context = await asyncio.to_thread(
-            self._context_factory, stored.files.cert_path, stored.files.key_path
+            build_context,
+            self._context_factory,
+            self.storage,
+            spec,
+            stored.files.cert_path,
+            stored.files.key_path,
         )
         installed = Installed(
-            spec.name, context, stored.info, stored.files.cert_path, stored.files.key_path
+            spec.name,
+            context,
+            stored.info,
+            stored.files.cert_path,
+            stored.files.key_path,
+            spec.client_auth,
         )
         cache_getter().replace(installed, hosts)
         log.info(

@@ -8,7 +8,7 @@ the same code a non-isolated manager runs in its own process, and reads the outc
 
 Protocol: `python -m certs.crypto_worker` reads one JSON request on stdin and writes one JSON
 reply on stdout, then exits.
-    request  {"op": "validate" | "issue", "manager": {settings}, "now": epoch seconds, ...}
+    request  {"op": "validate" | "issue" | "ca", "manager": {settings}, "now": epoch seconds, ...}
     reply    {"ok": {...}, "logs": [[logger, level, message], ...]}
           or {"error": {"kind": ..., ...}, "logs": [...]}
 An error is raised again in the parent as the same class with the same text, so `tlsproxy run`
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import CertError, CertificateFileError, IssuanceError, LockTimeout
 from .files import refuse_passphrase
-from .models import CertSpec
+from .models import CertSpec, ClientAuthSpec
 
 if TYPE_CHECKING:
     from .manager import CertificateManager
@@ -109,6 +109,9 @@ def _encode(value: Any) -> Any:
             "cert_file": None if value.cert_file is None else str(value.cert_file),
             "key_file": None if value.key_file is None else str(value.key_file),
             "challenge": value.challenge,
+            "client_auth": None
+            if value.client_auth is None
+            else {"ca": str(value.client_auth.ca), "required": value.client_auth.required},
         }
     if isinstance(value, list | tuple):
         return [_encode(v) for v in value]
@@ -126,7 +129,15 @@ def _decode_spec(data: dict[str, Any]) -> CertSpec:
         cert_file=path("cert_file"),
         key_file=path("key_file"),
         challenge=data.get("challenge"),
+        client_auth=_decode_client_auth(data.get("client_auth")),
     )
+
+
+def _decode_client_auth(data: dict[str, Any] | None) -> ClientAuthSpec | None:
+    if data is None:
+        return None
+    ca = data["ca"]
+    return ClientAuthSpec("internal" if ca == "internal" else Path(ca), bool(data["required"]))
 
 
 def _encode_error(error: BaseException) -> dict[str, Any]:
@@ -184,13 +195,15 @@ class _Collect(logging.Handler):
         self.records.append([record.name, record.levelno, self.format(record)])
 
 
-def _plain_context(cert_file: Path, key_file: Path) -> Any:
+def _plain_context(cert_file: Path, key_file: Path, client_ca: Path | None = None) -> Any:
     # The parent checks again with its real context factory (certs cannot import proxy.tls);
     # this one only has to refuse what no TLS context would load.
     import ssl
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert_file, key_file, password=refuse_passphrase)
+    if client_ca is not None:
+        context.load_verify_locations(cafile=str(client_ca))
     return context
 
 
@@ -217,6 +230,9 @@ def _serve(request: dict[str, Any]) -> dict[str, Any]:
         with manager.storage.lock(spec.name, timeout=manager.lock_timeout):
             found, issuer, reused = manager.issue_and_save(spec, request.get("current_serial"))
         return {"serial": found[1].serial, "issuer": issuer, "reused": reused}
+    if request["op"] == "ca":
+        manager.local_ca_root_pem()  # creates the CA if it is missing
+        return {}
     raise ValueError(f"unknown operation {request['op']!r}")
 
 

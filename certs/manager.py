@@ -40,7 +40,7 @@ from .files import (
     read_info,
 )
 from .issuers import Issuer, RenewalInfoIssuer
-from .models import CertInfo, CertSpec, CertStatus, Installed
+from .models import CertInfo, CertSpec, CertStatus, ClientAuthSpec, Installed
 from .renewal import (
     DEFAULT_JITTER,
     DEFAULT_LEAF_LIFETIME,
@@ -62,7 +62,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tlsproxy.certs")
 
-ContextFactory = Callable[[Path, Path], ssl.SSLContext]
+# (cert_file, key_file) or, for a site asking for client certificates, (cert_file, key_file,
+# the CA file to verify them against).
+ContextFactory = Callable[..., ssl.SSLContext]
 
 FILES_REASON = "user files: replace them and reload (SIGHUP)"
 
@@ -125,6 +127,40 @@ def from_current_local_ca(storage: Storage, chain_pem: bytes) -> bool:
     except ValueError:
         return False
     return len(blocks) >= 2 and blocks[1] == intermediate
+
+
+def client_ca_file(storage: Storage, client_auth: ClientAuthSpec) -> Path:
+    """The file a site's client certificates are verified against."""
+    if client_auth.ca == "internal":
+        return storage.ca_files().root_cert
+    return client_auth.ca
+
+
+def build_context(
+    factory: ContextFactory, storage: Storage, spec: CertSpec, cert_file: Path, key_file: Path
+) -> ssl.SSLContext:
+    """The context of one certificate; it also holds the client CA of a client_auth site, since
+    OpenSSL verifies a client certificate with the store of the context the SNI callback
+    switched to."""
+    if spec.client_auth is None:
+        return factory(cert_file, key_file)
+    return factory(cert_file, key_file, client_ca_file(storage, spec.client_auth))
+
+
+def check_client_ca(path: Path) -> None:
+    """A client CA file that the TLS library will load: readable, PEM certificates only."""
+    data = read_file(path)
+    try:
+        blocks = pem_blocks(data)
+    except ValueError as e:
+        raise CertificateFileError(path, f"not PEM certificates ({e})") from None
+    if not blocks:
+        raise CertificateFileError(path, "no PEM certificate in it")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_verify_locations(cafile=str(path))
+    except (ssl.SSLError, OSError) as e:
+        raise CertificateFileError(path, f"rejected by the TLS library ({e})") from None
 
 
 def describe_error(error: BaseException) -> str:
@@ -203,6 +239,17 @@ class CertificateManager:
         )
         return self._local_ca
 
+    def _ensure_local_ca(self) -> None:
+        """The local CA's root must exist before a context can verify clients against it,
+        even when no site takes its certificate from the local CA."""
+        if self.isolate_crypto:
+            if not self.storage.ca_files().root_cert.exists():
+                from .crypto_worker import run_worker
+
+                run_worker(self, "ca", {})
+        else:
+            self._ca()
+
     def _issuer(self, spec: CertSpec) -> Issuer | None:
         if spec.source == "internal":
             return self._ca()
@@ -217,6 +264,9 @@ class CertificateManager:
     def validate(self, specs: Sequence[CertSpec]) -> None:
         """Every file the specs name, the data directory and the local CA's files; raises the
         first CertError. Reads only."""
+        for spec in specs:
+            if spec.client_auth is not None and spec.client_auth.ca != "internal":
+                check_client_ca(spec.client_auth.ca)
         if self.isolate_crypto:
             from .crypto_worker import run_worker
 
@@ -265,8 +315,8 @@ class CertificateManager:
             from .files import load_key_pair
 
             info = load_key_pair(cert_file, key_file, spec.hosts, now).info
-            context = self._context(cert_file, key_file)
-            return Installed(spec.name, context, info, cert_file, key_file)
+            context = self._context(spec, cert_file, key_file)
+            return Installed(spec.name, context, info, cert_file, key_file, spec.client_auth)
         # The child validated these files with today's words (validate()); this is the check
         # without `cryptography` that the files did not change since: the TLS library refuses
         # a key that does not match, the rest is read here.
@@ -274,14 +324,14 @@ class CertificateManager:
         if is_encrypted_key(read_file(key_file)):
             # OpenSSL would ask for the passphrase on the terminal.
             raise CertificateFileError(key_file, ENCRYPTED_KEY_REASON)
-        context = self._context(cert_file, key_file)
+        context = self._context(spec, cert_file, key_file)
         check_validity(cert_file, info, now)
         check_hosts(cert_file, info, spec.hosts)
-        return Installed(spec.name, context, info, cert_file, key_file)
+        return Installed(spec.name, context, info, cert_file, key_file, spec.client_auth)
 
-    def _context(self, cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    def _context(self, spec: CertSpec, cert_file: Path, key_file: Path) -> ssl.SSLContext:
         try:
-            return self._context_factory(cert_file, key_file)
+            return build_context(self._context_factory, self.storage, spec, cert_file, key_file)
         except (ssl.SSLError, OSError) as e:
             raise CertificateFileError(cert_file, f"rejected by the TLS library ({e})") from None
 
@@ -291,6 +341,8 @@ class CertificateManager:
         now = self._now()
         if any(s.source != "files" for s in specs):
             self._check_data_dir()
+        if any(s.client_auth is not None and s.client_auth.ca == "internal" for s in specs):
+            self._ensure_local_ca()
         for spec in specs:
             installed = self._load_one(spec, now)
             if installed is not None:
@@ -311,19 +363,19 @@ class CertificateManager:
                     self._ca()  # created, or its intermediate renewed, before it is compared
                 stored = self._read_stored(spec)
                 if stored is not None and self._good(spec, stored, now, renewing=True):
-                    return self._install(spec.name, stored)
+                    return self._install(spec, stored)
                 return self._issue_locked(spec, None)
             except (OSError, IssuanceError, LockTimeout) as e:
                 if stored is not None and self._good(spec, stored, now, renewing=False):
                     # Due but still valid (a full disk, a CA hiccup): serve it, and let the
                     # maintenance loop retry with back-off, as a renewal in flight would.
                     self._renewal_failed(spec.name, e)
-                    return self._install(spec.name, stored)
+                    return self._install(spec, stored)
                 raise CertificateFileError(self.storage.certificate_dir(spec.name), str(e)) from e
         self.storage.reserve_state(spec.name)
         stored = self._read_stored(spec)
         if stored is not None and self._good(spec, stored, now, renewing=False):
-            return self._install(spec.name, stored)
+            return self._install(spec, stored)
         log.warning(
             "no usable certificate yet for %s (%s): handshakes for it fail until one is issued",
             spec.name,
@@ -362,10 +414,12 @@ class CertificateManager:
         slack = self.leaf_lifetime / 10 + timedelta(seconds=1)
         return info.not_after - info.not_before > self.leaf_lifetime + slack
 
-    def _install(self, name: str, found: Found) -> Installed:
+    def _install(self, spec: CertSpec, found: Found) -> Installed:
         stored, info = found
-        context = self._context(stored.cert_path, stored.key_path)
-        return Installed(name, context, info, stored.cert_path, stored.key_path)
+        context = self._context(spec, stored.cert_path, stored.key_path)
+        return Installed(
+            spec.name, context, info, stored.cert_path, stored.key_path, spec.client_auth
+        )
 
     def _issue_locked(self, spec: CertSpec, current_serial: int | None) -> Installed:
         """Blocking: check storage under the lock, issue if still needed, save, build the
@@ -381,7 +435,7 @@ class CertificateManager:
         else:
             with self.storage.lock(spec.name, timeout=self.lock_timeout):
                 found, issuer_name, reused = self.issue_and_save(spec, current_serial)
-        installed = self._install(spec.name, found)
+        installed = self._install(spec, found)
         if reused:
             log.info("%s: using the certificate another process stored", spec.name)
         else:
@@ -496,7 +550,7 @@ class CertificateManager:
         self._attempts.pop(spec.name, None)
         await asyncio.to_thread(self._save_state, spec.name)
         current = self._specs.get(spec.name)
-        if current is not None and current.hosts == spec.hosts:
+        if current is not None and current == spec:
             # A reload may have changed the spec meanwhile; then load() already installed one.
             cache_getter().replace(new, current.hosts)
 

@@ -12,6 +12,15 @@ Source = Literal["internal", "acme", "files"]
 
 
 @dataclass(frozen=True)
+class ClientAuthSpec:
+    """A site that asks for client certificates: the CA they must chain to ("internal": the
+    local CA's root) and whether a client without one is refused."""
+
+    ca: Path | Literal["internal"]
+    required: bool = True
+
+
+@dataclass(frozen=True)
 class CertSpec:
     """What a site asks for; proxy/ builds these from its config."""
 
@@ -21,6 +30,8 @@ class CertSpec:
     cert_file: Path | None = None  # for "files": PEM chain (leaf first)
     key_file: Path | None = None
     challenge: str | None = None  # for "acme"
+    # The certificate's context also verifies client certificates against this CA.
+    client_auth: ClientAuthSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,9 @@ class Installed:
     info: CertInfo
     cert_file: Path
     key_file: Path
+    # The spec's: the context verifies client certificates against its CA, and the TLS layer
+    # asks for a certificate only when it is set.
+    client_auth: ClientAuthSpec | None = None
 
 
 @dataclass(frozen=True)

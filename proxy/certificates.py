@@ -11,8 +11,8 @@ from pathlib import Path
 
 from certs.errors import CertError
 from certs.manager import CertificateManager
-from certs.models import CertSpec
-from proxy.config import AcmeConfig, Config, TlsFiles
+from certs.models import CertSpec, ClientAuthSpec
+from proxy.config import AcmeConfig, ClientAuth, Config, TlsFiles
 from proxy.errors import ConfigError
 from proxy.tls import server_context
 
@@ -20,6 +20,7 @@ from proxy.tls import server_context
 def cert_specs(config: Config) -> list[CertSpec]:
     specs = []
     for site in config.sites:
+        client_auth = _client_auth_spec(site.client_auth)
         if isinstance(site.tls, TlsFiles):
             specs.append(
                 CertSpec(
@@ -28,15 +29,26 @@ def cert_specs(config: Config) -> list[CertSpec]:
                     source="files",
                     cert_file=site.tls.cert,
                     key_file=site.tls.key,
+                    client_auth=client_auth,
                 )
             )
         else:
             specs.append(
                 CertSpec(
-                    name=site.name, hosts=site.hosts, source=site.tls, challenge=site.challenge
+                    name=site.name,
+                    hosts=site.hosts,
+                    source=site.tls,
+                    challenge=site.challenge,
+                    client_auth=client_auth,
                 )
             )
     return specs
+
+
+def _client_auth_spec(client_auth: ClientAuth | None) -> ClientAuthSpec | None:
+    if client_auth is None:
+        return None
+    return ClientAuthSpec(ca=client_auth.ca, required=client_auth.required)
 
 
 def default_cert_name(config: Config) -> str | None:
@@ -113,6 +125,10 @@ def check_config(config: Config, *, isolate_crypto: bool = False) -> None:
 def _key_of_cert_error(config: Config, exc: CertError) -> str:
     path = getattr(exc, "path", None)
     for i, site in enumerate(config.sites):
+        auth = site.client_auth
+        if path is not None and auth is not None and auth.ca != "internal":
+            if Path(path) == auth.ca:
+                return f"site[{i}].client_auth.ca"
         tls = site.tls
         if path is not None and not isinstance(tls, str):
             if Path(path) == tls.cert:

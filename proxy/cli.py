@@ -11,6 +11,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError, StartupError
@@ -64,7 +65,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="override server.log_level (debug shows one line per TLS handshake)",
     )
     add("check", "validate the config and every file it names; print what would run")
-    add("ca", "print the local CA's root certificate (PEM), creating the CA if missing")
+    ca = add(
+        "ca",
+        "print the local CA's root certificate (PEM), creating the CA if missing; with "
+        "--client NAME, write a client certificate for mutual TLS instead",
+    )
+    ca.epilog = (
+        "With --client NAME: writes NAME.pem (the client certificate, then the intermediate "
+        "that signed it) and NAME.key (its private key, mode 0600) into the current directory "
+        "or --out DIR. The certificate comes from the local CA's client intermediate (created "
+        'if missing) and is accepted by sites with client_auth = { ca = "internal" }. Use it '
+        "as: curl --cert NAME.pem --key NAME.key https://HOST/"
+    )
+    ca.add_argument(
+        "--client",
+        metavar="NAME",
+        help="issue a client certificate whose subject is CN=NAME (also the file names)",
+    )
+    ca.add_argument(
+        "--out",
+        metavar="DIR",
+        default=".",
+        help="where --client writes NAME.pem and NAME.key (default: the current directory)",
+    )
     add("certs", "one line per managed certificate: hosts, issuer, not-after, next renewal, error")
     add(
         "status", "the supervised app workers of a running proxy: pid, state, uptime, requests, RSS"
@@ -97,7 +120,11 @@ def cmd_check(config: Config) -> int:
         )
     for site in config.sites:
         tls = site.tls if isinstance(site.tls, str) else f"files {site.tls.cert}"
-        print(f"  site {', '.join(site.hosts)}: tls={tls} -> upstream {site.upstream}")
+        auth = ""
+        if site.client_auth is not None:
+            need = "required" if site.client_auth.required else "optional"
+            auth = f" client_auth={site.client_auth.ca} ({need})"
+        print(f"  site {', '.join(site.hosts)}: tls={tls}{auth} -> upstream {site.upstream}")
     if any(site.tls == "internal" for site in config.sites):
         print(f"  local CA: leaves live {_duration(config.local_ca.leaf_lifetime)}")
     for name, up in config.upstreams.items():
@@ -111,9 +138,23 @@ def cmd_check(config: Config) -> int:
     return EXIT_OK
 
 
-def cmd_ca(config: Config) -> int:
+def cmd_ca(config: Config, client: str | None = None, out: str = ".") -> int:
     from proxy.certificates import certificate_manager
 
+    if client is not None:
+        from certs.client_certs import write_client_certificate
+        from certs.errors import CertError
+
+        try:
+            cert_path, key_path = write_client_certificate(
+                config.server.data_dir, client, Path(out)
+            )
+        except CertError as exc:
+            return _fail(str(exc), EXIT_CONFIG)
+        except OSError as exc:
+            return _fail(f"cannot write the client certificate: {exc}", EXIT_FAILURE)
+        print(f"wrote {cert_path} and {key_path}")
+        return EXIT_OK
     manager = certificate_manager(config)
     sys.stdout.write(manager.local_ca_root_pem().decode("ascii"))
     return EXIT_OK
@@ -189,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             return cmd_check(config)
         if args.command == "ca":
-            return cmd_ca(config)
+            return cmd_ca(config, args.client, args.out)
         if args.command == "certs":
             return cmd_certs(config)
         if args.command == "status":

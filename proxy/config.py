@@ -84,11 +84,21 @@ TlsSource = Literal["internal", "acme"] | TlsFiles
 
 
 @dataclass(frozen=True)
+class ClientAuth:
+    """Mutual TLS for a site: the CA its client certificates must chain to ("internal": the
+    local CA's root) and whether a client without one is refused."""
+
+    ca: Path | Literal["internal"]
+    required: bool = True
+
+
+@dataclass(frozen=True)
 class Site:
     hosts: tuple[str, ...]  # lowercased, no trailing dot; "*.example.test" allowed
     tls: TlsSource
     upstream: str
     challenge: str | None = None  # per-site ACME challenge override
+    client_auth: ClientAuth | None = None
 
     @property
     def name(self) -> str:
@@ -451,6 +461,23 @@ def _parse_tls(value: object, key: str, base: Path) -> TlsSource:
     )
 
 
+def _parse_client_auth(value: object, key: str, base: Path) -> ClientAuth:
+    if not isinstance(value, dict):
+        raise ConfigError(
+            key, f"expected {{ ca = 'internal' or PATH, required = true or false }}, got {value!r}"
+        )
+    table = _Table(value, key)
+    ca_raw = table.take("ca")
+    if ca_raw is None:
+        raise ConfigError(table.path("ca"), "missing: 'internal' or the PEM file of the client CA")
+    if not isinstance(ca_raw, str) or not ca_raw.strip():
+        raise ConfigError(table.path("ca"), f"expected 'internal' or a file path, got {ca_raw!r}")
+    ca: Path | Literal["internal"] = "internal" if ca_raw == "internal" else _resolve(ca_raw, base)
+    required = table.boolean("required", True)
+    table.finish()
+    return ClientAuth(ca=ca, required=required)
+
+
 def _parse_site(table: _Table, base: Path) -> Site:
     hosts_raw = table.take("hosts")
     if hosts_raw is None:
@@ -470,11 +497,15 @@ def _parse_site(table: _Table, base: Path) -> Site:
         raise ConfigError(
             table.path("challenge"), f"expected 'http-01' or 'dns-01', got {challenge!r}"
         )
+    client_auth = table.take("client_auth")
     site = Site(
         hosts=hosts,
         tls=_parse_tls(table.take("tls", "internal"), table.path("tls"), base),
         upstream=upstream,
         challenge=challenge,
+        client_auth=None
+        if client_auth is None
+        else _parse_client_auth(client_auth, table.path("client_auth"), base),
     )
     table.finish()
     return site

@@ -63,11 +63,19 @@ def _harden(context: ssl.SSLContext) -> ssl.SSLContext:
     return context
 
 
-def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
+def server_context(
+    cert_file: Path, key_file: Path, client_ca: Path | None = None
+) -> ssl.SSLContext:
     """A context serving one certificate chain; the certs package builds one per certificate.
-    OpenSSL checks here that the key belongs to the chain's first certificate."""
+    OpenSSL checks here that the key belongs to the chain's first certificate.
+
+    `client_ca` (a client_auth site): the CAs client certificates are verified against. Only
+    the store is used: whether a certificate is asked for was decided by the front context
+    the connection started with (see FrontContexts)."""
     context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     context.load_cert_chain(str(cert_file), str(key_file), password=refuse_passphrase)
+    if client_ca is not None:
+        context.load_verify_locations(cafile=str(client_ca))
     return context
 
 

@@ -103,14 +103,21 @@ def _make_root(now: datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
     return cert, key
 
 
-def _make_intermediate(
-    root: x509.Certificate, root_key: ec.EllipticCurvePrivateKey, now: datetime
+def make_intermediate(
+    root: x509.Certificate,
+    root_key: ec.EllipticCurvePrivateKey,
+    now: datetime,
+    *,
+    kind: str = "intermediate",
+    usage: x509.ExtendedKeyUsage = _SERVER_AUTH,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """An intermediate under `root`; `usage` limits what it may sign (a leaked intermediate
+    key can then only mint that kind of certificate)."""
     key = generate_private_key()
     tag = (root.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value or "").split()[-1]
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_ca_name("intermediate", str(tag)))
+        .subject_name(_ca_name(kind, str(tag)))
         .issuer_name(root.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -118,8 +125,7 @@ def _make_intermediate(
         .not_valid_after(min(now + INTERMEDIATE_LIFETIME, root.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(_key_usage(ca=True), critical=True)
-        # Limits what a leaked intermediate key could sign to TLS server certificates.
-        .add_extension(_SERVER_AUTH, critical=False)
+        .add_extension(usage, critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(_authority_key_id(root), critical=False)
         .sign(root_key, hashes.SHA256())
@@ -248,7 +254,7 @@ class LocalCA:
                 )
                 return state
             raise CertificateFileError(files.root_key, "missing: needed to sign a new intermediate")
-        inter, inter_key = _make_intermediate(state.root, state.root_key, now)
+        inter, inter_key = make_intermediate(state.root, state.root_key, now)
         storage.write(files.intermediate_key, private_key_to_pem(inter_key), mode=KEY_MODE)
         storage.write(files.intermediate_cert, certificate_to_pem(inter), mode=CERT_MODE)
         log.info("issued local CA intermediate valid until %s", inter.not_valid_after_utc)
