@@ -17,14 +17,20 @@ import socket
 import ssl
 from collections.abc import Callable
 
+from proxy.client_hello import MAX_CLIENT_HELLO, HelloVerdict, parse_client_hello
 from proxy.config import Address
 from proxy.errors import StartupError
 from proxy.logs import log, tls_log
-from proxy.tls import PLAIN_HTTP_REASONS, handshake_socket_fd, log_handshake
+from proxy.tls import PLAIN_HTTP_REASONS, CertificateSelector, handshake_socket_fd, log_handshake
 
 # How many connections one wake-up of the accept loop takes before yielding to the event loop:
 # big enough to clear a burst, small enough that requests in flight are not starved.
 ACCEPT_BATCH = 64
+# Peeking at a ClientHello that has not fully arrived: the socket stays readable while the
+# peeked bytes sit in it, so waiting for readability would spin; wait this long instead,
+# doubling up to the cap (a client that stalls mid-hello costs a few wake-ups a second).
+PEEK_RETRY = 0.002
+PEEK_RETRY_MAX = 0.1
 
 
 def bind_socket(address: Address) -> socket.socket:
@@ -106,9 +112,12 @@ class HttpsListener:
         registry: ConnectionRegistry,
         handshake_timeout: Callable[[], float],
         max_connections: Callable[[], int],
+        selector: CertificateSelector | None = None,
     ) -> None:
         self.sock = sock
         self.ssl_context = ssl_context
+        # Chooses the front context per connection when a site asks for client certificates.
+        self.selector = selector
         self.protocol_factory = protocol_factory
         self.registry = registry
         self.handshake_timeout = handshake_timeout
@@ -166,6 +175,17 @@ class HttpsListener:
         # This task's own context: the SNI callback finds the socket for its refusal alert.
         handshake_socket_fd.set(conn.fileno())
         try:
+            context = self.ssl_context
+            timeout = self.handshake_timeout()
+            selector = self.selector
+            if selector is not None and selector.asks_client_certificates:
+                # Only then: every other handshake starts at once, as before.
+                started = self.loop.time()
+                verdict = await self._peek_client_hello(conn, started + timeout)
+                if verdict.state == "hello":
+                    context = selector.front_context(verdict.server_name)
+                # Not a ClientHello: the plain context, and OpenSSL says what is wrong.
+                timeout = max(0.001, started + timeout - self.loop.time())
             # The client's address is known from accept(): the protocol gets it here rather
             # than asking the socket again.
             protocol = self.protocol_factory(peer[0] if isinstance(peer, tuple) else "")
@@ -174,8 +194,8 @@ class HttpsListener:
             transport, _ = await self.loop.connect_accepted_socket(
                 lambda: protocol,
                 conn,
-                ssl=self.ssl_context,
-                ssl_handshake_timeout=self.handshake_timeout(),
+                ssl=context,
+                ssl_handshake_timeout=timeout,
             )
         except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
             conn.close()
@@ -190,6 +210,9 @@ class HttpsListener:
                     )
             elif tls_log.isEnabledFor(logging.DEBUG):
                 tls_log.debug("%s: handshake failed: %s", _peer_text(peer), _reason(exc))
+        except asyncio.CancelledError:
+            conn.close()  # a drain: the handshake carried no request yet
+            raise
         except Exception:
             conn.close()
             log.exception("%s: unexpected error during the TLS handshake", _peer_text(peer))
@@ -201,6 +224,46 @@ class HttpsListener:
                 log_handshake(transport.get_extra_info("ssl_object"), _peer_text(peer))
         finally:
             self.registry.handshake_ended()
+
+    async def _peek_client_hello(self, conn: socket.socket, deadline: float) -> HelloVerdict:
+        """The client's first bytes read with MSG_PEEK (left in the socket for OpenSSL) until
+        they are a whole ClientHello or clearly none. TimeoutError at `deadline`, EOFError if
+        the client closes first."""
+        conn.setblocking(False)
+        retry = PEEK_RETRY
+        while True:
+            try:
+                data: bytes | None = conn.recv(MAX_CLIENT_HELLO + 64, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            if data == b"":
+                raise EOFError("the client closed before its ClientHello")
+            if data:
+                verdict = parse_client_hello(data)
+                if verdict.state != "incomplete":
+                    return verdict
+            left = deadline - self.loop.time()
+            if left <= 0:
+                raise TimeoutError
+            if data:
+                await asyncio.sleep(min(retry, left))
+                retry = min(retry * 2, PEEK_RETRY_MAX)
+            else:
+                await self._readable(conn.fileno(), left)
+
+    async def _readable(self, fd: int, limit: float) -> None:
+        ready = self.loop.create_future()
+        self.loop.add_reader(fd, _resolve, ready)
+        try:
+            await asyncio.wait_for(ready, limit)
+        finally:
+            # Before the TLS transport takes the socket over: it registers its own reader.
+            self.loop.remove_reader(fd)
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class OncePerKey:
