@@ -121,6 +121,7 @@ class ProxyServer:
                     self.registry,
                     handshake_timeout=lambda: self._limits().handshake_timeout,
                     max_connections=lambda: self._limits().max_connections,
+                    selector=self.selector,
                 )
                 self.https_listeners.append(listener)
         https_port = self.https_listeners[0].address[1]
@@ -356,8 +357,7 @@ class ProxyServer:
             self.state = ProxyState.build(new, AccessLog(new.server.access_log), pools=reused)
             self._hook_pools()
             self.access_log = self.state.access_log
-            self.selector.cache = cache
-            self.selector.sites = self.state.router
+            self.selector.update(cache, self.state.router)
             self.config = new
             if uses_acme(new) and self.http01 is None:
                 from certs.challenges.http01 import Http01Responder

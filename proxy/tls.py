@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from certs.files import refuse_passphrase
-from certs.models import Installed
+from certs.models import ClientAuthSpec, Installed
 from proxy.downstream.responses import PLAIN_HTTP_ON_TLS_PORT
 from proxy.logs import tls_log
 
@@ -47,6 +47,15 @@ handshake_socket_fd: contextvars.ContextVar[int | None] = contextvars.ContextVar
 # A TLS record: alert (21), version 3.3 (TLS 1.2, what TLS 1.3 records also say), length 2,
 # fatal (2), unrecognized_name (112). Plaintext, as every record before the ServerHello is.
 UNRECOGNIZED_NAME_ALERT = bytes((21, 3, 3, 0, 2, 2, 112))
+# The same with handshake_failure (40): the connection started with the wrong front context.
+HANDSHAKE_FAILURE_ALERT = bytes((21, 3, 3, 0, 2, 2, 40))
+# OpenSSL's reasons for refusing a client certificate (or its absence). Its alert for them
+# (certificate_required in TLS 1.3, handshake_failure or the verify error's in TLS 1.2) is
+# encrypted in TLS 1.3 and follows the records already sent, so only OpenSSL's own output
+# buffer has it right: DirectSSLObject writes that buffer out before the TLS layer closes.
+CLIENT_CERT_REASONS = frozenset(
+    ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_VERIFY_FAILED", "NO_CERTIFICATES_RETURNED")
+)
 # OpenSSL's own errors for a plain HTTP request (or a proxy's CONNECT) where a ClientHello
 # should be: it sees "GET ", "POST", "HEAD", "PUT " or "CONNECT" in the first record header.
 PLAIN_HTTP_REASONS = frozenset(("HTTP_REQUEST", "HTTPS_PROXY_REQUEST"))
@@ -106,6 +115,8 @@ class DirectSSLObject(ssl.SSLObject):
         cls, incoming: ssl.MemoryBIO, *args: object, **kwargs: object
     ) -> DirectSSLObject:
         self = super()._create(incoming, *args, **kwargs)  # type: ignore[arg-type]
+        # wrap_bio passes the outgoing BIO second, positionally (both event loops use it).
+        self._outgoing = args[0] if args else kwargs.get("outgoing")
         c_object = self._sslobj  # type: ignore[attr-defined]
         self._c_read = c_object.read
         self.write = c_object.write  # type: ignore[method-assign]
@@ -135,7 +146,18 @@ class DirectSSLObject(ssl.SSLObject):
             # (its "http request" error): answering it costs the other handshakes nothing.
             if exc.reason in PLAIN_HTTP_REASONS:
                 _write_before_tls(PLAIN_HTTP_ON_TLS_PORT)
+            elif exc.reason in CLIENT_CERT_REASONS:
+                self._flush_alert()
             raise
+
+    def _flush_alert(self) -> None:
+        """Send the alert OpenSSL wrote for a refused client certificate: both event loops'
+        TLS layers close on a failed handshake without sending what is pending. The records
+        before it went out when the handshake last waited for the client, so this follows
+        them in order."""
+        outgoing = self._outgoing
+        if isinstance(outgoing, ssl.MemoryBIO) and outgoing.pending:
+            _write_raw(outgoing.read())
 
 
 class CertificateLookup(Protocol):
@@ -186,15 +208,62 @@ def install_sni_decode_hook() -> None:
 class CertificateSelector:
     """Owns the listener context and its SNI callback. `cache` (and `sites`, the configured
     names) are swapped whole on SIGHUP or when certificates change; a handshake reads whichever
-    is current when its ClientHello comes."""
+    is current when its ClientHello comes.
+
+    Client certificates (client_auth sites): OpenSSL takes a connection's verify mode from the
+    context it was created with, and switching contexts in the SNI callback does not change it
+    (SSL_set_SSL_CTX copies no verify mode; nginx calls SSL_set_verify after the switch, which
+    Python does not expose). So the mode is chosen before the handshake: the listener peeks at
+    the ClientHello (proxy.client_hello) and starts the connection with `front_context(name)`,
+    the plain `context` or one that asks for a certificate on behalf of that site. The CA it is
+    verified against is the site's certificate context's store, which the switch does bring.
+    Each such site has its own front contexts, so a session ticket (encrypted under the front
+    context's key) is never accepted by another site's. The SNI callback refuses a handshake
+    whose front context is not the one its site needs (fail closed: a name the peek could not
+    read, a ClientHello split in a way the peek did not follow, a reload in between)."""
 
     def __init__(self, cache: CertificateLookup, sites: SiteNames | None = None) -> None:
         self.cache = cache
         self.sites = sites
-        self.context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
-        self.context.sni_callback = self.on_server_name
-        self.context.sslobject_class = DirectSSLObject
+        self.context = self._new_front(ssl.CERT_NONE)
+        self._fronts: dict[tuple[str, ClientAuthSpec], ssl.SSLContext] = {}
         install_sni_decode_hook()
+
+    def _new_front(self, verify_mode: ssl.VerifyMode) -> ssl.SSLContext:
+        context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+        context.sni_callback = self.on_server_name
+        context.sslobject_class = DirectSSLObject
+        context.verify_mode = verify_mode
+        return context
+
+    def update(self, cache: CertificateLookup, sites: SiteNames | None) -> None:
+        """A reload's certificates and sites; front contexts of sites gone are dropped."""
+        self.cache = cache
+        self.sites = sites
+        entries = getattr(cache, "entries", None)
+        if entries is not None:
+            keep = {(i.spec_name, i.client_auth) for i in entries() if i.client_auth is not None}
+            self._fronts = {k: v for k, v in self._fronts.items() if k in keep}
+
+    @property
+    def asks_client_certificates(self) -> bool:
+        """Whether any configured site has client_auth: only then does the listener peek."""
+        return bool(getattr(self.sites, "client_auth", False))
+
+    def front_context(self, server_name: str | None) -> ssl.SSLContext:
+        """The context a connection whose ClientHello asks for `server_name` starts with."""
+        installed = self.choose(server_name)
+        if installed is None or installed.client_auth is None:
+            return self.context
+        return self._front_of(installed.spec_name, installed.client_auth)
+
+    def _front_of(self, spec_name: str, client_auth: ClientAuthSpec) -> ssl.SSLContext:
+        key = (spec_name, client_auth)
+        context = self._fronts.get(key)
+        if context is None:
+            mode = ssl.CERT_REQUIRED if client_auth.required else ssl.CERT_OPTIONAL
+            context = self._fronts[key] = self._new_front(mode)
+        return context
 
     def choose(self, server_name: str | None) -> Installed | None:
         """The certificate for a ClientHello's name: the name's own (exact, then wildcard),
@@ -212,7 +281,7 @@ class CertificateSelector:
         return cache.lookup(None)
 
     def on_server_name(
-        self, ssl_object: ssl.SSLObject, server_name: str | None, _context: ssl.SSLContext
+        self, ssl_object: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext
     ) -> int | None:
         installed = self.choose(server_name)
         if installed is None:
@@ -224,6 +293,21 @@ class CertificateSelector:
                 )
             _send_unrecognized_name()
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        client_auth = installed.client_auth
+        if client_auth is None:
+            front_ok = context is self.context
+        else:
+            front_ok = context is self._fronts.get((installed.spec_name, client_auth))
+        if not front_ok:
+            if tls_log.isEnabledFor(logging.DEBUG):
+                tls_log.debug(
+                    "refusing handshake for %r: it did not start as site %r's client_auth "
+                    "needs (its ClientHello was not read before the handshake)",
+                    server_name,
+                    installed.spec_name,
+                )
+            _write_raw(HANDSHAKE_FAILURE_ALERT)
+            return ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
         ssl_object.context = installed.context
         ssl_object.tlsproxy_sni = normalize_server_name(server_name)  # type: ignore[attr-defined]
         ssl_object.tlsproxy_cert = installed  # type: ignore[attr-defined]
@@ -237,12 +321,18 @@ def _send_unrecognized_name() -> None:
     Nothing has been sent on this connection yet (this runs while the ClientHello is read), so
     the same plaintext alert record written straight to the socket is what OpenSSL would have
     sent."""
-    _write_before_tls(UNRECOGNIZED_NAME_ALERT)
+    _write_raw(UNRECOGNIZED_NAME_ALERT)
 
 
 def _write_before_tls(data: bytes) -> None:
     """Write to the socket of the handshake in progress, before any TLS record went out (so
     in clear text), while the TLS layer still owns the socket and has not closed it."""
+    _write_raw(data)
+
+
+def _write_raw(data: bytes) -> None:
+    """Write bytes straight to the socket of the handshake in progress, behind the TLS
+    layer's back (it has nothing buffered then: it is waiting for the client, or failing)."""
     fd = handshake_socket_fd.get()
     if fd is not None:
         try:
@@ -276,3 +366,26 @@ def describe_handshake(ssl_object: ssl.SSLObject | None, peer: object) -> str:
 def log_handshake(ssl_object: ssl.SSLObject | None, peer: object) -> None:
     if tls_log.isEnabledFor(logging.DEBUG):
         tls_log.debug(describe_handshake(ssl_object, peer))
+
+
+def client_certificate_chain(ssl_object: ssl.SSLObject) -> list[bytes]:
+    """The DER of the client's certificate and of the chain it was verified with (leaf first),
+    or [] when the client sent none. A resumed session was verified when it was made, and
+    OpenSSL keeps no verified chain for it: the chain the client sent then stands in."""
+    leaf = ssl_object.getpeercert(binary_form=True)
+    if not leaf:
+        return []
+    c_object = getattr(ssl_object, "_sslobj", ssl_object)
+    # Public from Python 3.13; 3.11 and 3.12 have it on the C object only.
+    verified = getattr(ssl_object, "get_verified_chain", None) or c_object.get_verified_chain
+    chain = verified() or []
+    if not chain:
+        unverified = getattr(ssl_object, "get_unverified_chain", None)
+        chain = (unverified or c_object.get_unverified_chain)() or []
+    ders = [item if isinstance(item, bytes) else item.public_bytes(_ENCODING_DER) for item in chain]
+    if ders and ders[0] == leaf:
+        ders = ders[1:]
+    return [leaf, *ders]
+
+
+_ENCODING_DER = 2  # _ssl.ENCODING_DER, for the Certificate objects of Python < 3.13

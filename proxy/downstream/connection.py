@@ -31,6 +31,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import h11
 from h11._readers import ChunkedReader, ContentLengthReader
@@ -44,12 +45,16 @@ from proxy.downstream.flow import (
     discards_after_close_notify,
     tune_write_buffer,
 )
+from proxy.downstream.forwarding import client_cert_lines
 from proxy.downstream.request_head import RequestHead, read_request_head
 from proxy.downstream.responses import error_response
 from proxy.errors import UpstreamError
 from proxy.logs import log, upstream_log
 from proxy.state import ProxyState
-from proxy.tls import DirectSSLObject
+from proxy.tls import DirectSSLObject, client_certificate_chain
+
+if TYPE_CHECKING:
+    from certs.models import ClientAuthSpec
 
 # Where the connection is between requests.
 _IDLE = 0  # waiting for the first byte of the next request
@@ -107,6 +112,8 @@ class DownstreamProtocol(asyncio.Protocol):
         "_timer_at",
         "_tls",
         "_wait",
+        "client_auth",
+        "client_cert",
         "client_ip",
         "draining",
         "exchange",
@@ -136,6 +143,10 @@ class DownstreamProtocol(asyncio.Protocol):
         self.exchange: Exchange | None = None
         self.tunnel: Exchange | None = None
         self.sni: str | None = None
+        # A client_auth site's handshake: (site name, its client_auth), and the RFC 9440
+        # header lines of the certificate the client presented (b"" for none).
+        self.client_auth: tuple[str, ClientAuthSpec] | None = None
+        self.client_cert: bytes | None = None
         self.client_ip = client_ip  # from accept(); else read from the transport
         self.draining = False
         self.write_paused = False
@@ -163,6 +174,11 @@ class DownstreamProtocol(asyncio.Protocol):
         if ssl_object is not None:
             self._tls = True
             self.sni = getattr(ssl_object, "tlsproxy_sni", None)
+            installed = getattr(ssl_object, "tlsproxy_cert", None)
+            if installed is not None and installed.client_auth is not None:
+                # Once per connection: requests of other sites never pay for it.
+                self.client_auth = (installed.spec_name, installed.client_auth)
+                self.client_cert = client_cert_lines(client_certificate_chain(ssl_object))
             if isinstance(ssl_object, DirectSSLObject):
                 self._ssl = ssl_object
                 ssl_object.on_close_notify = self._on_close_notify

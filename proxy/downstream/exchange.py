@@ -27,6 +27,7 @@ from proxy.downstream.forwarding import (
     upgrade_offer,
 )
 from proxy.downstream.responses import error_response, reason, split_target
+from proxy.downstream.routing import client_auth_allows
 from proxy.errors import UpstreamError
 from proxy.upstream.response_parser import CHUNKED, UNTIL_CLOSE
 
@@ -210,6 +211,10 @@ class Exchange:
         if site is None:
             self._reply_error(status)
             return
+        client_auth = site.client_auth
+        if client_auth is not None and not client_auth_allows(site, down.client_auth):
+            self._reply_error(421)
+            return
         if length is not None and self.req_chunked:
             # RFC 9112 6.1: a request smuggling signature. h11 would use the chunked framing
             # but the upstream might not; nobody downstream of us gets to choose.
@@ -236,6 +241,7 @@ class Exchange:
             host=self.host or b"",
             trusted=state.trusted,
             upgrade=self.offer,
+            client_cert=down.client_cert if client_auth is not None else None,
         )
         self._acquire(None)
 

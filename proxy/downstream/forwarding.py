@@ -16,6 +16,13 @@ X-Forwarded-Proto and X-Forwarded-Host keep the single value that proxy set (the
 client's view; apps such as uvicorn read them as one value, a list would break them) and are
 only added when missing.
 
+Client certificates (RFC 9440): Client-Cert and Client-Cert-Chain describe the certificate this
+proxy verified. A client that is not a trusted proxy cannot send them: they are dropped, and
+the values of this connection's own verified certificate (`client_cert_lines`, computed once
+per connection, and only for client_auth sites) are written instead. From a trusted proxy they
+are kept as sent (that proxy terminated the client's TLS, as with X-Forwarded-For), and then
+this connection's own are not added: they would describe that proxy, not the client.
+
 The hot path is `request_head`: one dict lookup per header, one bytes join per request, and the
 per-client forwarding lines cached.
 
@@ -31,6 +38,7 @@ every protocol it names was offered (`switch_accepted`).
 
 from __future__ import annotations
 
+import base64
 import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
@@ -48,6 +56,7 @@ _XFHOST = 7
 _FORWARDED = 8
 _CODING = 9
 _LENGTH = 10
+_CLIENT_CERT = 11
 _HOP_BY_HOP: dict[bytes, int] = {
     b"connection": _CONNECTION,
     b"keep-alive": _DROP,
@@ -70,6 +79,8 @@ _REQUEST_ACTIONS: dict[bytes, int] = {
     b"forwarded": _FORWARDED,
     b"transfer-encoding": _CODING,
     b"content-length": _LENGTH,
+    b"client-cert": _CLIENT_CERT,
+    b"client-cert-chain": _CLIENT_CERT,
 }
 # Transfer-Encoding leaves the response: the client side frames the body itself.
 _RESPONSE_ACTIONS: dict[bytes, int] = {**_HOP_BY_HOP, b"transfer-encoding": _DROP}
@@ -196,21 +207,27 @@ def request_head(
     host: bytes,
     trusted: TrustedProxies,
     upgrade: bytes | None,
+    client_cert: bytes | None = None,
 ) -> bytes:
     """The complete HTTP/1.1 request head to write to the upstream, ending with CRLF CRLF.
 
     `headers` are h11's (lowercased names, validated values); `host` is the request's Host
     value (for X-Forwarded-Host and Forwarded host=); `upgrade` is the request's
     `upgrade_offer`: sent as Upgrade with "Connection: upgrade", in place of the client's own
-    Upgrade fields (which are always dropped).
+    Upgrade fields (which are always dropped). `client_cert`: this connection's
+    `client_cert_lines` (None or b"" when it has no verified client certificate).
     """
-    head = _request_head(method, target, headers, client_ip, host, trusted, upgrade, None)
+    head = _request_head(
+        method, target, headers, client_ip, host, trusted, upgrade, client_cert, None
+    )
     if isinstance(head, bytes):
         return head
     # The client's Connection header named more headers as hop-by-hop (rare): go again with
     # those names dropped like the standard ones.
     actions = {**_REQUEST_ACTIONS, **dict.fromkeys(head, _DROP)}
-    result = _request_head(method, target, headers, client_ip, host, trusted, upgrade, actions)
+    result = _request_head(
+        method, target, headers, client_ip, host, trusted, upgrade, client_cert, actions
+    )
     assert isinstance(result, bytes)
     return result
 
@@ -223,6 +240,7 @@ def _request_head(
     host: bytes,
     trusted: TrustedProxies,
     upgrade: bytes | None,
+    client_cert: bytes | None,
     actions: dict[bytes, int] | None,
 ) -> bytes | set[bytes]:
     """The head, or on the first pass the set of extra names Connection lists (if any)."""
@@ -233,6 +251,7 @@ def _request_head(
         actions = _REQUEST_ACTIONS
     connection: list[bytes] | None = None
     forwarding: list[tuple[int, bytes]] | None = None
+    client_certs: list[bytes] | None = None
     te_trailers = False
     chunked = False
     length: bytes | None = None
@@ -254,6 +273,10 @@ def _request_head(
             extend((b"transfer-encoding: ", value, b"\r\n"))
         elif action == _LENGTH:
             length = value
+        elif action == _CLIENT_CERT:
+            if client_certs is None:
+                client_certs = []
+            client_certs += (name, b": ", value, b"\r\n")
         elif action != _DROP:
             if forwarding is None:
                 forwarding = []
@@ -278,8 +301,35 @@ def _request_head(
         parts.append(_appended_lines(forwarding, client_ip, host))
     else:
         parts.append(_replacement_lines(client_ip, host))
+    if client_certs is not None and trusted.contains(client_ip):
+        extend(client_certs)
+    elif client_cert:
+        parts.append(client_cert)
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+def _sf_binary(der: bytes) -> bytes:
+    # RFC 8941 3.3.5: base64 with padding between colons, no line breaks.
+    return b":" + base64.b64encode(der) + b":"
+
+
+def client_cert_lines(chain: Sequence[bytes]) -> bytes:
+    """The Client-Cert and Client-Cert-Chain header lines (RFC 9440) for a verified client
+    certificate chain given as DER, leaf first; b"" for an empty chain (no certificate).
+
+    Client-Cert is the leaf as an sf-binary. Client-Cert-Chain (RFC 9440 2.3) is a list of
+    sf-binary of the rest of the chain the proxy verified it with, in TLS order (each one
+    certifies the one before); it never holds the leaf and is not sent without Client-Cert, nor
+    when the leaf was itself the trust anchor. The trust anchor is included: RFC 9440 lets a
+    proxy omit it only when the origin is known to have it, which this proxy cannot know."""
+    if not chain:
+        return b""
+    leaf, *issuers = chain
+    lines = b"client-cert: " + _sf_binary(leaf) + b"\r\n"
+    if issuers:
+        lines += b"client-cert-chain: " + b", ".join(_sf_binary(c) for c in issuers) + b"\r\n"
+    return lines
 
 
 def _appended_lines(forwarding: list[tuple[int, bytes]], client_ip: str, host: bytes) -> bytes:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from certs.models import ClientAuthSpec
     from proxy.config import Site
 
 _HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._")
@@ -94,9 +95,11 @@ def match_name(pattern: str, name: str) -> bool:
 class Router:
     """Maps SNI names and Host headers to sites. Immutable: a config reload builds a new one."""
 
-    __slots__ = ("_cache", "_exact", "_wildcard", "default")
+    __slots__ = ("_cache", "_exact", "_wildcard", "client_auth", "default")
 
     def __init__(self, sites: Sequence[Site], default_site: str | None = None) -> None:
+        # Whether any site asks for client certificates (the listener then peeks at hellos).
+        self.client_auth = any(getattr(site, "client_auth", None) for site in sites)
         self._exact: dict[str, Site] = {}
         self._wildcard: dict[str, Site] = {}  # "*.example.test" is stored under "example.test"
         for site in sites:
@@ -163,3 +166,21 @@ class Router:
             if site is None:
                 return None, NOT_FOUND
         return site, 0
+
+
+def client_auth_allows(site: Site, verified: tuple[str, ClientAuthSpec] | None) -> bool:
+    """May a request for `site`, which has client_auth, be served on a connection whose
+    handshake enforced `verified` ((site name, its client_auth), or None when it asked for
+    no certificate)? Only when that handshake was this site's, under the same client_auth.
+
+    The SNI/Host checks above do not cover it: a client without SNI gets the default site's
+    certificate and then the Host alone decides; and a reload may add or change client_auth
+    between a connection's handshake and its requests. Such a request gets 421: the client
+    may retry on a connection of its own for that name, where its certificate is asked for."""
+    auth = site.client_auth
+    if auth is None:
+        return True
+    if verified is None:
+        return False
+    name, spec = verified
+    return name == site.name and spec.ca == auth.ca and spec.required == auth.required
