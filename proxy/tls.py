@@ -21,6 +21,7 @@ from typing import Protocol
 
 from certs.files import refuse_passphrase
 from certs.models import ClientAuthSpec, Installed
+from proxy.downstream.forwarding import client_cert_lines
 from proxy.downstream.responses import PLAIN_HTTP_ON_TLS_PORT
 from proxy.logs import tls_log
 
@@ -226,7 +227,7 @@ class CertificateSelector:
         self.cache = cache
         self.sites = sites
         self.context = self._new_front(ssl.CERT_NONE)
-        self._fronts: dict[tuple[str, ClientAuthSpec], ssl.SSLContext] = {}
+        self._fronts: dict[tuple[str, ClientAuthSpec, ssl.SSLContext], ssl.SSLContext] = {}
         install_sni_decode_hook()
 
     def _new_front(self, verify_mode: ssl.VerifyMode) -> ssl.SSLContext:
@@ -242,7 +243,7 @@ class CertificateSelector:
         self.sites = sites
         entries = getattr(cache, "entries", None)
         if entries is not None:
-            keep = {(i.spec_name, i.client_auth) for i in entries() if i.client_auth is not None}
+            keep = {_front_key(i) for i in entries() if i.client_auth is not None}
             self._fronts = {k: v for k, v in self._fronts.items() if k in keep}
 
     @property
@@ -255,14 +256,16 @@ class CertificateSelector:
         installed = self.choose(server_name)
         if installed is None or installed.client_auth is None:
             return self.context
-        return self._front_of(installed.spec_name, installed.client_auth)
-
-    def _front_of(self, spec_name: str, client_auth: ClientAuthSpec) -> ssl.SSLContext:
-        key = (spec_name, client_auth)
+        key = _front_key(installed)
         context = self._fronts.get(key)
         if context is None:
-            mode = ssl.CERT_REQUIRED if client_auth.required else ssl.CERT_OPTIONAL
-            context = self._fronts[key] = self._new_front(mode)
+            # A new certificate context for this site (a reload, a renewal): its CA store may
+            # differ, so sessions resumed from the old front context's tickets, which skip
+            # verification, must not be accepted any more. The old front goes with them.
+            self._fronts = {k: v for k, v in self._fronts.items() if k[0] != key[0]}
+            required = installed.client_auth.required
+            context = self._new_front(ssl.CERT_REQUIRED if required else ssl.CERT_OPTIONAL)
+            self._fronts[key] = context
         return context
 
     def choose(self, server_name: str | None) -> Installed | None:
@@ -293,11 +296,10 @@ class CertificateSelector:
                 )
             _send_unrecognized_name()
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
-        client_auth = installed.client_auth
-        if client_auth is None:
+        if installed.client_auth is None:
             front_ok = context is self.context
         else:
-            front_ok = context is self._fronts.get((installed.spec_name, client_auth))
+            front_ok = context is self._fronts.get(_front_key(installed))
         if not front_ok:
             if tls_log.isEnabledFor(logging.DEBUG):
                 tls_log.debug(
@@ -312,6 +314,11 @@ class CertificateSelector:
         ssl_object.tlsproxy_sni = normalize_server_name(server_name)  # type: ignore[attr-defined]
         ssl_object.tlsproxy_cert = installed  # type: ignore[attr-defined]
         return None
+
+
+def _front_key(installed: Installed) -> tuple[str, ClientAuthSpec, ssl.SSLContext]:
+    assert installed.client_auth is not None
+    return (installed.spec_name, installed.client_auth, installed.context)
 
 
 def _send_unrecognized_name() -> None:
@@ -370,18 +377,16 @@ def log_handshake(ssl_object: ssl.SSLObject | None, peer: object) -> None:
 
 def client_certificate_chain(ssl_object: ssl.SSLObject) -> list[bytes]:
     """The DER of the client's certificate and of the chain it was verified with (leaf first),
-    or [] when the client sent none. A resumed session was verified when it was made, and
-    OpenSSL keeps no verified chain for it: the chain the client sent then stands in."""
+    or [] when the client sent none. A resumed session has its leaf only: OpenSSL verified the
+    chain when the session was made and keeps no chain in a session."""
     leaf = ssl_object.getpeercert(binary_form=True)
     if not leaf:
         return []
-    c_object = getattr(ssl_object, "_sslobj", ssl_object)
     # Public from Python 3.13; 3.11 and 3.12 have it on the C object only.
-    verified = getattr(ssl_object, "get_verified_chain", None) or c_object.get_verified_chain
+    verified = getattr(ssl_object, "get_verified_chain", None)
+    if verified is None:
+        verified = ssl_object._sslobj.get_verified_chain  # type: ignore[attr-defined]
     chain = verified() or []
-    if not chain:
-        unverified = getattr(ssl_object, "get_unverified_chain", None)
-        chain = (unverified or c_object.get_unverified_chain)() or []
     ders = [item if isinstance(item, bytes) else item.public_bytes(_ENCODING_DER) for item in chain]
     if ders and ders[0] == leaf:
         ders = ders[1:]
@@ -389,3 +394,28 @@ def client_certificate_chain(ssl_object: ssl.SSLObject) -> list[bytes]:
 
 
 _ENCODING_DER = 2  # _ssl.ENCODING_DER, for the Certificate objects of Python < 3.13
+
+
+# The header lines of chains verified in full handshakes, by (the site's certificate context,
+# the leaf): a session resumed from one of them shows its leaf only, and its front context
+# (hence its certificate context) is the one that verified it. Bounded; starts over when full.
+_VERIFIED: dict[tuple[ssl.SSLContext, bytes], bytes] = {}
+_VERIFIED_MAX = 1024
+
+
+def client_cert_header(ssl_object: ssl.SSLObject) -> bytes:
+    """Client-Cert and Client-Cert-Chain lines (RFC 9440) for a connection's verified client
+    certificate; b"" when the client presented none. Once per connection."""
+    chain = client_certificate_chain(ssl_object)
+    if not chain:
+        return b""
+    key = (ssl_object.context, chain[0])
+    if ssl_object.session_reused:
+        known = _VERIFIED.get(key)
+        # Unknown (evicted): the leaf alone; RFC 9440 makes the chain optional.
+        return known if known is not None else client_cert_lines(chain)
+    lines = client_cert_lines(chain)
+    if len(_VERIFIED) >= _VERIFIED_MAX:
+        _VERIFIED.clear()
+    _VERIFIED[key] = lines
+    return lines

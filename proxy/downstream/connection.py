@@ -45,13 +45,12 @@ from proxy.downstream.flow import (
     discards_after_close_notify,
     tune_write_buffer,
 )
-from proxy.downstream.forwarding import client_cert_lines
 from proxy.downstream.request_head import RequestHead, read_request_head
 from proxy.downstream.responses import error_response
 from proxy.errors import UpstreamError
 from proxy.logs import log, upstream_log
 from proxy.state import ProxyState
-from proxy.tls import DirectSSLObject, client_certificate_chain
+from proxy.tls import DirectSSLObject, client_cert_header
 
 if TYPE_CHECKING:
     from certs.models import ClientAuthSpec
@@ -178,7 +177,7 @@ class DownstreamProtocol(asyncio.Protocol):
             if installed is not None and installed.client_auth is not None:
                 # Once per connection: requests of other sites never pay for it.
                 self.client_auth = (installed.spec_name, installed.client_auth)
-                self.client_cert = client_cert_lines(client_certificate_chain(ssl_object))
+                self.client_cert = client_cert_header(ssl_object)
             if isinstance(ssl_object, DirectSSLObject):
                 self._ssl = ssl_object
                 ssl_object.on_close_notify = self._on_close_notify

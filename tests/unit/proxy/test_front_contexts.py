@@ -116,3 +116,19 @@ def test_a_reload_drops_the_front_contexts_of_sites_gone() -> None:
     s.update(Cache([installed("req.test", changed)]), s.sites)
     assert s.front_context("req.test") is not before
     assert s.front_context("req.test").verify_mode == ssl.CERT_OPTIONAL
+
+
+def test_a_new_certificate_context_gets_a_new_front_so_old_tickets_are_refused() -> None:
+    s = selector()
+    before = s.front_context("req.test")
+    renewed = installed("req.test", REQUIRED)
+    renewed.context = "ctx-req.test-renewed"  # a renewal or a reload: its CA store may differ
+    s.cache.by_name["req.test"] = renewed  # type: ignore[attr-defined]
+    after = s.front_context("req.test")
+    assert after is not before
+    ssl_object = SimpleNamespace(context=None)
+    assert (
+        s.on_server_name(ssl_object, "req.test", before)  # type: ignore[arg-type]
+        == ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
+    )
+    assert s.on_server_name(ssl_object, "req.test", after) is None  # type: ignore[arg-type]
