@@ -297,7 +297,10 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out (handshake_timeout)"
     if isinstance(exc, ssl.SSLError) and exc.reason == "CALLBACK_FAILED":
-        return "no certificate for the name it asked for (SNI) yet, or no default_site"
+        return (
+            "refused by the SNI callback: no certificate for the name it asked for yet, no "
+            "default_site, or a client_auth site's ClientHello that could not be read first"
+        )
     return str(exc) or type(exc).__name__
 
 

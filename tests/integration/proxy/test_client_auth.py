@@ -517,6 +517,48 @@ def test_a_client_hello_in_pieces_is_still_asked_for_a_certificate(
     assert seen(echo, "client-cert")
 
 
+def oversized_client_hello(context: ssl.SSLContext, sni: str) -> bytes:
+    """A real ClientHello for `sni`, grown past what the peek parses (64 KiB; OpenSSL takes up
+    to 128 KiB) with unknown cipher suites and an unknown extension, in 16000-byte records."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=sni)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    body = outgoing.read()[9:]  # one record: its header (5) and the handshake header (4)
+    at = 34 + 1 + body[34]
+    suites_end = at + 2 + int.from_bytes(body[at : at + 2], "big")
+    suites = body[at + 2 : suites_end] + b"\x0a\x0a" * 30000  # GREASE: ignored by servers
+    at = suites_end + 1 + body[suites_end]
+    extensions = body[at + 2 :] + b"\x7a\x7a" + (10000).to_bytes(2, "big") + bytes(10000)
+    body = (
+        body[: 34 + 1 + body[34]]
+        + len(suites).to_bytes(2, "big")
+        + suites
+        + body[suites_end:at]
+        + len(extensions).to_bytes(2, "big")
+        + extensions
+    )
+    message = b"\x01" + len(body).to_bytes(3, "big") + body
+    assert len(message) > 64 * 1024
+    return b"".join(
+        b"\x16\x03\x01" + len(message[i : i + 16000]).to_bytes(2, "big") + message[i : i + 16000]
+        for i in range(0, len(message), 16000)
+    )
+
+
+def test_a_client_hello_the_peek_cannot_read_is_refused_for_a_client_auth_site(env: Env) -> None:
+    """Fail closed: the peek gives up on this hello, so the connection starts without asking
+    for a certificate; OpenSSL still reads the name, and the SNI callback refuses it."""
+    for name, refused in (("req.test", True), ("open.test", False)):
+        with socket.create_connection(("127.0.0.1", env.port), timeout=10) as sock:
+            sock.sendall(oversized_client_hello(env.context(), name))
+            first = sock.recv(7)
+        if refused:
+            assert first == bytes((21, 3, 3, 0, 2, 2, 40))  # alert: fatal handshake_failure
+        else:
+            assert first[:1] == b"\x16"  # a ServerHello: served, nothing asked
+
+
 def test_a_client_that_stalls_mid_hello_is_dropped_at_handshake_timeout(env: Env) -> None:
     hello_start = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"
     with socket.create_connection(("127.0.0.1", env.port), timeout=15) as sock:
