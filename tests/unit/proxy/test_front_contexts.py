@@ -132,3 +132,15 @@ def test_a_new_certificate_context_gets_a_new_front_so_old_tickets_are_refused()
         == ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
     )
     assert s.on_server_name(ssl_object, "req.test", after) is None  # type: ignore[arg-type]
+
+
+def test_a_client_auth_default_site_asks_clients_without_sni() -> None:
+    cache = Cache([installed("open.test", None), installed("req.test", REQUIRED)], "req.test")
+    s = CertificateSelector(cache, Router(SITES, "req.test"))  # type: ignore[arg-type]
+    front = s.front_context(None)
+    assert front.verify_mode == ssl.CERT_REQUIRED
+    assert s.front_context("unknown.test") is front  # an unknown name gets the default too
+    ssl_object = SimpleNamespace(context=None)
+    assert s.on_server_name(ssl_object, None, front) is None  # type: ignore[arg-type]
+    refused = s.on_server_name(ssl_object, None, s.context)  # type: ignore[arg-type]
+    assert refused == ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
