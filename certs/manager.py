@@ -29,6 +29,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import broken
 from .cache import CertificateCache
 from .errors import CertError, CertificateFileError, IssuanceError, LockTimeout
 from .files import (
@@ -209,6 +210,8 @@ class CertificateManager:
         return self._issuers.get(spec.source)
 
     def _managed(self, spec: CertSpec) -> bool:
+        if spec.broken is not None:
+            return False  # renewing it would repair it (certs.broken)
         return spec.source == "internal" or (
             spec.source != "files" and spec.source in self._issuers
         )
@@ -291,6 +294,7 @@ class CertificateManager:
         now = self._now()
         if any(s.source != "files" for s in specs):
             self._check_data_dir()
+        self._make_broken(specs, now)
         for spec in specs:
             installed = self._load_one(spec, now)
             if installed is not None:
@@ -301,6 +305,8 @@ class CertificateManager:
         return cache
 
     def _load_one(self, spec: CertSpec, now: datetime) -> Installed | None:
+        if spec.broken is not None:
+            return self._load_broken(spec, now)
         if spec.source == "files":
             return self._load_files(spec, now)
         if spec.source == "internal":
@@ -333,6 +339,75 @@ class CertificateManager:
 
     def _read_stored(self, spec: CertSpec) -> Found | None:
         return read_stored(self.storage, spec.name)
+
+    # -- broken certificates (certs.broken): none of the checks above, never renewed --------
+    def _stored_broken(self, spec: CertSpec, now: datetime) -> Found | None:
+        """The stored broken certificate of `spec` if it is still broken in its one way."""
+        assert spec.broken is not None
+        found = read_stored(self.storage, broken.storage_name(spec.broken, spec.name))
+        if found is None or not broken.still_broken(
+            spec.broken,
+            spec.hosts,
+            found[0].chain_pem,
+            now,
+            intermediate_pem=self.storage.read(self.storage.ca_files().intermediate_cert),
+            untrusted_intermediate_pem=self.storage.read(
+                broken.untrusted_ca_files(self.storage).intermediate_cert
+            ),
+        ):
+            return None
+        return found
+
+    def _make_broken(self, specs: Sequence[CertSpec], now: datetime) -> None:
+        """Make the broken certificates that storage lacks or holds no longer broken (a
+        not-yet-valid one come of age, a replaced intermediate), all in one crypto worker for
+        an isolated manager: a test proxy with six of them starts in one child's time."""
+        missing = [s for s in specs if s.broken is not None and not self._stored_broken(s, now)]
+        if not missing:
+            return
+        try:
+            if self.isolate_crypto:
+                from .crypto_worker import run_worker
+
+                run_worker(self, "broken", {"specs": missing})
+            else:
+                for spec in missing:
+                    self.make_broken_and_save(spec)
+        except (OSError, CertError) as e:
+            names = ", ".join(s.name for s in missing)
+            log.warning("broken certificates for %s not made: %s", names, describe_error(e))
+
+    def _load_broken(self, spec: CertSpec, now: datetime) -> Installed | None:
+        found = self._stored_broken(spec, now)
+        if found is None:
+            log.warning("no %s certificate for %s: handshakes for it fail", spec.broken, spec.name)
+            return None
+        return self._install(spec.name, found)
+
+    def make_broken_and_save(self, spec: CertSpec) -> Found:
+        """Blocking, under the lock of its storage name: the broken certificate another process
+        has just stored, or a new one. Needs `cryptography` (here or in the crypto worker)."""
+        from .issuers.broken import make_broken
+
+        assert spec.broken is not None
+        name, now = broken.storage_name(spec.broken, spec.name), self._now()
+        local_ca = self._ca()  # first: a new intermediate makes stored ones unfit
+        with self.storage.lock(name, timeout=self.lock_timeout):
+            stored = self._stored_broken(spec, now)
+            if stored is not None:
+                return stored
+            chain_pem, key_pem = make_broken(
+                spec.broken,
+                spec.hosts,
+                local_ca,
+                self.storage,
+                now,
+                lock_timeout=min(self.lock_timeout, 60.0),
+            )
+            saved = self.storage.save_certificate(name, chain_pem, key_pem)
+        info = leaf_info(saved.chain_pem)
+        log.info("made the %s certificate of %s: serial %x", spec.broken, spec.name, info.serial)
+        return saved, info
 
     def _good(self, spec: CertSpec, found: Found, now: datetime, *, renewing: bool) -> bool:
         """Servable now (and, with `renewing`, not due either)."""
@@ -496,7 +571,7 @@ class CertificateManager:
         self._attempts.pop(spec.name, None)
         await asyncio.to_thread(self._save_state, spec.name)
         current = self._specs.get(spec.name)
-        if current is not None and current.hosts == spec.hosts:
+        if current == spec:
             # A reload may have changed the spec meanwhile; then load() already installed one.
             cache_getter().replace(new, current.hosts)
 
@@ -582,6 +657,11 @@ class CertificateManager:
             except CertificateFileError as e:
                 return line(None, None, FILES_REASON, str(e))
             return line(info, None, FILES_REASON, None)
+
+        if spec.broken is not None:
+            found = read_stored(self.storage, broken.storage_name(spec.broken, spec.name))
+            reason = f"broken={spec.broken} (for tests), never renewed"
+            return line(found[1] if found else None, None, reason, None)
 
         state = self.storage.load_state(spec.name)
         error = state.get("last_error") if isinstance(state.get("last_error"), str) else None

@@ -21,6 +21,7 @@ class CertSpec:
     cert_file: Path | None = None  # for "files": PEM chain (leaf first)
     key_file: Path | None = None
     challenge: str | None = None  # for "acme"
+    broken: str | None = None  # for tests: a certs.broken kind, served instead of a good one
 
 
 @dataclass(frozen=True)

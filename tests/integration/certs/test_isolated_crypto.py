@@ -241,3 +241,25 @@ async def test_background_renewal_goes_through_the_child(tmp_path, echo_server, 
         await after.close()
     issued = [r for r in caplog.records if "issued certificate for localhost" in r.getMessage()]
     assert len(issued) >= 2  # start-up and at least one renewal, both logged by the parent
+
+
+def test_broken_certificates_are_made_in_one_child_and_reused_without_one(tmp_path, monkeypatch):
+    from certs import crypto_worker
+    from certs.broken import BROKEN_KINDS
+
+    calls: list[str] = []
+    real = crypto_worker.run_worker
+
+    def counted(manager, op, args):
+        calls.append(op)
+        return real(manager, op, args)
+
+    monkeypatch.setattr(crypto_worker, "run_worker", counted)
+    specs = [CertSpec(f"{k}.test", (f"{k}.test",), "internal", broken=k) for k in BROKEN_KINDS]
+    _, isolated = managers(tmp_path / "data")
+    cache = isolated.load(specs, None)
+    assert calls == ["broken"]  # six certificates, one child
+    serials = {s.name: cache.get(s.name).info.serial for s in specs}
+    assert cache.get("self-signed.test").info.issuer == "CN=self-signed.test"
+    assert {s.name: isolated.load(specs, None).get(s.name).info.serial for s in specs} == serials
+    assert calls == ["broken"]  # still broken in their way: served again, no child
