@@ -33,7 +33,11 @@ def cert_specs(config: Config) -> list[CertSpec]:
         else:
             specs.append(
                 CertSpec(
-                    name=site.name, hosts=site.hosts, source=site.tls, challenge=site.challenge
+                    name=site.name,
+                    hosts=site.hosts,
+                    source=site.tls,
+                    challenge=site.challenge,
+                    broken=site.broken,
                 )
             )
     return specs

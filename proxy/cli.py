@@ -97,7 +97,8 @@ def cmd_check(config: Config) -> int:
         )
     for site in config.sites:
         tls = site.tls if isinstance(site.tls, str) else f"files {site.tls.cert}"
-        print(f"  site {', '.join(site.hosts)}: tls={tls} -> upstream {site.upstream}")
+        broken = f" broken={site.broken} (for tests: clients must refuse it)" if site.broken else ""
+        print(f"  site {', '.join(site.hosts)}: tls={tls}{broken} -> upstream {site.upstream}")
     if any(site.tls == "internal" for site in config.sites):
         print(f"  local CA: leaves live {_duration(config.local_ca.leaf_lifetime)}")
     for name, up in config.upstreams.items():

@@ -72,6 +72,7 @@ class ProxyServer:
         # Nothing is served yet, so blocking here costs no client anything; it also keeps the
         # start-up's certificate work out of a worker thread's malloc arena (idle memory).
         cache = self.certs.load(cert_specs(config), default_cert_name(config))
+        _warn_broken(config)
         self.state = ProxyState.build(config, self.access_log)
         self.selector = CertificateSelector(cache, self.state.router)
         if uses_acme(config):
@@ -340,6 +341,7 @@ class ProxyServer:
                 else:
                     log.exception("reload failed, still running the previous config")
                 return False
+            _warn_broken(new)
             old = self.config
             if (new.server.https, new.server.http) != (old.server.https, old.server.http):
                 log.warning("reload: listener addresses changed; they take effect after a restart")
@@ -434,6 +436,17 @@ class ProxyServer:
         self.install_signal_handlers()
         await self.stopping.wait()
         await self.drain()
+
+
+def _warn_broken(config: Config) -> None:
+    # Meant for tests only: a production config that kept one must not go unnoticed.
+    for site in config.sites:
+        if site.broken is not None:
+            log.warning(
+                "site %s serves a deliberately broken certificate (%s): clients must refuse it",
+                ", ".join(site.hosts),
+                site.broken,
+            )
 
 
 def _abort(protocol: object) -> None:
