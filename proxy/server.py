@@ -415,15 +415,20 @@ class ProxyServer:
             await close_plain_server(server)
         for protocol in list(self.registry.protocols):
             protocol.shutdown()
-        try:
-            await asyncio.wait_for(self.registry.idle_event.wait(), self._grace())
-        except TimeoutError:
-            left = len(self.registry.protocols)
-            log.warning("shutdown_grace over: closing %d connection(s) still busy", left)
-            for protocol in list(self.registry.protocols):
-                _abort(protocol)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._grace()
+        while busy := [p for p in self.registry.protocols if p.owes_client]:
+            if loop.time() >= deadline:
+                log.warning("shutdown_grace over: closing %d connection(s) still busy", len(busy))
+                break
+            # Responses end at their own pace; a few checks a second cost nothing here.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.registry.idle_event.wait(), 0.05)
+        for protocol in list(self.registry.protocols):
+            _abort(protocol)  # what is left only waits for a close_notify that may never come
         for name in list(self.background):
             self._stop_task(name)
+        await self.control.stop()
         await self._stop_workers()
         if self.state is not None:
             with contextlib.suppress(Exception):
