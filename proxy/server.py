@@ -28,13 +28,15 @@ from proxy.certificates import (
     uses_acme,
 )
 from proxy.config import Config, UpstreamConfig, UpstreamServer, load_config
+from proxy.control import ControlError, ControlServer
 from proxy.downstream.connection import DownstreamProtocol
 from proxy.downstream.redirect import RedirectProtocol
 from proxy.errors import ConfigError, StartupError
 from proxy.listeners import ConnectionRegistry, HttpsListener, bind_socket, close_plain_server
 from proxy.logs import AccessLog, log, setup_logging
 from proxy.state import ProxyState
-from proxy.tls import CertificateSelector, server_context
+from proxy.systemd import notify, notify_reloading, passed_sockets
+from proxy.tls import CertificateSelector, normalize_server_name, server_context
 
 if TYPE_CHECKING:
     from proxy.workers.status import StatusWriter
@@ -63,6 +65,7 @@ class ProxyServer:
         self.draining = False
         self._reload_lock = asyncio.Lock()
         self._sigint_count = 0
+        self.control = ControlServer(config.server.data_dir, {"renew": self._control_renew})
 
     # --- start-up -------------------------------------------------------------------------
 
@@ -93,6 +96,7 @@ class ProxyServer:
         for server in self.plain_servers:
             await server.start_serving()
         self._start_background(config)
+        await self.control.start()
         for listener in self.https_listeners:
             log.info("listening https://%s", _sockname(listener.address))
         for server in self.plain_servers:
@@ -102,15 +106,24 @@ class ProxyServer:
     async def _bind(self, config: Config) -> None:
         loop = asyncio.get_running_loop()
         socks = []
+        passed = passed_sockets()
         try:
             for address in config.server.https:
-                socks.append(("https", bind_socket(address)))
+                socks.append(("https", bind_socket(address, passed)))
             for address in config.server.http:
-                socks.append(("http", bind_socket(address)))
+                socks.append(("http", bind_socket(address, passed)))
         except StartupError:
             for _, sock in socks:
                 sock.close()
             raise
+        finally:
+            for sock in passed:
+                log.warning(
+                    "a socket passed by the service manager (%s) matches no listener in the "
+                    "config: closing it",
+                    _sockname(sock.getsockname()),
+                )
+                sock.close()
         assert self.selector is not None
         for kind, sock in socks:
             if kind == "https":
@@ -318,9 +331,50 @@ class ProxyServer:
                 log.exception("background task %r failed; restarting it in 30 s", name)
                 await asyncio.sleep(30)
 
+    # --- control socket -------------------------------------------------------------------
+
+    async def _control_renew(self, request: dict) -> dict:
+        """`tlsproxy certs renew HOST`: a fresh certificate for HOST's site, served from the
+        next handshake on; the reply comes once it is."""
+        host = request.get("host")
+        if not isinstance(host, str) or not host:
+            raise ControlError("renew: which host?")
+        assert self.state is not None
+        site = self.state.router.site_for_name(normalize_server_name(host))
+        if site is None:
+            raise ControlError(f"{host} is not a host of any [[site]] of this proxy")
+        if site.tls != "internal":
+            kind = "ACME" if site.tls == "acme" else "files"
+            what = (
+                "renewing an ACME certificate on request is not supported yet; it renews "
+                "by itself before it expires"
+                if kind == "ACME"
+                else "its certificate comes from files: replace them and reload (SIGHUP)"
+            )
+            raise ControlError(f"{host}: {what}")
+        try:
+            installed = await self.certs.renew_now(site.name, self._current_cache)
+        except CertError as exc:
+            raise ControlError(f"{host}: not renewed: {exc}") from None
+        info = installed.info
+        return {
+            "site": site.name,
+            "hosts": list(site.hosts),
+            "serial": f"{info.serial:x}",
+            "not_before": info.not_before.isoformat(),
+            "not_after": info.not_after.isoformat(),
+        }
+
     # --- SIGHUP ---------------------------------------------------------------------------
 
     async def reload(self) -> bool:
+        notify_reloading()
+        try:
+            return await self._reload()
+        finally:
+            notify("READY=1")  # serving again, with the new config or the old one
+
+    async def _reload(self) -> bool:
         async with self._reload_lock:
             if self.config_path is None:
                 log.warning("SIGHUP: no config file to re-read")
@@ -391,6 +445,7 @@ class ProxyServer:
     def _on_stop_signal(self, name: str) -> None:
         if not self.stopping.is_set():
             log.info("%s: draining (up to %s s), no new connections", name, self._grace())
+            notify("STOPPING=1")
         self.stopping.set()
 
     def _on_sigint(self) -> None:
@@ -474,5 +529,6 @@ async def run_server(config: Config) -> int:
     server = ProxyServer(config)
     await server.start()
     release_startup_memory()
+    notify("READY=1")
     await server.serve()
     return 0
