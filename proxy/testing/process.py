@@ -223,6 +223,7 @@ class TLSProxy:
             self._app_thread = AsgiThread(self.app)
             self._app_thread.start()
         self._write_config()
+        self._issue_certificates()
 
     def _document(self) -> dict[str, Any]:
         server: dict[str, Any] = {
@@ -258,6 +259,16 @@ class TLSProxy:
             "{socket}",
         ]  # the supervisor adds --forwarded-allow-ips for a worker on a unix socket
         return {"command": shlex.join(command), "workers": self.workers}
+
+    def _issue_certificates(self) -> None:
+        """What the proxy does first at start-up, done here: this process has `cryptography`
+        loaded already, while the proxy would start a child process for it (isolate_crypto),
+        about a fifth of a second. The proxy then finds the leaves stored and valid."""
+        from proxy.certificates import cert_specs, certificate_manager, default_cert_name
+        from proxy.config import load_config
+
+        config = load_config(self.config_file)
+        certificate_manager(config).load(cert_specs(config), default_cert_name(config))
 
     def _write_config(self) -> None:
         from proxy.certificates import check_config
