@@ -84,14 +84,16 @@ def merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
 class TLSProxy:
     """A real tlsproxy in front of an app, on 127.0.0.1, with its own local CA.
 
-    Exactly one of `app` (an import string such as "pkg.module:app", served by `workers`
-    uvicorn processes the proxy supervises; or an ASGI callable, served in this process),
-    `upstream` ("127.0.0.1:8000", "unix:/path": a server the test runs) or a `config` with its
-    own [[site]] tables. `hosts` are the first site's names (SNI and Host). `config` merges
-    extra TOML keys; `broken` maps host names to a broken certificate kind ("expired", ...):
-    each becomes a site of its own in front of the same upstream. `ca`: a shared local CA (the
-    `tlsproxy_ca` fixture); without one the proxy makes its own. `directory`: where the config,
-    data_dir and logs go (a temporary directory, removed at stop, when not given).
+    The app: exactly one of `app` (an import string such as "pkg.module:app", served by
+    `workers` uvicorn processes the proxy supervises; or an ASGI callable, served in this
+    process), `upstream` ("127.0.0.1:8000", "unix:/path": a server the test runs), or a
+    `config` with [[site]] tables of its own.
+    `hosts`: the first site's names (SNI and Host); `site`: more keys of that site (such as
+    client_auth). `config`: extra TOML keys, merged (tables key by key, [[site]] tables
+    added). `broken`: host name -> broken certificate kind ("expired", ...), each a site of
+    its own in front of the same app. `ca`: a shared local CA (the `tlsproxy_ca` fixture;
+    without one the proxy makes its own). `directory`: where the config, data_dir and log go
+    (a temporary directory, removed at stop, when not given).
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class TLSProxy:
         hosts: Sequence[str] = ("localhost",),
         upstream: str | None = None,
         workers: int | str = 1,
+        site: Mapping[str, Any] | None = None,
         config: Mapping[str, Any] | None = None,
         broken: Mapping[str, str] | None = None,
         ca: CertificateAuthority | None = None,
@@ -122,6 +125,7 @@ class TLSProxy:
         self.hosts = [h.lower() for h in hosts]
         self.upstream = upstream
         self.workers = workers
+        self.site = dict(site or {})
         self.extra = dict(config or {})
         self.broken = dict(broken or {})
         self.ca = ca
@@ -236,7 +240,7 @@ class TLSProxy:
         document: dict[str, Any] = {"server": server}
         if self.app is not None or self.upstream is not None:
             server["default_site"] = self.hosts[0]
-            sites = [{"hosts": list(self.hosts), "upstream": UPSTREAM}]
+            sites = [{"hosts": list(self.hosts), "upstream": UPSTREAM, **self.site}]
             sites += [
                 {"hosts": [host], "upstream": UPSTREAM, "broken": kind}
                 for host, kind in self.broken.items()
