@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from proxy.testing import CertificateAuthority, TLSProxy  # noqa: E402
+from proxy.testing import CertificateAuthority, TLSProxy
 
 APP_MODULE = Path(tempfile.mkdtemp(prefix="tlsproxy-bench-app-"))
 (APP_MODULE / "bench_startup_app.py").write_text(
