@@ -50,8 +50,10 @@ if fd != 3:
     os.close(fd)
 os.environ["LISTEN_FDS"] = "1"
 os.environ["LISTEN_PID"] = str(os.getpid())
-ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-if os.getppid() != int(os.environ.pop("TLSPROXY_TESTING_PARENT")):
+parent = int(os.environ.pop("TLSPROXY_TESTING_PARENT"))
+if sys.platform == "linux":
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+if os.getppid() != parent:
     sys.exit(1)  # the test process died before prctl took effect
 from proxy.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -292,11 +294,17 @@ class TLSProxy:
     def _launch(self) -> None:
         assert self._sock is not None
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        name = f"tlsproxy-testing-{os.getpid()}-{secrets.token_hex(6)}"
-        self._notify.bind("\0" + name)  # the abstract namespace: no file, no path length
+        if sys.platform == "linux":
+            # The abstract namespace: no file, no limit of sun_path on the directory's depth.
+            name = f"tlsproxy-testing-{os.getpid()}-{secrets.token_hex(6)}"
+            self._notify.bind("\0" + name)
+            notify_socket = "@" + name
+        else:
+            notify_socket = str(self._dir / "notify.sock")
+            self._notify.bind(notify_socket)
         env = dict(os.environ)
         env.update(
-            NOTIFY_SOCKET="@" + name,
+            NOTIFY_SOCKET=notify_socket,
             TLSPROXY_TESTING_FD=str(self._sock.fileno()),
             TLSPROXY_TESTING_PARENT=str(os.getpid()),
             # The app's workers import it as this test process would.
