@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import ctypes
 import signal
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,7 @@ from proxy.control import ControlError, ControlServer
 from proxy.downstream.connection import DownstreamProtocol
 from proxy.downstream.redirect import RedirectProtocol
 from proxy.errors import ConfigError, StartupError
+from proxy.line_writer import LineWriter
 from proxy.listeners import ConnectionRegistry, HttpsListener, bind_socket, close_plain_server
 from proxy.logs import AccessLog, log, setup_logging
 from proxy.state import ProxyState
@@ -48,7 +50,8 @@ class ProxyServer:
         self.config = config
         self.config_path = config.source
         self.registry = ConnectionRegistry()
-        self.access_log = AccessLog(config.server.access_log)
+        self.access_writer: LineWriter | None = None
+        self.access_log = self._access_log(config.server.access_log)
         # isolate_crypto: `cryptography` work runs in short-lived children (idle memory).
         self.certs = certificate_manager(config, isolate_crypto=True)
         self.selector: CertificateSelector | None = None
@@ -143,6 +146,12 @@ class ProxyServer:
                     lambda: self._new_redirect(https_port), sock=sock, start_serving=False
                 )
                 self.plain_servers.append(server)
+
+    def _access_log(self, fmt: str) -> AccessLog:
+        """The access log for a config; all of them share one writer to stdout."""
+        if fmt != "off" and self.access_writer is None:
+            self.access_writer = LineWriter(sys.stdout.fileno())
+        return AccessLog(fmt, self.access_writer)  # type: ignore[arg-type]
 
     # --- supervised workers ---------------------------------------------------------------
 
@@ -407,7 +416,8 @@ class ProxyServer:
                 for name, pool in old_state.pools.items()
                 if old.upstreams.get(name) == new.upstreams.get(name)
             }
-            self.state = ProxyState.build(new, AccessLog(new.server.access_log), pools=reused)
+            access_log = self._access_log(new.server.access_log)
+            self.state = ProxyState.build(new, access_log, pools=reused)
             self._hook_pools()
             self.access_log = self.state.access_log
             self.selector.cache = cache
@@ -488,6 +498,8 @@ class ProxyServer:
         if self.state is not None:
             with contextlib.suppress(Exception):
                 await self.state.close()
+        if self.access_writer is not None:
+            await asyncio.to_thread(self.access_writer.close)  # every line written, or dropped
         log.info("stopped")
 
     async def serve(self) -> None:

@@ -111,6 +111,7 @@ class ProxyProcess:
         self.loop = loop
         self.log_level = log_level
         self.proc: subprocess.Popen | None = None
+        self.stdout: int | None = None  # a descriptor for the access log instead of the file
         self.https: list[tuple[str, int]] = []
         self.http: list[tuple[str, int]] = []
 
@@ -130,7 +131,7 @@ class ProxyProcess:
                 "--log-level",
                 self.log_level,
             ],
-            stdout=self._out,
+            stdout=self._out if self.stdout is None else self.stdout,
             stderr=self._log,
             stdin=subprocess.DEVNULL,
             cwd=REPO,
