@@ -562,18 +562,40 @@ class CertificateManager:
         installed: Installed | None,
         cache_getter: Callable[[], CertificateCache],
     ) -> None:
-        serial = installed.info.serial if installed is not None else None
         try:
-            new = await asyncio.to_thread(self._issue_locked, spec, serial)
+            await self._renew_raising(spec, installed, cache_getter)
         except Exception as e:
             await asyncio.to_thread(self._renewal_failed, spec.name, e)
-            return
+
+    async def _renew_raising(
+        self,
+        spec: CertSpec,
+        installed: Installed | None,
+        cache_getter: Callable[[], CertificateCache],
+    ) -> Installed:
+        serial = installed.info.serial if installed is not None else None
+        new = await asyncio.to_thread(self._issue_locked, spec, serial)
         self._attempts.pop(spec.name, None)
         await asyncio.to_thread(self._save_state, spec.name)
         current = self._specs.get(spec.name)
         if current == spec:
             # A reload may have changed the spec meanwhile; then load() already installed one.
             cache_getter().replace(new, current.hosts)
+        return new
+
+    async def renew_now(self, name: str, cache_getter: Callable[[], CertificateCache]) -> Installed:
+        """Issue a fresh certificate for spec `name` now, whatever its renewal time, and serve
+        it from the next handshake on (`tlsproxy certs renew`). Raises IssuanceError when the
+        name has no issuer here, or what the issuance raised; a failure is also recorded
+        and retried with back-off, as a scheduled renewal's would be."""
+        spec = self._specs.get(name)
+        if spec is None or not self._managed(spec):
+            raise IssuanceError(f"{name}: no certificate this manager issues")
+        try:
+            return await self._renew_raising(spec, cache_getter().get(name), cache_getter)
+        except Exception as e:
+            await asyncio.to_thread(self._renewal_failed, spec.name, e)
+            raise
 
     def _renewal_failed(self, name: str, error: BaseException) -> None:
         """Count the failure, schedule the retry, log it and record it for `tlsproxy certs`."""

@@ -65,7 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("check", "validate the config and every file it names; print what would run")
     add("ca", "print the local CA's root certificate (PEM), creating the CA if missing")
-    add("certs", "one line per managed certificate: hosts, issuer, not-after, next renewal, error")
+    certs = add(
+        "certs",
+        "one line per managed certificate: hosts, issuer, not-after, next renewal, error; "
+        "`certs renew HOST` asks the running proxy to renew HOST's certificate now",
+    )
+    certs.add_argument(
+        "action", nargs="?", choices=("renew",), help="renew: a fresh certificate for HOST now"
+    )
+    certs.add_argument("host", nargs="?", metavar="HOST", help="a host of a [[site]] (with renew)")
     add(
         "status", "the supervised app workers of a running proxy: pid, state, uptime, requests, RSS"
     )
@@ -158,6 +166,22 @@ def cmd_certs(config: Config) -> int:
     return EXIT_OK
 
 
+def cmd_certs_renew(config: Config, host: str | None) -> int:
+    from proxy.control import ControlError, ask
+
+    if not host:
+        return _fail("certs renew: which HOST?", EXIT_FAILURE)
+    try:
+        done = ask(config.server.data_dir, {"op": "renew", "host": host})
+    except ControlError as exc:
+        return _fail(str(exc), EXIT_FAILURE)
+    print(
+        f"renewed {host} (site {done['site']}): serial {done['serial']}, "
+        f"valid until {done['not_after']}"
+    )
+    return EXIT_OK
+
+
 def cmd_status(config: Config) -> int:
     from proxy.workers.status import format_status
 
@@ -192,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "ca":
             return cmd_ca(config)
         if args.command == "certs":
+            if args.action == "renew":
+                return cmd_certs_renew(config, args.host)
             return cmd_certs(config)
         if args.command == "status":
             return cmd_status(config)
