@@ -589,6 +589,11 @@ class CertificateManager:
         name has no issuer here, or what the issuance raised; a failure is also recorded
         and retried with back-off, as a scheduled renewal's would be."""
         spec = self._specs.get(name)
+        if spec is not None and spec.broken is not None:
+            raise IssuanceError(
+                f"{name}: serves a deliberately broken certificate ({spec.broken}), never "
+                "renewed; remove `broken` and reload (SIGHUP) for a good one"
+            )
         if spec is None or not self._managed(spec):
             raise IssuanceError(f"{name}: no certificate this manager issues")
         try:

@@ -222,6 +222,13 @@ def test_check_and_certs_show_them_as_for_tests(proxy: Proxy) -> None:
     assert "broken" not in good
 
 
+def test_certs_renew_refuses_to_repair_one(proxy: Proxy) -> None:
+    done = tlsproxy("certs", "renew", "www.expired.test", "-c", str(proxy.config_file))
+    assert done.returncode == 1
+    assert "serves a deliberately broken certificate (expired), never renewed" in done.stderr
+    assert_refused_by_all(proxy, KINDS[0], "expired.test")
+
+
 @pytest.mark.parametrize("command", ["check", "run"])
 def test_an_unknown_kind_is_one_line_naming_the_key(tmp_path, command: str) -> None:
     text = config("127.0.0.1:9").replace('broken = "expired"', 'broken = "expird"')
@@ -260,3 +267,32 @@ def test_sighup_turns_broken_off_and_on(make_proxy: MakeProxy, example_app: AppP
         assert_refused_by_all(proxy, kind, kind.host)
     assert proxy.log()[mark:].count("deliberately broken") == len(KINDS)
     assert_accepted_by_all(proxy, GOOD)
+
+
+# --- the same through the testing API (proxy.testing.TLSProxy) --------------------------------
+
+
+def test_tlsproxy_broken_argument(example_app: AppProcess) -> None:
+    from proxy.testing import TLSProxy
+
+    broken = {kind.host: kind.name for kind in KINDS}
+    with TLSProxy(upstream=example_app.server, hosts=[GOOD], broken=broken) as p:
+        with p.client(timeout=10) as client:
+            assert client.get(p.url(GOOD)).status_code == 200
+            for kind in KINDS:
+                with pytest.raises(httpx.ConnectError) as failed:
+                    client.get(p.url(kind.host))
+                assert verification_error(failed.value).verify_code == kind.verify_code
+                with (
+                    socket.create_connection(("127.0.0.1", p.port), timeout=10) as sock,
+                    pytest.raises(ssl.SSLCertVerificationError) as refused,
+                ):
+                    p.ssl_context().wrap_socket(sock, server_hostname=kind.host)
+                assert refused.value.verify_message.startswith(kind.reason(kind.host))
+
+            # Another kind for a name, at a reload: new connections get the new one.
+            p.reload(broken={**broken, "expired.test": "self-signed"})
+            with pytest.raises(httpx.ConnectError) as failed:
+                client.get(p.url("expired.test"))
+            assert verification_error(failed.value).verify_message == "self-signed certificate"
+        assert "serves a deliberately broken certificate (self-signed)" in p.logs()
