@@ -12,13 +12,12 @@ import threading
 import time
 from typing import Any
 
-from proxy.testing.errors import StartError
+from proxy.testing.errors import StartError, need
 
 
 class AsgiThread:
     def __init__(self, app: Any, *, log_level: str = "warning") -> None:
-        import uvicorn
-
+        uvicorn: Any = need("uvicorn", "TLSProxy(app=<ASGI object>)")
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"

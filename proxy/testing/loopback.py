@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from certs.selection import host_covered, normalize_host
+from proxy.testing.errors import need
 
 LOOPBACK = "127.0.0.1"
 
@@ -58,8 +59,7 @@ def _pool_of(transport: Any) -> Any:
 
 def client(hosts: Iterable[str], verify: Any, http2: bool = False, **kwargs: Any) -> Any:
     """An httpx.Client for which the proxy's `hosts` resolve to 127.0.0.1."""
-    import httpx
-
+    httpx: Any = need("httpx", "TLSProxy.client()")
     transport = httpx.HTTPTransport(verify=verify, http2=http2)
     pool = _pool_of(transport)
     pool._network_backend = _Backend(pool._network_backend, _Names(hosts))
@@ -68,8 +68,7 @@ def client(hosts: Iterable[str], verify: Any, http2: bool = False, **kwargs: Any
 
 def async_client(hosts: Iterable[str], verify: Any, http2: bool = False, **kwargs: Any) -> Any:
     """An httpx.AsyncClient for which the proxy's `hosts` resolve to 127.0.0.1."""
-    import httpx
-
+    httpx: Any = need("httpx", "TLSProxy.async_client()")
     transport = httpx.AsyncHTTPTransport(verify=verify, http2=http2)
     pool = _pool_of(transport)
     pool._network_backend = _AsyncBackend(pool._network_backend, _Names(hosts))
