@@ -295,6 +295,7 @@ class CertificateManager:
         if any(s.source != "files" for s in specs):
             self._check_data_dir()
         self._make_broken(specs, now)
+        self._issue_due_in_one_child(specs, now)
         for spec in specs:
             installed = self._load_one(spec, now)
             if installed is not None:
@@ -303,6 +304,30 @@ class CertificateManager:
         self._specs = {s.name: s for s in specs}
         self._poke()
         return cache
+
+    def _issue_due_in_one_child(self, specs: Sequence[CertSpec], now: datetime) -> None:
+        """An isolated manager starts one crypto worker for all the local-CA leaves due at
+        load, instead of one each (a child costs about 0.2 s: seven sites took 1.5 s to
+        start). What it could not issue is tried again, and reported, one by one below."""
+        internal = [s for s in specs if s.source == "internal" and s.broken is None]
+        if not self.isolate_crypto or len(internal) < 2:
+            return  # one child either way: the usual path
+        due = []
+        try:
+            for spec in internal:
+                stored = self._read_stored(spec)
+                if stored is None or not self._good(spec, stored, now, renewing=True):
+                    due.append(spec)
+        except OSError:
+            return  # the usual path reports it, naming the site
+        if len(due) < 2:
+            return
+        from .crypto_worker import run_worker
+
+        try:
+            run_worker(self, "issue_many", {"specs": due})
+        except CertError as e:
+            log.debug("issuing %d certificates in one child failed (%s): one by one", len(due), e)
 
     def _load_one(self, spec: CertSpec, now: datetime) -> Installed | None:
         if spec.broken is not None:
