@@ -53,14 +53,20 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 DEFAULT_PROXY_CMD = "{python} -m proxy run -c {config}"
 TERMINATORS = ("nginx", "tlsproxy")
 
-# Targets from issue 2, as ratios tlsproxy / nginx(1 worker) unless absolute.
+# Targets from issues 2 and 11, as ratios tlsproxy / nginx(1 worker) unless absolute. The
+# handshake and resumption targets are ratios to the floor (issue 11), in floor_markdown().
 TARGETS = {
-    "keepalive.per_core_second": (">=", 0.35),
-    "handshake.per_core_second": (">=", 0.80),
+    "keepalive.per_core_second": (">=", 0.45),
     "bulk.per_core_second": (">=", 1.00),
     "e2e.rps": (">=", 0.85),
     "e2e.p99": ("<=", 1.30),
 }
+TARGET_HANDSHAKE_OF_FLOOR = 0.93
+TARGET_RESUME_OF_FLOOR = 0.90
+# Issue 11: keep-alive with the access log on, per core-second, over the same with it off.
+TARGET_ACCESS_LOG_ON_OFF = 0.85
+# The access log formats each terminator writes in the "keepalive_log_*" runs.
+ACCESS_LOGS = {"nginx": ("combined",), "tlsproxy": ("text", "json")}
 TARGET_IDLE_RSS_MIB = 40.0
 TARGET_PER_CONNECTION_KIB = 64.0
 
@@ -453,6 +459,52 @@ class Workload:
     path: str
     connections: int
     headers: tuple[str, ...] = ()
+    resume_tls: str | None = None  # "1.3" or "1.2": bench/resume.py instead of wrk
+
+
+def run_load(
+    port: int, workload: Workload, duration: float, cpus: Sequence[int] | None, pin: bool
+) -> dict[str, Any]:
+    if workload.resume_tls is not None:
+        return run_resume(port, workload, duration, cpus, pin)
+    return run_wrk(port, workload, duration, cpus, pin)
+
+
+def run_resume(
+    port: int, workload: Workload, duration: float, cpus: Sequence[int] | None, pin: bool
+) -> dict[str, Any]:
+    """bench/resume.py: each new connection resumes the session of the one before."""
+    argv = [
+        sys.executable, str(BENCH / "resume.py"), "--port", str(port), "--server-name",
+        SERVER_NAME, "--path", workload.path, "--tls", str(workload.resume_tls),
+        "--duration", f"{max(duration, 1):.0f}", "--procs", str(workload.connections),
+    ]  # fmt: skip
+    if cpus is not None and pin:
+        argv = ["taskset", "-c", ",".join(map(str, cpus)), *argv]
+    return _load_result(
+        subprocess.run(argv, capture_output=True, timeout=duration + 90, check=False), "resume"
+    )
+
+
+def _load_result(done: subprocess.CompletedProcess[bytes], what: str) -> dict[str, Any]:
+    out = done.stdout.decode(errors="replace")
+    line = next((x for x in out.splitlines() if x.startswith("BENCH_JSON ")), None)
+    if done.returncode != 0 or line is None:
+        raise BenchError(f"{what} failed ({done.returncode}): {out}{done.stderr.decode()}")
+    raw = json.loads(line.removeprefix("BENCH_JSON "))
+    seconds = raw.get("seconds") or raw["duration_us"] / 1e6
+    result = {
+        "requests": raw["requests"],
+        "seconds": seconds,
+        "bytes": raw["bytes"],
+        "errors": {k: v for k, v in raw["errors"].items() if v},
+        "rps": raw["requests"] / seconds,
+        "mib_per_s": raw["bytes"] / MIB / seconds,
+        "latency_ms": {k: v / 1000 for k, v in raw["latency_us"].items()},
+    }
+    if "resumed" in raw:
+        result["resumed"] = raw["resumed"]
+    return result
 
 
 def run_wrk(
@@ -477,22 +529,7 @@ def run_wrk(
     if cpus is not None and pin:
         argv = ["taskset", "-c", ",".join(map(str, cpus)), *argv]
     done = subprocess.run(argv, capture_output=True, timeout=duration + 60, check=False)
-    out = done.stdout.decode(errors="replace")
-    line = next((x for x in out.splitlines() if x.startswith("BENCH_JSON ")), None)
-    if done.returncode != 0 or line is None:
-        raise BenchError(f"wrk failed ({done.returncode}): {out}{done.stderr.decode()}")
-    raw = json.loads(line.removeprefix("BENCH_JSON "))
-    seconds = raw["duration_us"] / 1e6
-    lat = raw["latency_us"]
-    return {
-        "requests": raw["requests"],
-        "seconds": seconds,
-        "bytes": raw["bytes"],
-        "errors": {k: v for k, v in raw["errors"].items() if v},
-        "rps": raw["requests"] / seconds,
-        "mib_per_s": raw["bytes"] / MIB / seconds,
-        "latency_ms": {k: v / 1000 for k, v in lat.items()},
-    }
+    return _load_result(done, "wrk")
 
 
 def measure(
@@ -504,7 +541,7 @@ def measure(
     pin: bool,
 ) -> dict[str, Any]:
     before, cores_before = cpu_seconds(pids), core_busy_seconds()
-    result = run_wrk(port, workload, duration, cpus, pin)
+    result = run_load(port, workload, duration, cpus, pin)
     cpu = cpu_seconds(pids) - before
     cores = core_busy_seconds()
     result["terminator_cpu_s"] = cpu
@@ -547,6 +584,20 @@ class Bench:
                 ("Connection: close",),
             ),
             Workload("bulk", "1 MiB responses", "/1m", args.bulk_connections),
+            Workload(
+                "resume13",
+                "TLS 1.3 resumption (tickets), one request per connection",
+                "/",
+                args.resume_clients,
+                resume_tls="1.3",
+            ),
+            Workload(
+                "resume12",
+                "TLS 1.2 resumption (session tickets), one request per connection",
+                "/",
+                args.resume_clients,
+                resume_tls="1.2",
+            ),
         )
         (tmp / "tmp").mkdir()
         (tmp / "www").mkdir()
@@ -568,7 +619,7 @@ class Bench:
         path.write_text(text)
         return path
 
-    def _tlsproxy_conf(self, upstream_port: int, name: str) -> Path:
+    def _tlsproxy_conf(self, upstream_port: int, name: str, access_log: str = "off") -> Path:
         path = self.tmp / name
         path.write_text(
             f"""[server]
@@ -576,7 +627,7 @@ https = ["{HOST}:{self.port}"]
 http = []
 data_dir = "{self.tmp / "tlsproxy-data"}"
 default_site = "{SERVER_NAME}"
-access_log = "off"
+access_log = "{access_log}"
 log_level = "warning"
 shutdown_grace = "2s"
 
@@ -640,8 +691,10 @@ servers = ["{HOST}:{upstream_port}"]
         wait_ready(ready, proc, "app", self.procs, timeout=60)
 
     def start_terminator(
-        self, which: str, upstream_port: int, cpus: Sequence[int] | None
+        self, which: str, upstream_port: int, cpus: Sequence[int] | None, access_log: str = "off"
     ) -> subprocess.Popen[bytes]:
+        """`access_log`: "off", or the format to log in (nginx: "combined", unbuffered, to a
+        file; tlsproxy: "text" or "json", to its stdout, a file here too)."""
         if which == "floor":
             argv = [
                 self.args.python, str(BENCH / "floor.py"), "--cert", str(self.chain),
@@ -656,10 +709,15 @@ servers = ["{HOST}:{upstream_port}"]
                 UPSTREAM_PORT=upstream_port,
                 CHAIN=self.chain,
                 KEY=self.key,
+                ACCESS_LOG="access_log off;"
+                if access_log == "off"
+                else f"access_log {self.tmp / 'logs' / 'nginx-access.log'} {access_log};",
             )
             argv = self._nginx_argv(conf)
         else:
-            conf = self._tlsproxy_conf(upstream_port, f"tlsproxy-{upstream_port}.toml")
+            conf = self._tlsproxy_conf(
+                upstream_port, f"tlsproxy-{upstream_port}.toml", access_log=access_log
+            )
             argv = shlex.split(
                 self.args.proxy_cmd.format(
                     python=self.args.python,
@@ -712,7 +770,7 @@ servers = ["{HOST}:{upstream_port}"]
                 result["memory"] = self.idle_memory(pids)
             for workload in self.workloads:
                 if self.args.warmup > 0:
-                    run_wrk(self.port, workload, self.args.warmup, self.load_cpus, self.pin)
+                    run_load(self.port, workload, self.args.warmup, self.load_cpus, self.pin)
                 result[workload.name] = measure(
                     pids, self.port, workload, self.args.duration, self.load_cpus, self.pin
                 )
@@ -723,6 +781,28 @@ servers = ["{HOST}:{upstream_port}"]
                 result["profile"] = self.profile(proc.pid)
             if first and self.args.perf:
                 result["perf"] = self.perf(pids)
+        finally:
+            self.procs.stop(proc)
+        for fmt in ACCESS_LOGS.get(which, ()) if self.args.access_log else ():
+            result[f"keepalive_log_{fmt}"] = self.keepalive_logged(which, fmt)
+        return result
+
+    def keepalive_logged(self, which: str, fmt: str) -> dict[str, Any]:
+        """The keep-alive workload again, with the access log on (issue 11)."""
+        proc = self.start_terminator(which, self.upstream_port, self.terminator_cpus, fmt)
+        try:
+            workload = self.workloads[0]
+            if self.args.warmup > 0:
+                run_load(self.port, workload, self.args.warmup, self.load_cpus, self.pin)
+            result = measure(
+                process_tree(proc.pid),
+                self.port,
+                workload,
+                self.args.duration,
+                self.load_cpus,
+                self.pin,
+            )
+            self._say(f"  {which} keep-alive, access log {fmt}: {_brief(result)}")
             return result
         finally:
             self.procs.stop(proc)
@@ -937,7 +1017,14 @@ def median_e2e(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def spread(results: dict[str, Any]) -> list[str]:
     """One line per workload: work per core-second of every round, for both terminators."""
     lines = []
-    for workload in ("keepalive", "handshake", "bulk"):
+    for workload in (
+        "keepalive",
+        "handshake",
+        "bulk",
+        "resume13",
+        "resume12",
+        *(f"keepalive_log_{fmt}" for fmt in ("combined", "text", "json")),
+    ):
         parts = []
         for which, result in results.items():
             per_round = result.get(workload, {}).get("rounds_per_core_second") or []
@@ -979,6 +1066,8 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         ("bulk", "mib_per_s", "1 MiB responses: MiB/s", "{:,.0f}"),
         ("bulk", "terminator_cores_busy", "1 MiB responses: terminator cores busy", "{:.2f}"),
         ("bulk", "per_core_second", "1 MiB responses: MiB/s per core-second", "{:,.0f}"),
+        ("resume13", "per_core_second", "TLS 1.3 resumed: handshakes per core-second", "{:,.0f}"),
+        ("resume12", "per_core_second", "TLS 1.2 resumed: handshakes per core-second", "{:,.0f}"),
         ("memory", "idle_kib", "idle RSS (MiB)", "mib"),
         ("memory", "with_connections_kib", "RSS with the idle TLS connections (MiB)", "mib"),
         ("memory", "per_connection_kib", "RSS per idle TLS connection (KiB)", "{:.1f}"),
@@ -1031,18 +1120,45 @@ def floor_markdown(results: dict[str, Any], floor: dict[str, Any]) -> str:
         "| per core-second | nginx | floor | tlsproxy | floor / nginx | tlsproxy / floor |",
         "|---|---|---|---|---|---|",
     ]
+    targets = {"handshake": TARGET_HANDSHAKE_OF_FLOOR, "resume13": TARGET_RESUME_OF_FLOOR}
+    targets["resume12"] = TARGET_RESUME_OF_FLOOR
     for workload, title in (
         ("keepalive", "keep-alive requests"),
         ("handshake", "new-connection requests"),
         ("bulk", "1 MiB responses: MiB"),
+        ("resume13", "TLS 1.3 resumed handshakes"),
+        ("resume12", "TLS 1.2 resumed handshakes"),
     ):
         n = _get(results, "nginx", workload, "per_core_second")
         f = _get({"floor": floor}, "floor", workload, "per_core_second")
         t = _get(results, "tlsproxy", workload, "per_core_second")
-        lines.append(
-            f"| {title} | {show(n)} | {show(f)} | {show(t)} | {ratio(f, n)} | {ratio(t, f)} |"
-        )
+        mine = ratio(t, f)
+        if workload in targets and t is not None and f:
+            met = "met" if t / f >= targets[workload] else "NOT met"
+            mine += f" (>= {targets[workload]:.2f}: {met})"
+        lines.append(f"| {title} | {show(n)} | {show(f)} | {show(t)} | {ratio(f, n)} | {mine} |")
     return "\n".join(lines)
+
+
+def access_log_markdown(results: dict[str, Any]) -> str:
+    """Keep-alive per core-second with each terminator's access log on, over the same with it
+    off, in the same rounds (issue 11: tlsproxy's >= 0.85, text and json)."""
+    lines = [
+        "| access log | keep-alive per core-second, log off | log on | on / off | target |",
+        "|---|---|---|---|---|",
+    ]
+    for which, formats in ACCESS_LOGS.items():
+        off = _get(results, which, "keepalive", "per_core_second")
+        for fmt in formats:
+            on = _get(results, which, f"keepalive_log_{fmt}", "per_core_second")
+            if on is None or not off:
+                continue
+            target = ""
+            if which == "tlsproxy":
+                met = "met" if on / off >= TARGET_ACCESS_LOG_ON_OFF else "NOT met"
+                target = f">= {TARGET_ACCESS_LOG_ON_OFF:.2f} ({met})"
+            lines.append(f"| {which}, {fmt} | {off:,.0f} | {on:,.0f} | {on / off:.2f} | {target} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def markdown(table: list[dict[str, Any]]) -> str:
@@ -1103,6 +1219,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=None, help="seconds of warm-up (default 2)")
     p.add_argument("--connections", type=int, default=50, help="wrk connections (small bodies)")
     p.add_argument("--bulk-connections", type=int, default=10, help="wrk connections for 1 MiB")
+    p.add_argument(
+        "--resume-clients",
+        type=int,
+        default=6,
+        help="client processes of the resumption workloads (bench/resume.py; default 6)",
+    )
+    p.add_argument(
+        "--no-access-log",
+        dest="access_log",
+        action="store_false",
+        help="skip the keep-alive runs with the access log on",
+    )
     p.add_argument(
         "--idle-connections",
         type=int,
@@ -1309,6 +1437,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if errors:
         print(f"\nwrk reported errors: {errors}")
+    logged = access_log_markdown(results)
+    if logged:
+        print("\nThe access log, on and off (same rounds):")
+        print(logged)
+    resumed = {
+        f"{t}.{w}": f"{r[w].get('resumed', 0)}/{r[w]['requests']}"
+        for t, r in {**results, **({"floor": floor} if floor else {})}.items()
+        for w in ("resume13", "resume12")
+        if isinstance(r.get(w), dict)
+    }
+    if resumed:
+        print(f"\nresumed / connections: {resumed}")
     if floor is not None:
         print(
             "\nThe floor (bench/floor.py: uvloop + ssl relaying bytes, no HTTP work), same rounds:"

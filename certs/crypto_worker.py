@@ -8,7 +8,8 @@ the same code a non-isolated manager runs in its own process, and reads the outc
 
 Protocol: `python -m certs.crypto_worker` reads one JSON request on stdin and writes one JSON
 reply on stdout, then exits.
-    request  {"op": "validate" | "issue" | "ca", "manager": {settings}, "now": epoch seconds, ...}
+    request  {"op": "validate" | "issue" | "issue_many" | "broken" | "ca",
+              "manager": {settings}, "now": epoch seconds, ...}
     reply    {"ok": {...}, "logs": [[logger, level, message], ...]}
           or {"error": {"kind": ..., ...}, "logs": [...]}
 An error is raised again in the parent as the same class with the same text, so `tlsproxy run`
@@ -55,7 +56,7 @@ def run_worker(manager: CertificateManager, op: str, args: dict[str, Any]) -> di
         **{k: _encode(v) for k, v in args.items()},
     }
     timeout = manager.worker_timeout
-    if op == "issue":
+    if op in ("issue", "issue_many", "broken"):
         timeout = max(timeout, manager.lock_timeout + _SLACK)
     try:
         proc = subprocess.run(
@@ -109,6 +110,7 @@ def _encode(value: Any) -> Any:
             "cert_file": None if value.cert_file is None else str(value.cert_file),
             "key_file": None if value.key_file is None else str(value.key_file),
             "challenge": value.challenge,
+            "broken": value.broken,
             "client_auth": None
             if value.client_auth is None
             else {"ca": str(value.client_auth.ca), "required": value.client_auth.required},
@@ -129,6 +131,7 @@ def _decode_spec(data: dict[str, Any]) -> CertSpec:
         cert_file=path("cert_file"),
         key_file=path("key_file"),
         challenge=data.get("challenge"),
+        broken=data.get("broken"),
         client_auth=_decode_client_auth(data.get("client_auth")),
     )
 
@@ -230,6 +233,14 @@ def _serve(request: dict[str, Any]) -> dict[str, Any]:
         with manager.storage.lock(spec.name, timeout=manager.lock_timeout):
             found, issuer, reused = manager.issue_and_save(spec, request.get("current_serial"))
         return {"serial": found[1].serial, "issuer": issuer, "reused": reused}
+    if request["op"] == "issue_many":
+        for spec in [_decode_spec(s) for s in request["specs"]]:
+            with manager.storage.lock(spec.name, timeout=manager.lock_timeout):
+                manager.issue_and_save(spec, None)
+        return {}
+    if request["op"] == "broken":
+        specs = [_decode_spec(s) for s in request["specs"]]
+        return {"serials": [manager.make_broken_and_save(spec)[1].serial for spec in specs]}
     if request["op"] == "ca":
         manager.local_ca_root_pem()  # creates the CA if it is missing
         return {}

@@ -29,6 +29,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import broken
 from .cache import CertificateCache
 from .errors import CertError, CertificateFileError, IssuanceError, LockTimeout
 from .files import (
@@ -256,6 +257,8 @@ class CertificateManager:
         return self._issuers.get(spec.source)
 
     def _managed(self, spec: CertSpec) -> bool:
+        if spec.broken is not None:
+            return False  # renewing it would repair it (certs.broken)
         return spec.source == "internal" or (
             spec.source != "files" and spec.source in self._issuers
         )
@@ -341,6 +344,8 @@ class CertificateManager:
         now = self._now()
         if any(s.source != "files" for s in specs):
             self._check_data_dir()
+        self._make_broken(specs, now)
+        self._issue_due_in_one_child(specs, now)
         if any(s.client_auth is not None and s.client_auth.ca == "internal" for s in specs):
             self._ensure_local_ca()
         for spec in specs:
@@ -352,7 +357,33 @@ class CertificateManager:
         self._poke()
         return cache
 
+    def _issue_due_in_one_child(self, specs: Sequence[CertSpec], now: datetime) -> None:
+        """An isolated manager starts one crypto worker for all the local-CA leaves due at
+        load, instead of one each (a child costs about 0.2 s: seven sites took 1.5 s to
+        start). What it could not issue is tried again, and reported, one by one below."""
+        internal = [s for s in specs if s.source == "internal" and s.broken is None]
+        if not self.isolate_crypto or len(internal) < 2:
+            return  # one child either way: the usual path
+        due = []
+        try:
+            for spec in internal:
+                stored = self._read_stored(spec)
+                if stored is None or not self._good(spec, stored, now, renewing=True):
+                    due.append(spec)
+        except OSError:
+            return  # the usual path reports it, naming the site
+        if len(due) < 2:
+            return
+        from .crypto_worker import run_worker
+
+        try:
+            run_worker(self, "issue_many", {"specs": due})
+        except CertError as e:
+            log.debug("issuing %d certificates in one child failed (%s): one by one", len(due), e)
+
     def _load_one(self, spec: CertSpec, now: datetime) -> Installed | None:
+        if spec.broken is not None:
+            return self._load_broken(spec, now)
         if spec.source == "files":
             return self._load_files(spec, now)
         if spec.source == "internal":
@@ -385,6 +416,75 @@ class CertificateManager:
 
     def _read_stored(self, spec: CertSpec) -> Found | None:
         return read_stored(self.storage, spec.name)
+
+    # -- broken certificates (certs.broken): none of the checks above, never renewed --------
+    def _stored_broken(self, spec: CertSpec, now: datetime) -> Found | None:
+        """The stored broken certificate of `spec` if it is still broken in its one way."""
+        assert spec.broken is not None
+        found = read_stored(self.storage, broken.storage_name(spec.broken, spec.name))
+        if found is None or not broken.still_broken(
+            spec.broken,
+            spec.hosts,
+            found[0].chain_pem,
+            now,
+            intermediate_pem=self.storage.read(self.storage.ca_files().intermediate_cert),
+            untrusted_intermediate_pem=self.storage.read(
+                broken.untrusted_ca_files(self.storage).intermediate_cert
+            ),
+        ):
+            return None
+        return found
+
+    def _make_broken(self, specs: Sequence[CertSpec], now: datetime) -> None:
+        """Make the broken certificates that storage lacks or holds no longer broken (a
+        not-yet-valid one come of age, a replaced intermediate), all in one crypto worker for
+        an isolated manager: a test proxy with six of them starts in one child's time."""
+        missing = [s for s in specs if s.broken is not None and not self._stored_broken(s, now)]
+        if not missing:
+            return
+        try:
+            if self.isolate_crypto:
+                from .crypto_worker import run_worker
+
+                run_worker(self, "broken", {"specs": missing})
+            else:
+                for spec in missing:
+                    self.make_broken_and_save(spec)
+        except (OSError, CertError) as e:
+            names = ", ".join(s.name for s in missing)
+            log.warning("broken certificates for %s not made: %s", names, describe_error(e))
+
+    def _load_broken(self, spec: CertSpec, now: datetime) -> Installed | None:
+        found = self._stored_broken(spec, now)
+        if found is None:
+            log.warning("no %s certificate for %s: handshakes for it fail", spec.broken, spec.name)
+            return None
+        return self._install(spec, found)
+
+    def make_broken_and_save(self, spec: CertSpec) -> Found:
+        """Blocking, under the lock of its storage name: the broken certificate another process
+        has just stored, or a new one. Needs `cryptography` (here or in the crypto worker)."""
+        from .issuers.broken import make_broken
+
+        assert spec.broken is not None
+        name, now = broken.storage_name(spec.broken, spec.name), self._now()
+        local_ca = self._ca()  # first: a new intermediate makes stored ones unfit
+        with self.storage.lock(name, timeout=self.lock_timeout):
+            stored = self._stored_broken(spec, now)
+            if stored is not None:
+                return stored
+            chain_pem, key_pem = make_broken(
+                spec.broken,
+                spec.hosts,
+                local_ca,
+                self.storage,
+                now,
+                lock_timeout=min(self.lock_timeout, 60.0),
+            )
+            saved = self.storage.save_certificate(name, chain_pem, key_pem)
+        info = leaf_info(saved.chain_pem)
+        log.info("made the %s certificate of %s: serial %x", spec.broken, spec.name, info.serial)
+        return saved, info
 
     def _good(self, spec: CertSpec, found: Found, now: datetime, *, renewing: bool) -> bool:
         """Servable now (and, with `renewing`, not due either)."""
@@ -541,18 +641,45 @@ class CertificateManager:
         installed: Installed | None,
         cache_getter: Callable[[], CertificateCache],
     ) -> None:
-        serial = installed.info.serial if installed is not None else None
         try:
-            new = await asyncio.to_thread(self._issue_locked, spec, serial)
+            await self._renew_raising(spec, installed, cache_getter)
         except Exception as e:
             await asyncio.to_thread(self._renewal_failed, spec.name, e)
-            return
+
+    async def _renew_raising(
+        self,
+        spec: CertSpec,
+        installed: Installed | None,
+        cache_getter: Callable[[], CertificateCache],
+    ) -> Installed:
+        serial = installed.info.serial if installed is not None else None
+        new = await asyncio.to_thread(self._issue_locked, spec, serial)
         self._attempts.pop(spec.name, None)
         await asyncio.to_thread(self._save_state, spec.name)
         current = self._specs.get(spec.name)
-        if current is not None and current == spec:
+        if current == spec:
             # A reload may have changed the spec meanwhile; then load() already installed one.
             cache_getter().replace(new, current.hosts)
+        return new
+
+    async def renew_now(self, name: str, cache_getter: Callable[[], CertificateCache]) -> Installed:
+        """Issue a fresh certificate for spec `name` now, whatever its renewal time, and serve
+        it from the next handshake on (`tlsproxy certs renew`). Raises IssuanceError when the
+        name has no issuer here, or what the issuance raised; a failure is also recorded
+        and retried with back-off, as a scheduled renewal's would be."""
+        spec = self._specs.get(name)
+        if spec is not None and spec.broken is not None:
+            raise IssuanceError(
+                f"{name}: serves a deliberately broken certificate ({spec.broken}), never "
+                "renewed; remove `broken` and reload (SIGHUP) for a good one"
+            )
+        if spec is None or not self._managed(spec):
+            raise IssuanceError(f"{name}: no certificate this manager issues")
+        try:
+            return await self._renew_raising(spec, cache_getter().get(name), cache_getter)
+        except Exception as e:
+            await asyncio.to_thread(self._renewal_failed, spec.name, e)
+            raise
 
     def _renewal_failed(self, name: str, error: BaseException) -> None:
         """Count the failure, schedule the retry, log it and record it for `tlsproxy certs`."""
@@ -636,6 +763,11 @@ class CertificateManager:
             except CertificateFileError as e:
                 return line(None, None, FILES_REASON, str(e))
             return line(info, None, FILES_REASON, None)
+
+        if spec.broken is not None:
+            found = read_stored(self.storage, broken.storage_name(spec.broken, spec.name))
+            reason = f"broken={spec.broken} (for tests), never renewed"
+            return line(found[1] if found else None, None, reason, None)
 
         state = self.storage.load_state(spec.name)
         error = state.get("last_error") if isinstance(state.get("last_error"), str) else None

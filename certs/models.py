@@ -30,6 +30,7 @@ class CertSpec:
     cert_file: Path | None = None  # for "files": PEM chain (leaf first)
     key_file: Path | None = None
     challenge: str | None = None  # for "acme"
+    broken: str | None = None  # for tests: a certs.broken kind, served instead of a good one
     # The certificate's context also verifies client certificates against this CA.
     client_auth: ClientAuthSpec | None = None
 

@@ -39,6 +39,7 @@ def cert_specs(config: Config) -> list[CertSpec]:
                     hosts=site.hosts,
                     source=site.tls,
                     challenge=site.challenge,
+                    broken=site.broken,
                     client_auth=client_auth,
                 )
             )

@@ -88,7 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=".",
         help="where --client writes NAME.pem and NAME.key (default: the current directory)",
     )
-    add("certs", "one line per managed certificate: hosts, issuer, not-after, next renewal, error")
+    certs = add(
+        "certs",
+        "one line per managed certificate: hosts, issuer, not-after, next renewal, error; "
+        "`certs renew HOST` asks the running proxy to renew HOST's certificate now",
+    )
+    certs.add_argument(
+        "action", nargs="?", choices=("renew",), help="renew: a fresh certificate for HOST now"
+    )
+    certs.add_argument("host", nargs="?", metavar="HOST", help="a host of a [[site]] (with renew)")
     add(
         "status", "the supervised app workers of a running proxy: pid, state, uptime, requests, RSS"
     )
@@ -120,11 +128,14 @@ def cmd_check(config: Config) -> int:
         )
     for site in config.sites:
         tls = site.tls if isinstance(site.tls, str) else f"files {site.tls.cert}"
+        broken = f" broken={site.broken} (for tests: clients must refuse it)" if site.broken else ""
         auth = ""
         if site.client_auth is not None:
             need = "required" if site.client_auth.required else "optional"
             auth = f" client_auth={site.client_auth.ca} ({need})"
-        print(f"  site {', '.join(site.hosts)}: tls={tls}{auth} -> upstream {site.upstream}")
+        print(
+            f"  site {', '.join(site.hosts)}: tls={tls}{broken}{auth} -> upstream {site.upstream}"
+        )
     if any(site.tls == "internal" for site in config.sites):
         print(f"  local CA: leaves live {_duration(config.local_ca.leaf_lifetime)}")
     for name, up in config.upstreams.items():
@@ -198,6 +209,22 @@ def cmd_certs(config: Config) -> int:
     return EXIT_OK
 
 
+def cmd_certs_renew(config: Config, host: str | None) -> int:
+    from proxy.control import ControlError, ask
+
+    if not host:
+        return _fail("certs renew: which HOST?", EXIT_FAILURE)
+    try:
+        done = ask(config.server.data_dir, {"op": "renew", "host": host})
+    except ControlError as exc:
+        return _fail(str(exc), EXIT_FAILURE)
+    print(
+        f"renewed {host} (site {done['site']}): serial {done['serial']}, "
+        f"valid until {done['not_after']}"
+    )
+    return EXIT_OK
+
+
 def cmd_status(config: Config) -> int:
     from proxy.workers.status import format_status
 
@@ -232,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "ca":
             return cmd_ca(config, args.client, args.out)
         if args.command == "certs":
+            if args.action == "renew":
+                return cmd_certs_renew(config, args.host)
             return cmd_certs(config)
         if args.command == "status":
             return cmd_status(config)

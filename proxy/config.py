@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from certs.broken import BROKEN_KINDS
 from proxy.errors import ConfigError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -98,6 +99,7 @@ class Site:
     tls: TlsSource
     upstream: str
     challenge: str | None = None  # per-site ACME challenge override
+    broken: str | None = None  # for tests: a kind of certificate clients must refuse
     client_auth: ClientAuth | None = None
 
     @property
@@ -497,18 +499,36 @@ def _parse_site(table: _Table, base: Path) -> Site:
         raise ConfigError(
             table.path("challenge"), f"expected 'http-01' or 'dns-01', got {challenge!r}"
         )
+    tls = _parse_tls(table.take("tls", "internal"), table.path("tls"), base)
     client_auth = table.take("client_auth")
     site = Site(
         hosts=hosts,
-        tls=_parse_tls(table.take("tls", "internal"), table.path("tls"), base),
+        tls=tls,
         upstream=upstream,
         challenge=challenge,
+        broken=_parse_broken(table.take("broken"), table.path("broken"), tls),
         client_auth=None
         if client_auth is None
         else _parse_client_auth(client_auth, table.path("client_auth"), base),
     )
     table.finish()
     return site
+
+
+def _parse_broken(value: object, key: str, tls: TlsSource) -> str | None:
+    """`broken = "KIND"`: the site serves a certificate of that kind (certs.broken), for tests
+    that prove a client refuses it."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in BROKEN_KINDS:
+        kinds = ", ".join(repr(k) for k in BROKEN_KINDS)
+        raise ConfigError(key, f"expected one of {kinds}, got {value!r}")
+    if tls != "internal":
+        # Made from the local CA so that one thing only is wrong for a client trusting it;
+        # an ACME CA or the user's files cannot be told to make such certificates.
+        what = "acme" if tls == "acme" else "files"
+        raise ConfigError(key, f"needs tls = 'internal' (the default), not {what}")
+    return value
 
 
 def parse_upstream_server(value: object, key: str, base: Path) -> UpstreamServer:

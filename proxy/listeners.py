@@ -21,6 +21,7 @@ from proxy.client_hello import MAX_CLIENT_HELLO, HelloVerdict, parse_client_hell
 from proxy.config import Address
 from proxy.errors import StartupError
 from proxy.logs import log, tls_log
+from proxy.systemd import same_address
 from proxy.tls import PLAIN_HTTP_REASONS, CertificateSelector, handshake_socket_fd, log_handshake
 
 # How many connections one wake-up of the accept loop takes before yielding to the event loop:
@@ -33,8 +34,12 @@ PEEK_RETRY = 0.002
 PEEK_RETRY_MAX = 0.1
 
 
-def bind_socket(address: Address) -> socket.socket:
-    """A listening, non-blocking TCP socket; errors become one clear StartupError line."""
+def bind_socket(address: Address, passed: list[socket.socket] | None = None) -> socket.socket:
+    """A listening, non-blocking TCP socket; errors become one clear StartupError line.
+
+    A socket in `passed` (systemd socket activation) that is bound to this address is taken
+    out of the list and used instead: the kernel kept queueing connections on it while no
+    proxy ran, so a restart refuses none."""
     try:
         infos = socket.getaddrinfo(
             address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -42,6 +47,11 @@ def bind_socket(address: Address) -> socket.socket:
     except socket.gaierror as exc:
         raise StartupError(f"cannot listen on {address}: {exc.strerror}") from None
     family, _, proto, _, sockaddr = infos[0]
+    for sock in passed or ():
+        if same_address(sock, sockaddr):
+            passed.remove(sock)  # type: ignore[union-attr]
+            sock.setblocking(False)
+            return sock
     # proto IPPROTO_TCP (not 0): accepted sockets inherit it, and asyncio's transports only
     # set TCP_NODELAY on sockets that say they are TCP.
     sock = socket.socket(family, socket.SOCK_STREAM, proto)

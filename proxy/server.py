@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import ctypes
 import signal
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -28,13 +29,16 @@ from proxy.certificates import (
     uses_acme,
 )
 from proxy.config import Config, UpstreamConfig, UpstreamServer, load_config
+from proxy.control import ControlError, ControlServer
 from proxy.downstream.connection import DownstreamProtocol
 from proxy.downstream.redirect import RedirectProtocol
 from proxy.errors import ConfigError, StartupError
+from proxy.line_writer import LineWriter
 from proxy.listeners import ConnectionRegistry, HttpsListener, bind_socket, close_plain_server
 from proxy.logs import AccessLog, log, setup_logging
 from proxy.state import ProxyState
-from proxy.tls import CertificateSelector, server_context
+from proxy.systemd import notify, notify_reloading, passed_sockets
+from proxy.tls import CertificateSelector, normalize_server_name, server_context
 
 if TYPE_CHECKING:
     from proxy.workers.status import StatusWriter
@@ -46,7 +50,8 @@ class ProxyServer:
         self.config = config
         self.config_path = config.source
         self.registry = ConnectionRegistry()
-        self.access_log = AccessLog(config.server.access_log)
+        self.access_writer: LineWriter | None = None
+        self.access_log = self._access_log(config.server.access_log)
         # isolate_crypto: `cryptography` work runs in short-lived children (idle memory).
         self.certs = certificate_manager(config, isolate_crypto=True)
         self.selector: CertificateSelector | None = None
@@ -63,6 +68,7 @@ class ProxyServer:
         self.draining = False
         self._reload_lock = asyncio.Lock()
         self._sigint_count = 0
+        self.control = ControlServer(config.server.data_dir, {"renew": self._control_renew})
 
     # --- start-up -------------------------------------------------------------------------
 
@@ -72,6 +78,7 @@ class ProxyServer:
         # Nothing is served yet, so blocking here costs no client anything; it also keeps the
         # start-up's certificate work out of a worker thread's malloc arena (idle memory).
         cache = self.certs.load(cert_specs(config), default_cert_name(config))
+        _warn_broken(config)
         self.state = ProxyState.build(config, self.access_log)
         self.selector = CertificateSelector(cache, self.state.router)
         if uses_acme(config):
@@ -93,6 +100,7 @@ class ProxyServer:
         for server in self.plain_servers:
             await server.start_serving()
         self._start_background(config)
+        await self.control.start()
         for listener in self.https_listeners:
             log.info("listening https://%s", _sockname(listener.address))
         for server in self.plain_servers:
@@ -102,15 +110,24 @@ class ProxyServer:
     async def _bind(self, config: Config) -> None:
         loop = asyncio.get_running_loop()
         socks = []
+        passed = passed_sockets()
         try:
             for address in config.server.https:
-                socks.append(("https", bind_socket(address)))
+                socks.append(("https", bind_socket(address, passed)))
             for address in config.server.http:
-                socks.append(("http", bind_socket(address)))
+                socks.append(("http", bind_socket(address, passed)))
         except StartupError:
             for _, sock in socks:
                 sock.close()
             raise
+        finally:
+            for sock in passed:
+                log.warning(
+                    "a socket passed by the service manager (%s) matches no listener in the "
+                    "config: closing it",
+                    _sockname(sock.getsockname()),
+                )
+                sock.close()
         assert self.selector is not None
         for kind, sock in socks:
             if kind == "https":
@@ -131,6 +148,12 @@ class ProxyServer:
                     lambda: self._new_redirect(https_port), sock=sock, start_serving=False
                 )
                 self.plain_servers.append(server)
+
+    def _access_log(self, fmt: str) -> AccessLog:
+        """The access log for a config; all of them share one writer to stdout."""
+        if fmt != "off" and self.access_writer is None:
+            self.access_writer = LineWriter(sys.stdout.fileno())
+        return AccessLog(fmt, self.access_writer)  # type: ignore[arg-type]
 
     # --- supervised workers ---------------------------------------------------------------
 
@@ -319,9 +342,50 @@ class ProxyServer:
                 log.exception("background task %r failed; restarting it in 30 s", name)
                 await asyncio.sleep(30)
 
+    # --- control socket -------------------------------------------------------------------
+
+    async def _control_renew(self, request: dict) -> dict:
+        """`tlsproxy certs renew HOST`: a fresh certificate for HOST's site, served from the
+        next handshake on; the reply comes once it is."""
+        host = request.get("host")
+        if not isinstance(host, str) or not host:
+            raise ControlError("renew: which host?")
+        assert self.state is not None
+        site = self.state.router.site_for_name(normalize_server_name(host))
+        if site is None:
+            raise ControlError(f"{host} is not a host of any [[site]] of this proxy")
+        if site.tls != "internal":
+            kind = "ACME" if site.tls == "acme" else "files"
+            what = (
+                "renewing an ACME certificate on request is not supported yet; it renews "
+                "by itself before it expires"
+                if kind == "ACME"
+                else "its certificate comes from files: replace them and reload (SIGHUP)"
+            )
+            raise ControlError(f"{host}: {what}")
+        try:
+            installed = await self.certs.renew_now(site.name, self._current_cache)
+        except CertError as exc:
+            raise ControlError(f"{host}: not renewed: {exc}") from None
+        info = installed.info
+        return {
+            "site": site.name,
+            "hosts": list(site.hosts),
+            "serial": f"{info.serial:x}",
+            "not_before": info.not_before.isoformat(),
+            "not_after": info.not_after.isoformat(),
+        }
+
     # --- SIGHUP ---------------------------------------------------------------------------
 
     async def reload(self) -> bool:
+        notify_reloading()
+        try:
+            return await self._reload()
+        finally:
+            notify("READY=1")  # serving again, with the new config or the old one
+
+    async def _reload(self) -> bool:
         async with self._reload_lock:
             if self.config_path is None:
                 log.warning("SIGHUP: no config file to re-read")
@@ -341,6 +405,7 @@ class ProxyServer:
                 else:
                     log.exception("reload failed, still running the previous config")
                 return False
+            _warn_broken(new)
             old = self.config
             if (new.server.https, new.server.http) != (old.server.https, old.server.http):
                 log.warning("reload: listener addresses changed; they take effect after a restart")
@@ -354,7 +419,8 @@ class ProxyServer:
                 for name, pool in old_state.pools.items()
                 if old.upstreams.get(name) == new.upstreams.get(name)
             }
-            self.state = ProxyState.build(new, AccessLog(new.server.access_log), pools=reused)
+            access_log = self._access_log(new.server.access_log)
+            self.state = ProxyState.build(new, access_log, pools=reused)
             self._hook_pools()
             self.access_log = self.state.access_log
             self.selector.update(cache, self.state.router)
@@ -391,6 +457,7 @@ class ProxyServer:
     def _on_stop_signal(self, name: str) -> None:
         if not self.stopping.is_set():
             log.info("%s: draining (up to %s s), no new connections", name, self._grace())
+            notify("STOPPING=1")
         self.stopping.set()
 
     def _on_sigint(self) -> None:
@@ -415,25 +482,43 @@ class ProxyServer:
             await close_plain_server(server)
         for protocol in list(self.registry.protocols):
             protocol.shutdown()
-        try:
-            await asyncio.wait_for(self.registry.idle_event.wait(), self._grace())
-        except TimeoutError:
-            left = len(self.registry.protocols)
-            log.warning("shutdown_grace over: closing %d connection(s) still busy", left)
-            for protocol in list(self.registry.protocols):
-                _abort(protocol)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._grace()
+        while busy := [p for p in self.registry.protocols if p.owes_client]:
+            if loop.time() >= deadline:
+                log.warning("shutdown_grace over: closing %d connection(s) still busy", len(busy))
+                break
+            # Responses end at their own pace; a few checks a second cost nothing here.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.registry.idle_event.wait(), 0.05)
+        for protocol in list(self.registry.protocols):
+            _abort(protocol)  # what is left only waits for a close_notify that may never come
         for name in list(self.background):
             self._stop_task(name)
+        await self.control.stop()
         await self._stop_workers()
         if self.state is not None:
             with contextlib.suppress(Exception):
                 await self.state.close()
+        if self.access_writer is not None:
+            await asyncio.to_thread(self.access_writer.close)  # every line written, or dropped
         log.info("stopped")
 
     async def serve(self) -> None:
         self.install_signal_handlers()
         await self.stopping.wait()
         await self.drain()
+
+
+def _warn_broken(config: Config) -> None:
+    # Meant for tests only: a production config that kept one must not go unnoticed.
+    for site in config.sites:
+        if site.broken is not None:
+            log.warning(
+                "site %s serves a deliberately broken certificate (%s): clients must refuse it",
+                ", ".join(site.hosts),
+                site.broken,
+            )
 
 
 def _abort(protocol: object) -> None:
@@ -469,5 +554,6 @@ async def run_server(config: Config) -> int:
     server = ProxyServer(config)
     await server.start()
     release_startup_memory()
+    notify("READY=1")
     await server.serve()
     return 0

@@ -48,6 +48,8 @@ INTERMEDIATE_LIFETIME = timedelta(days=365)
 # them; capped at a tenth of the lifetime so that short test lifetimes stay meaningful.
 MAX_BACKDATE = timedelta(minutes=1)
 CA_LOCK_NAME = "local-ca"
+# The CA's names: organization "<label> CA", common names "<label> root|intermediate <tag>".
+LABEL = "tlsproxy local"
 
 _SERVER_AUTH = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])
 
@@ -73,19 +75,22 @@ def _key_usage(*, ca: bool) -> x509.KeyUsage:
     )
 
 
-def _ca_name(kind: str, tag: str) -> x509.Name:
+def _ca_name(kind: str, tag: str, label: str) -> x509.Name:
     # A random tag tells apart the CAs of several installs that a user may have trusted.
     return x509.Name(
         [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "tlsproxy local CA"),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"tlsproxy local {kind} {tag}"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, f"{label} CA"),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"{label} {kind} {tag}"),
         ]
     )
 
 
-def _make_root(now: datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def make_root(
+    now: datetime, label: str = LABEL
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A root named "<label> root <random tag>", organization "<label> CA"."""
     key = generate_private_key()
-    name = _ca_name("root", secrets.token_hex(4))
+    name = _ca_name("root", secrets.token_hex(4), label)
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
         x509.CertificateBuilder()
@@ -107,6 +112,7 @@ def make_intermediate(
     root: x509.Certificate,
     root_key: ec.EllipticCurvePrivateKey,
     now: datetime,
+    label: str = LABEL,
     *,
     kind: str = "intermediate",
     usage: x509.ExtendedKeyUsage = _SERVER_AUTH,
@@ -117,7 +123,7 @@ def make_intermediate(
     tag = (root.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value or "").split()[-1]
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_ca_name(kind, str(tag)))
+        .subject_name(_ca_name(kind, str(tag), label))
         .issuer_name(root.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -240,7 +246,7 @@ class LocalCA:
         if state is None or now >= state.root.not_valid_after_utc:
             if state is not None:
                 log.warning("local CA root expired; creating a new one (clients must trust it)")
-            root, root_key = _make_root(now)
+            root, root_key = make_root(now)
             storage.write(files.root_key, private_key_to_pem(root_key), mode=KEY_MODE)
             storage.write(files.root_cert, certificate_to_pem(root), mode=CERT_MODE)
             log.info("created local CA root %s", root.subject.rfc4514_string())
@@ -280,38 +286,75 @@ class LocalCA:
         return chain_to_pem([leaf, self.intermediate])
 
     def sign_leaf(
-        self, public_key: ec.EllipticCurvePublicKey, hosts: tuple[str, ...]
+        self,
+        public_key: ec.EllipticCurvePublicKey,
+        hosts: tuple[str, ...],
+        *,
+        not_before: datetime | None = None,
+        not_after: datetime | None = None,
     ) -> x509.Certificate:
-        if not hosts:
-            raise IssuanceError("a certificate needs at least one host name")
+        """A leaf from the intermediate, valid from now for the leaf lifetime unless told
+        otherwise (certs.issuers.broken dates some in the past or the future)."""
         now = _now(self._clock)
         backdate = min(MAX_BACKDATE, self.leaf_lifetime / 10)
         backdate = timedelta(seconds=int(backdate.total_seconds()))
-        subject = (
-            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
-            if len(hosts[0]) <= 64
-            else x509.Name([])
+        return leaf_certificate(
+            public_key,
+            hosts,
+            not_before=now - backdate if not_before is None else not_before,
+            not_after=(
+                min(now + self.leaf_lifetime, self.intermediate.not_valid_after_utc)
+                if not_after is None
+                else not_after
+            ),
+            issuer=self.intermediate,
+            signing_key=self._intermediate_key,
         )
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(self.intermediate.subject)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - backdate)
-            .not_valid_after(min(now + self.leaf_lifetime, self.intermediate.not_valid_after_utc))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_key_usage(ca=False), critical=True)
-            .add_extension(_SERVER_AUTH, critical=False)
-            # SAN is critical when the subject is empty (RFC 5280 4.2.1.6).
-            .add_extension(
-                x509.SubjectAlternativeName([x509.DNSName(h) for h in hosts]),
-                critical=len(subject) == 0,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-            .add_extension(_authority_key_id(self.intermediate), critical=False)
+
+
+def leaf_certificate(
+    public_key: ec.EllipticCurvePublicKey,
+    hosts: tuple[str, ...],
+    *,
+    not_before: datetime,
+    not_after: datetime,
+    issuer: x509.Certificate | None,
+    signing_key: ec.EllipticCurvePrivateKey,
+) -> x509.Certificate:
+    """A TLS server leaf for `hosts` as the local CA makes them, signed by `signing_key` as
+    `issuer`; with no issuer, self-signed (`signing_key` is then the leaf's own key)."""
+    if not hosts:
+        raise IssuanceError("a certificate needs at least one host name")
+    subject = (
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
+        if len(hosts[0]) <= 64
+        else x509.Name([])
+    )
+    authority_key_id = (
+        _authority_key_id(issuer)
+        if issuer is not None
+        else x509.AuthorityKeyIdentifier.from_issuer_public_key(public_key)
+    )
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject if issuer is None else issuer.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(ca=False), critical=True)
+        .add_extension(_SERVER_AUTH, critical=False)
+        # SAN is critical when the subject is empty (RFC 5280 4.2.1.6).
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(h) for h in hosts]),
+            critical=len(subject) == 0,
         )
-        return builder.sign(self._intermediate_key, hashes.SHA256())
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(authority_key_id, critical=False)
+    )
+    return builder.sign(signing_key, hashes.SHA256())
 
 
 def _parse_cert(path: Path, data: bytes) -> x509.Certificate:

@@ -297,6 +297,17 @@ class DownstreamProtocol(asyncio.Protocol):
     def idle(self) -> bool:
         return self.exchange is None and self.tunnel is None
 
+    @property
+    def owes_client(self) -> bool:
+        """Whether a drain must wait for this connection: a request in progress, or bytes
+        still to write. One that is only waiting for the client to answer our close_notify
+        does not count: an idle pooled client connection (httpx, urllib3) reads nothing until
+        its next request, so it may never answer."""
+        if self._wait != _CLOSING:
+            return True
+        transport = self.transport
+        return transport is not None and transport.get_write_buffer_size() > 0
+
     # --- requests -------------------------------------------------------------------------
 
     def _process(self) -> None:

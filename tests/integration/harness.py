@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from proxy.testing.process import terminate
 
 REPO = Path(__file__).resolve().parents[2]
 LISTEN_LINE = re.compile(r"listening (https|http)://(\S+)")
@@ -83,15 +84,7 @@ def wait_for_unix(path: Path, timeout: float = 15.0) -> None:
     raise TimeoutError(f"nothing listening on unix:{path} after {timeout} s")
 
 
-def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    return proc.returncode
+stop_process = terminate  # SIGTERM, then SIGKILL: what the testing API does too
 
 
 def tlsproxy(
@@ -118,6 +111,7 @@ class ProxyProcess:
         self.loop = loop
         self.log_level = log_level
         self.proc: subprocess.Popen | None = None
+        self.stdout: int | None = None  # a descriptor for the access log instead of the file
         self.https: list[tuple[str, int]] = []
         self.http: list[tuple[str, int]] = []
 
@@ -137,7 +131,7 @@ class ProxyProcess:
                 "--log-level",
                 self.log_level,
             ],
-            stdout=self._out,
+            stdout=self._out if self.stdout is None else self.stdout,
             stderr=self._log,
             stdin=subprocess.DEVNULL,
             cwd=REPO,

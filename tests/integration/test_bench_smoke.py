@@ -19,6 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 IDLE_CONNECTIONS = 50
+RESUME_CLIENTS = 6  # bench/run.py's default --resume-clients
 
 missing = [c for c in ("nginx", "wrk", "openssl") if shutil.which(c) is None]
 pytestmark = pytest.mark.skipif(
@@ -53,7 +54,9 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.mark.parametrize("terminator", ["nginx", "tlsproxy"])
-@pytest.mark.parametrize("workload", ["keepalive", "handshake", "bulk", "e2e"])
+@pytest.mark.parametrize(
+    "workload", ["keepalive", "handshake", "bulk", "resume13", "resume12", "e2e"]
+)
 def test_every_workload_runs_without_errors(report: dict, terminator: str, workload: str) -> None:
     result = report["results"][terminator][workload]
     assert result["requests"] > 0
@@ -63,7 +66,7 @@ def test_every_workload_runs_without_errors(report: dict, terminator: str, workl
         assert result["bytes"] >= result["requests"] * 1024 * 1024
 
 
-@pytest.mark.parametrize("workload", ["keepalive", "handshake", "bulk"])
+@pytest.mark.parametrize("workload", ["keepalive", "handshake", "bulk", "resume13", "resume12"])
 def test_the_floor_serves_every_workload_without_errors(report: dict, workload: str) -> None:
     result = report["floor"][workload]
     assert result["requests"] > 0
@@ -89,7 +92,25 @@ def test_both_terminators_serve_the_same_kind_of_chain(report: dict) -> None:
 
 def test_the_table_compares_every_target(report: dict) -> None:
     rows = {row["metric"]: row for row in report["table"]}
-    assert len(rows) == 17
+    assert len(rows) == 19
     for row in rows.values():
         assert row["nginx"] is not None and row["tlsproxy"] is not None, row
-    assert sum(1 for row in rows.values() if row["target"]) == 7
+    assert sum(1 for row in rows.values() if row["target"]) == 6
+
+
+@pytest.mark.parametrize("terminator", ["nginx", "tlsproxy", "floor"])
+@pytest.mark.parametrize("workload", ["resume13", "resume12"])
+def test_resumption_resumes(report: dict, terminator: str, workload: str) -> None:
+    """Every connection but each client process's first resumes the session before it."""
+    results = report["floor"] if terminator == "floor" else report["results"][terminator]
+    result = results[workload]
+    assert result["resumed"] >= result["requests"] - RESUME_CLIENTS > 0
+
+
+@pytest.mark.parametrize(
+    ("terminator", "fmt"), [("nginx", "combined"), ("tlsproxy", "text"), ("tlsproxy", "json")]
+)
+def test_keepalive_runs_with_the_access_log_on(report: dict, terminator: str, fmt: str) -> None:
+    result = report["results"][terminator][f"keepalive_log_{fmt}"]
+    assert result["requests"] > 0
+    assert result["errors"] == {}

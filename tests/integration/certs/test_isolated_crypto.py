@@ -241,3 +241,44 @@ async def test_background_renewal_goes_through_the_child(tmp_path, echo_server, 
         await after.close()
     issued = [r for r in caplog.records if "issued certificate for localhost" in r.getMessage()]
     assert len(issued) >= 2  # start-up and at least one renewal, both logged by the parent
+
+
+def count_children(monkeypatch) -> list[str]:
+    """The crypto worker operations run from now on, in order."""
+    from certs import crypto_worker
+
+    calls: list[str] = []
+    real = crypto_worker.run_worker
+
+    def counted(manager, op, args):
+        calls.append(op)
+        return real(manager, op, args)
+
+    monkeypatch.setattr(crypto_worker, "run_worker", counted)
+    return calls
+
+
+def test_broken_certificates_are_made_in_one_child_and_reused_without_one(tmp_path, monkeypatch):
+    from certs.broken import BROKEN_KINDS
+
+    calls = count_children(monkeypatch)
+    specs = [CertSpec(f"{k}.test", (f"{k}.test",), "internal", broken=k) for k in BROKEN_KINDS]
+    _, isolated = managers(tmp_path / "data")
+    cache = isolated.load(specs, None)
+    assert calls == ["broken"]  # six certificates, one child
+    serials = {s.name: cache.get(s.name).info.serial for s in specs}
+    assert cache.get("self-signed.test").info.issuer == "CN=self-signed.test"
+    assert {s.name: isolated.load(specs, None).get(s.name).info.serial for s in specs} == serials
+    assert calls == ["broken"]  # still broken in their way: served again, no child
+
+
+def test_local_ca_leaves_due_at_load_are_issued_in_one_child(tmp_path, monkeypatch):
+    calls = count_children(monkeypatch)
+    specs = [CertSpec(f"s{i}.test", (f"s{i}.test",), "internal") for i in range(5)]
+    _, isolated = managers(tmp_path / "data")
+    cache = isolated.load(specs, None)
+    assert calls == ["issue_many"]  # five sites, one child
+    serials = {s.name: cache.get(s.name).info.serial for s in specs}
+    assert len(set(serials.values())) == 5
+    assert {s.name: isolated.load(specs, None).get(s.name).info.serial for s in specs} == serials
+    assert calls == ["issue_many"]  # all stored and valid: no child at all

@@ -4,7 +4,9 @@ request; each names the status and the upstream."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import time
 import uuid
 
@@ -94,3 +96,23 @@ def test_requests_the_proxy_refuses_are_logged_too(
             assert conn.response().status == status
     for status in refusals:
         assert any(f" {status} " in line for line in lines_with(proxy, token)), status
+
+
+def test_a_stdout_nobody_reads_never_stalls_clients(
+    make_proxy: MakeProxy, example_app: AppProcess
+) -> None:
+    """stdout a pipe that fills up (journald stuck, a log shipper gone): the lines wait or are
+    dropped, the requests are served as before, and SIGTERM still stops the proxy."""
+    proxy = make_proxy(basic_config(example_app.server), start=False)
+    r, w = os.pipe()  # 64 KiB of pipe: about 500 access lines
+    try:
+        proxy.stdout = w
+        proxy.start()
+        with proxy.client(timeout=10) as client:
+            for _ in range(1000):
+                assert client.get(proxy.url("/healthz")).status_code == 200
+        proxy.signal(signal.SIGTERM)
+        assert proxy.proc.wait(15) == 0
+    finally:
+        os.close(r)
+        os.close(w)

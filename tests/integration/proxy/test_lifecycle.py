@@ -149,6 +149,20 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(
     assert "Traceback" not in proxy.log()
 
 
+def test_sigterm_does_not_wait_for_idle_clients_that_never_read(
+    make_proxy: MakeProxy, example_app: AppProcess
+) -> None:
+    """A pooled client connection (httpx, urllib3) reads nothing between requests, so it never
+    answers the close_notify the drain sends: the drain must not wait the grace out for it."""
+    proxy = make_proxy(basic_config(example_app.server))  # shutdown_grace = "5s"
+    with proxy.client() as client:
+        assert client.get(proxy.url("/healthz")).status_code == 200
+        signalled = time.monotonic()
+        proxy.signal(signal.SIGTERM)
+        assert proxy.proc.wait(10) == 0
+        assert time.monotonic() - signalled < 3, "the drain waited for an idle connection"
+
+
 def test_sigterm_cuts_requests_longer_than_shutdown_grace(
     make_proxy: MakeProxy, example_app: AppProcess
 ) -> None:
