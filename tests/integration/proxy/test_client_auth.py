@@ -783,3 +783,21 @@ def test_a_ticket_of_one_site_does_not_resume_on_another(env: Env) -> None:
         tls.sendall(b"GET / HTTP/1.1\r\nHost: req.test\r\nConnection: close\r\n\r\n")
         status, _ = parse_reply(read_all(tls))
         assert not tls.session_reused and status == 200
+
+
+# --- through the testing API ----------------------------------------------------------------------
+
+
+def test_the_testing_api_client_cert_reaches_a_client_auth_site(example_app: AppProcess) -> None:
+    from proxy.testing import TLSProxy
+
+    site = {"client_auth": {"ca": "internal", "required": True}}
+    with TLSProxy(upstream=example_app.server, hosts=["api.test"], site=site) as p:
+        alice = p.client_cert("alice")
+        with p.client(cert=alice) as client:
+            echo = client.get(p.url("api.test", "/")).json()
+        (leaf,) = seen(echo, "client-cert")
+        cert = x509.load_der_x509_certificate(base64.b64decode(leaf.strip(":")))
+        assert cert.subject.rfc4514_string() == "CN=alice"
+        with p.client() as client, pytest.raises(httpx.HTTPError):
+            client.get(p.url("api.test", "/"))
