@@ -72,3 +72,13 @@ def test_pytest_fixtures_lists_them_with_their_help(tmp_path: Path) -> None:
     assert "tlsproxy_ca [session scope]" in done.stdout, done.stdout
     assert "proxy/testing/pytest_plugin.py" in done.stdout
     assert "A factory taking TLSProxy's arguments" in done.stdout
+
+
+def test_the_example_test_file_passes_as_a_user_runs_it(tmp_path: Path) -> None:
+    """examples/test_with_tlsproxy.py, copied out of the repository and run there: the README
+    points people at it, so it must keep passing."""
+    example = Path(__file__).resolve().parents[3] / "examples" / "test_with_tlsproxy.py"
+    (tmp_path / example.name).write_text(example.read_text())
+    done = run_pytest(tmp_path, "-q", example.name)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "10 passed" in done.stdout, done.stdout
