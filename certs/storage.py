@@ -91,7 +91,13 @@ def _alive(pid: int) -> bool:
         return False
     except OSError:
         return True  # it exists, owned by someone else
-    return True
+    # A zombie writes nothing more: a killed writer whose parent died too waits as one until
+    # PID 1 reaps it, which in a container may be never.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc: take the kill(0) answer
+    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
 
 
 def _overwrite_in_place(path: Path, data: bytes) -> bool:
