@@ -51,7 +51,7 @@ class AccessLog:
         self.fmt = fmt
         self.enabled = fmt != "off"
         self._write: Callable[[str], None] = writer.write if writer is not None else _to_logger
-        self._format = self._json if fmt == "json" else self._text
+        self._as_json = fmt == "json"
         self._second = -1
         self._stamp = ""
 
@@ -69,62 +69,32 @@ class AccessLog:
         upstream: str,
         duration: float,
     ) -> None:
-        if self.enabled:
-            line = self._format(
-                client, sni, host, method, target, status, bytes_in, bytes_out, upstream, duration
+        if not self.enabled:
+            return
+        host_text = host.decode("latin-1") if host else "-"
+        method_text, target_text = method.decode("latin-1"), target.decode("latin-1")
+        if self._as_json:
+            # The same text json.dumps(..., separators=(",", ":")) gives, without building a
+            # dict: strings through json's own (C) string encoder, numbers as json writes them.
+            quote = _json_string
+            line = (
+                f'{{"time":{round(time.time(), 3)!r},"client":{quote(client)},'
+                f'"sni":{quote(sni) if sni is not None else "null"},"host":{quote(host_text)},'
+                f'"method":{quote(method_text)},"target":{quote(target_text)},'
+                f'"status":{status},"bytes_in":{bytes_in},"bytes_out":{bytes_out},'
+                f'"upstream":{quote(upstream)},"duration_ms":{round(duration * 1000, 3)!r}}}'
             )
-            self._write(line)
-
-    def _text(
-        self,
-        client: str,
-        sni: str | None,
-        host: bytes | None,
-        method: bytes,
-        target: bytes,
-        status: int,
-        bytes_in: int,
-        bytes_out: int,
-        upstream: str,
-        duration: float,
-    ) -> str:
-        now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._second = second
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
-        return (
-            f"{self._stamp} {client} sni={sni or '-'} "
-            f"host={host.decode('latin-1') if host else '-'} "
-            f'"{method.decode("latin-1")} {target.decode("latin-1")}" {status} '
-            f"in={bytes_in} out={bytes_out} upstream={upstream} {duration * 1000:.1f}ms"
-        )
-
-    @staticmethod
-    def _json(
-        client: str,
-        sni: str | None,
-        host: bytes | None,
-        method: bytes,
-        target: bytes,
-        status: int,
-        bytes_in: int,
-        bytes_out: int,
-        upstream: str,
-        duration: float,
-    ) -> str:
-        # The same text json.dumps(..., separators=(",", ":")) gives, without building a dict:
-        # strings through json's own (C) string encoder, numbers as json writes them.
-        quote = _json_string
-        return (
-            f'{{"time":{round(time.time(), 3)!r},"client":{quote(client)},'
-            f'"sni":{quote(sni) if sni is not None else "null"},'
-            f'"host":{quote(host.decode("latin-1")) if host else chr(34) + "-" + chr(34)},'
-            f'"method":{quote(method.decode("latin-1"))},'
-            f'"target":{quote(target.decode("latin-1"))},"status":{status},'
-            f'"bytes_in":{bytes_in},"bytes_out":{bytes_out},"upstream":{quote(upstream)},'
-            f'"duration_ms":{round(duration * 1000, 3)!r}}}'
-        )
+        else:
+            second = int(time.time())
+            if second != self._second:
+                self._second = second
+                self._stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+            line = (
+                f"{self._stamp} {client} sni={sni or '-'} host={host_text} "
+                f'"{method_text} {target_text}" {status} in={bytes_in} out={bytes_out} '
+                f"upstream={upstream} {duration * 1000:.1f}ms"
+            )
+        self._write(line)
 
 
 _json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
