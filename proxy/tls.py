@@ -15,6 +15,7 @@ import logging
 import os
 import ssl
 import sys
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -206,6 +207,10 @@ def install_sni_decode_hook() -> None:
         sys.unraisablehook = _quiet_undecodable_server_names(sys.unraisablehook)
 
 
+# A client_auth site's front context is shared by its certificates with the same client CAs.
+FrontKey = tuple[str, ClientAuthSpec, tuple[bytes, ...]]
+
+
 class CertificateSelector:
     """Owns the listener context and its SNI callback. `cache` (and `sites`, the configured
     names) are swapped whole on SIGHUP or when certificates change; a handshake reads whichever
@@ -227,7 +232,12 @@ class CertificateSelector:
         self.cache = cache
         self.sites = sites
         self.context = self._new_front(ssl.CERT_NONE)
-        self._fronts: dict[tuple[str, ClientAuthSpec, ssl.SSLContext], ssl.SSLContext] = {}
+        self._fronts: dict[FrontKey, ssl.SSLContext] = {}
+        # The CA store of each certificate context, read once: a renewal brings a new context
+        # with the same store, and must not retire the front its site's connections start with.
+        self._stores: weakref.WeakKeyDictionary[ssl.SSLContext, tuple[bytes, ...]] = (
+            weakref.WeakKeyDictionary()
+        )
         install_sni_decode_hook()
 
     def _new_front(self, verify_mode: ssl.VerifyMode) -> ssl.SSLContext:
@@ -243,7 +253,7 @@ class CertificateSelector:
         self.sites = sites
         entries = getattr(cache, "entries", None)
         if entries is not None:
-            keep = {_front_key(i) for i in entries() if i.client_auth is not None}
+            keep = {self._front_key(i) for i in entries() if i.client_auth is not None}
             self._fronts = {k: v for k, v in self._fronts.items() if k in keep}
 
     @property
@@ -256,12 +266,13 @@ class CertificateSelector:
         installed = self.choose(server_name)
         if installed is None or installed.client_auth is None:
             return self.context
-        key = _front_key(installed)
+        key = self._front_key(installed)
         context = self._fronts.get(key)
         if context is None:
-            # A new certificate context for this site (a reload, a renewal): its CA store may
-            # differ, so sessions resumed from the old front context's tickets, which skip
-            # verification, must not be accepted any more. The old front goes with them.
+            # A reload changed the site's client CAs (or its client_auth): sessions resumed
+            # from the old front context's tickets, which skip verification, must not be
+            # accepted any more. The old front goes with them. A renewal of the site's own
+            # certificate keeps the store, so it keeps the front and its tickets too.
             self._fronts = {k: v for k, v in self._fronts.items() if k[0] != key[0]}
             required = installed.client_auth.required
             context = self._new_front(ssl.CERT_REQUIRED if required else ssl.CERT_OPTIONAL)
@@ -299,7 +310,7 @@ class CertificateSelector:
         if installed.client_auth is None:
             front_ok = context is self.context
         else:
-            front_ok = context is self._fronts.get(_front_key(installed))
+            front_ok = context is self._fronts.get(self._front_key(installed))
         if not front_ok:
             if tls_log.isEnabledFor(logging.DEBUG):
                 tls_log.debug(
@@ -315,10 +326,13 @@ class CertificateSelector:
         ssl_object.tlsproxy_cert = installed  # type: ignore[attr-defined]
         return None
 
-
-def _front_key(installed: Installed) -> tuple[str, ClientAuthSpec, ssl.SSLContext]:
-    assert installed.client_auth is not None
-    return (installed.spec_name, installed.client_auth, installed.context)
+    def _front_key(self, installed: Installed) -> FrontKey:
+        assert installed.client_auth is not None
+        store = self._stores.get(installed.context)
+        if store is None:
+            store = tuple(installed.context.get_ca_certs(binary_form=True))
+            self._stores[installed.context] = store
+        return (installed.spec_name, installed.client_auth, store)
 
 
 def _send_unrecognized_name() -> None:
