@@ -292,8 +292,7 @@ def parse_host_pattern(value: object, key: str) -> str:
     if labels[0] == "*" and len(labels) < 2:
         raise ConfigError(key, f"a wildcard needs a parent domain, got {value!r}")
     try:  # an IP literal is a valid Host for a site reached by address
-        ipaddress.ip_address(name)
-        return name
+        return str(ipaddress.ip_address(name))  # one spelling, as certificates compare it
     except ValueError:
         pass
     if not all(_HOST_LABEL.match(label) for label in check):
