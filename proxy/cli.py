@@ -239,8 +239,10 @@ def cmd_check(config: Config) -> int:
         if site.client_auth is not None:
             need = "required" if site.client_auth.required else "optional"
             auth = f" client_auth={site.client_auth.ca} ({need})"
+        hsts = f" hsts={site.hsts!r}" if site.hsts else ""
         print(
-            f"  site {', '.join(site.hosts)}: tls={tls}{broken}{auth} -> upstream {site.upstream}"
+            f"  site {', '.join(site.hosts)}: tls={tls}{broken}{auth}{hsts}"
+            f" -> upstream {site.upstream}"
         )
     if any(site.tls == "internal" for site in config.sites):
         print(f"  local CA: leaves live {_duration(config.local_ca.leaf_lifetime)}")
