@@ -18,6 +18,8 @@ from proxy.config import Config, load_config
 from proxy.errors import ConfigError, StartupError
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+# `status`, as LSB init scripts and systemctl say it: 3 not running, 4 status unknown.
+EXIT_NOT_RUNNING, EXIT_STATUS_UNKNOWN = 3, 4
 
 DESCRIPTION = """\
 A TLS-terminating reverse proxy for Python web apps. It owns the https port, picks each
@@ -27,7 +29,8 @@ HTTP/1.1 to your app's workers over pooled keep-alive connections."""
 
 EPILOG = """\
 exit status: 0 on success; 2 on a bad config or a file it names (one line naming the key or
-file), or a prestart step that failed; 1 when it cannot start otherwise (a port taken).
+file), bad arguments, or a prestart step that failed; 1 when it cannot start otherwise (a port
+taken). status: 3 when no proxy runs, 4 when one cannot be asked.
 
 signals (run): SIGTERM/SIGINT stop accepting, let in-flight requests finish within
 server.shutdown_grace, stop the workers, exit 0 (a second SIGINT exits at once). SIGHUP re-reads
@@ -85,9 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tlsproxy {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+    def add(name: str, help_text: str, config_required: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("-c", "--config", required=True, metavar="FILE", help="the TOML config file")
+        p.add_argument(
+            "-c", "--config", required=config_required, metavar="FILE", help="the TOML config file"
+        )
         return p
 
     run = add(
@@ -129,8 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
         "action", nargs="?", choices=("renew",), help="renew: a fresh certificate for HOST now"
     )
     certs.add_argument("host", nargs="?", metavar="HOST", help="a host of a [[site]] (with renew)")
-    add(
-        "status", "the supervised app workers of a running proxy: pid, state, uptime, requests, RSS"
+    status = add(
+        "status",
+        "the running proxy: its listeners, sites and their certificates, upstreams, and "
+        "supervised workers (pid, state, uptime, requests, RSS)",
+        config_required=False,
+    )
+    status.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="instead of -c: the data_dir of the proxy to ask (say, a reverse-proxy's)",
+    )
+    status.epilog = (
+        "exit status: 0 when a proxy runs on the config's data_dir (asked through "
+        "DATA_DIR/control.sock); 3 when none does; 4 when one may run but cannot be asked "
+        "(permissions)"
     )
     _add_reverse_proxy(sub)
     return parser
@@ -151,7 +169,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_reverse_proxy(sub: argparse._SubParsersAction) -> None:
-    summary = "HTTPS for HOST in front of ADDR, with no config file"
+    summary = (
+        "HTTPS for HOST in front of ADDR, with no config file (local CA for local names, "
+        "ACME otherwise)"
+    )
     p = sub.add_parser(
         "reverse-proxy",
         help=summary,
@@ -333,14 +354,18 @@ def cmd_certs_renew(config: Config, host: str | None) -> int:
     return EXIT_OK
 
 
-def cmd_status(config: Config) -> int:
-    from proxy.workers.status import format_status
+def cmd_status(data_dir: Path) -> int:
+    from proxy.control import ControlError, NoProxy, ask
+    from proxy.status import format_report
 
-    path = config.server.data_dir / "status.json"
     try:
-        print(format_status(path), end="")
-    except FileNotFoundError:
-        return _fail(f"no status file at {path}: no proxy with supervised workers has run", 1)
+        doc = ask(data_dir, {"op": "status"}, timeout=10.0)
+    except NoProxy:
+        print(f"tlsproxy: no proxy is running on data_dir {data_dir}")
+        return EXIT_NOT_RUNNING
+    except ControlError as exc:  # it may run, but does not say (LSB: status unknown)
+        return _fail(str(exc), EXIT_STATUS_UNKNOWN)
+    print(format_report(doc), end="")
     return EXIT_OK
 
 
@@ -418,6 +443,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "reverse-proxy":
             return cmd_reverse_proxy(args)
+        if args.command == "status" and (args.config is None) == (args.data_dir is None):
+            return _fail("status: give -c FILE or --data-dir DIR (one of them)", EXIT_CONFIG)
+        if args.command == "status" and args.data_dir is not None:
+            return cmd_status(Path(args.data_dir).expanduser().absolute())
         config = _load(args.config)
         if args.command == "check":
             return cmd_check(config)
@@ -428,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return cmd_certs_renew(config, args.host)
             return cmd_certs(config)
         if args.command == "status":
-            return cmd_status(config)
+            return cmd_status(config.server.data_dir)
         return cmd_run(config, args.loop, args.log_level)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_CONFIG)

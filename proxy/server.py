@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -68,7 +70,11 @@ class ProxyServer:
         self.draining = False
         self._reload_lock = asyncio.Lock()
         self._sigint_count = 0
-        self.control = ControlServer(config.server.data_dir, {"renew": self._control_renew})
+        self.started_at = time.time()
+        self.control = ControlServer(
+            config.server.data_dir,
+            {"renew": self._control_renew, "status": self._control_status},
+        )
 
     # --- start-up -------------------------------------------------------------------------
 
@@ -374,6 +380,59 @@ class ProxyServer:
             "serial": f"{info.serial:x}",
             "not_before": info.not_before.isoformat(),
             "not_after": info.not_after.isoformat(),
+        }
+
+    async def _control_status(self, request: dict) -> dict:
+        """`tlsproxy status`: what this proxy serves now (see proxy/status.py for the shape)."""
+        config = self.config
+        assert self.state is not None
+        cache = self._current_cache()
+        now = time.monotonic()
+        sites = []
+        for site in config.sites:
+            installed = cache.get(site.name)
+            certificate = None
+            if installed is not None:
+                info = installed.info
+                certificate = {
+                    "issuer": info.issuer,
+                    "serial": f"{info.serial:x}",
+                    "not_after": info.not_after.isoformat(),
+                }
+            sites.append(
+                {
+                    "hosts": list(site.hosts),
+                    "tls": site.tls if isinstance(site.tls, str) else "files",
+                    "upstream": site.upstream,
+                    "hsts": site.hsts,
+                    "certificate": certificate,
+                }
+            )
+        upstreams = {
+            name: [
+                {"server": server.label, "up": health.is_up(now)}
+                for server, health in pool.health_map().items()
+            ]
+            for name, pool in self.state.pools.items()
+        }
+        workers = []
+        if self.supervisors:
+            from dataclasses import asdict
+
+            workers = [asdict(w) for sup in self.supervisors.values() for w in sup.snapshot()]
+        return {
+            "pid": os.getpid(),
+            "uptime": time.time() - self.started_at,
+            "config": None if config.source is None else str(config.source),
+            "https": [_sockname(listener.address) for listener in self.https_listeners],
+            "http": [
+                _sockname(sock.getsockname())
+                for server in self.plain_servers
+                for sock in server.sockets
+            ],
+            "sites": sites,
+            "upstreams": upstreams,
+            "workers": workers,
         }
 
     # --- SIGHUP ---------------------------------------------------------------------------

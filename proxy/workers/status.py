@@ -68,11 +68,16 @@ def format_status(path: Path, now: float | None = None) -> str:
     writer = document.get("pid")
     age = max(0.0, now - float(document.get("written", now)))
     alive = isinstance(writer, int) and _pid_alive(writer)
-    header = f"tlsproxy pid {writer}, status written {_duration(age)} ago" + (
+    header = f"tlsproxy pid {writer}, status written {duration(age)} ago" + (
         "" if alive else " (that process is not running: the figures are stale)"
     )
+    return header + "\n" + format_workers(workers)
+
+
+def format_workers(workers: Sequence[WorkerInfo]) -> str:
+    """One row per worker under a header row (or a line saying there are none)."""
     if not workers:
-        return header + "\nno supervised workers\n"
+        return "no supervised workers\n"
     rows = [("WORKER", "PID", "STATE", "UPTIME", "REQUESTS", "RSS", "RESTARTS", "LISTEN")]
     for w in workers:
         rows.append(
@@ -80,7 +85,7 @@ def format_status(path: Path, now: float | None = None) -> str:
                 w.worker,
                 "-" if w.pid is None else str(w.pid),
                 w.state,
-                _duration(w.uptime) if w.pid is not None else "-",
+                duration(w.uptime) if w.pid is not None else "-",
                 str(w.requests),
                 "-" if w.rss is None else f"{w.rss / (1024 * 1024):.1f}MiB",
                 str(w.restarts),
@@ -89,10 +94,10 @@ def format_status(path: Path, now: float | None = None) -> str:
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in rows]
-    return header + "\n" + "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     s = int(seconds)
     if s < 60:
         return f"{s}s"
