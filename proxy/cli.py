@@ -66,8 +66,8 @@ check there that DNS and port 80 reach this machine).
 
 Ports: `--from HOST` listens on 443 (https) and 80 (redirects to https, and ACME http-01), as
 Caddy does; `--from HOST:PORT` listens on PORT only (add --http-port for a plain port).
-localhost and *.localhost listen on 127.0.0.1 only, an IP address on that address, other names
-on every IPv4 address.
+localhost and *.localhost listen on loopback only (127.0.0.1, and ::1 with IPv6), an IP
+address on that address, other names on every address (0.0.0.0, and :: with IPv6).
 
 examples:
   tlsproxy reverse-proxy --from app.localhost:8443 --to :8000
@@ -389,6 +389,7 @@ def reverse_proxy_config(args: argparse.Namespace) -> Config:
         build_config,
         build_document,
         default_data_dir,
+        ipv6_available,
         parse_from,
         upstream_address,
     )
@@ -417,6 +418,7 @@ def reverse_proxy_config(args: argparse.Namespace) -> Config:
         internal_certs=args.internal_certs,
         access_log=args.access_log,
         log_level=args.log_level or "info",
+        ipv6=ipv6_available(),
     )
     return build_config(document)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,17 +116,29 @@ def upstream_address(text: str) -> str:
     return value
 
 
-def _bind_host(host: str) -> str:
+def ipv6_available() -> bool:
+    """Whether this machine can listen on IPv6 (containers often cannot)."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def _bind_hosts(host: str, ipv6: bool) -> list[str]:
     # Loopback names can only be reached from this machine: serving them on every interface
     # would show a development app to the network for nothing. An IP literal names the one
     # address to listen on. Any other name listens everywhere, as Caddy does.
     if host == "localhost" or host.endswith(".localhost"):
-        return "127.0.0.1"
+        return ["127.0.0.1", "[::1]"] if ipv6 else ["127.0.0.1"]
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        return "0.0.0.0"
-    return f"[{ip}]" if ip.version == 6 else str(ip)
+        return ["0.0.0.0", "[::]"] if ipv6 else ["0.0.0.0"]
+    return [f"[{ip}]" if ip.version == 6 else str(ip)]
 
 
 def build_document(
@@ -141,10 +154,11 @@ def build_document(
     internal_certs: bool = False,
     access_log: str = "text",
     log_level: str = "info",
+    ipv6: bool = False,
 ) -> dict[str, Any]:
     """The TOML document a user would have written for these flags."""
     tls = "internal" if internal_certs else issuer_for(origin.host)
-    bind = _bind_host(origin.host)
+    binds = _bind_hosts(origin.host, ipv6)
     https_port = origin.port if origin.port is not None else DEFAULT_HTTPS_PORT
     if http_port == "default":
         # Like Caddy: the standard ports get the redirect (and http-01) port too; an explicit
@@ -173,8 +187,8 @@ def build_document(
         raise ConfigError("--staging", "give --staging or --directory, not both")
     document: dict[str, Any] = {
         "server": {
-            "https": [f"{bind}:{https_port}"],
-            "http": [] if http_port is None else [f"{bind}:{http_port}"],
+            "https": [f"{b}:{https_port}" for b in binds],
+            "http": [] if http_port is None else [f"{b}:{http_port}" for b in binds],
             "data_dir": str(data_dir),
             "default_site": origin.host,  # clients without SNI (an IP literal) get it too
             "access_log": access_log,

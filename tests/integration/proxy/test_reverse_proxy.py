@@ -67,7 +67,12 @@ def test_a_test_name_gets_the_local_ca_and_reaches_the_app(
     assert body["forwarding"]["x-forwarded-proto"] == "https"
     assert body["forwarding"]["host"] == f"app.test:{port}"
     # An explicit port binds that port only: https, and no plain-HTTP listener.
-    assert proxy.https == [("0.0.0.0", port)] and proxy.http == []
+    assert ("0.0.0.0", port) in proxy.https and proxy.http == []
+    assert {p for _, p in proxy.https} == {port}  # [::] too where there is IPv6
+    if ("::", port) in proxy.https:  # and IPv6 clients reach it
+        v6 = curl("--cacert", str(root), "--resolve", f"app.test:{port}:[::1]",
+                  f"https://app.test:{port}/pid")  # fmt: skip
+        assert v6.returncode == 0 and v6.stdout.isdigit(), v6.stderr
     # The same proxy `run` starts: SIGTERM drains and exits 0.
     proxy.signal(signal.SIGTERM)
     assert proxy.proc is not None and proxy.proc.wait(15) == 0
@@ -88,7 +93,8 @@ def test_a_localhost_name_listens_on_loopback_only_and_to_accepts_port_and_unix(
         env={"XDG_DATA_HOME": str(xdg)},
     )
     root = xdg / "tlsproxy" / "ca" / "root.pem"
-    assert proxy.https == [("127.0.0.1", port)]
+    assert {h for h, _ in proxy.https} <= {"127.0.0.1", "::1"}  # loopback only
+    assert ("127.0.0.1", port) in proxy.https
     result = get(f"https://app.localhost:{port}/pid", "app.localhost", port, root)
     assert result.returncode == 0, result.stderr
     assert result.stdout.isdigit()
@@ -138,7 +144,7 @@ def test_http_port_adds_the_redirect_port(
         "--access-log",
         "off",
     )
-    assert proxy.http == [("0.0.0.0", plain)]
+    assert ("0.0.0.0", plain) in proxy.http and {p for _, p in proxy.http} == {plain}
     result = curl(
         "-o",
         "/dev/null",

@@ -76,7 +76,7 @@ def test_a_reverse_proxy_is_found_by_its_data_dir(tmp_path: Path) -> None:
         result = tlsproxy("status", "--data-dir", str(data))
         assert result.returncode == 0, result.stderr
         assert "config (no config file: reverse-proxy)" in result.stdout
-        assert f"listening: https://0.0.0.0:{port}\n" in result.stdout
+        assert f"listening: https://0.0.0.0:{port}" in result.stdout
         assert "  app.test -> app: tls internal, certificate until " in result.stdout
     finally:
         proxy.stop()

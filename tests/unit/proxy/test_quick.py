@@ -172,6 +172,17 @@ def test_loopback_names_listen_on_loopback_and_ip_literals_on_themselves() -> No
     assert config("[::1]:8443").server.https == (Address("::1", 8443),)
 
 
+def test_with_ipv6_the_v6_addresses_too() -> None:
+    c = config("app.example.com", ipv6=True)
+    assert c.server.https == (Address("0.0.0.0", 443), Address("::", 443))
+    assert c.server.http == (Address("0.0.0.0", 80), Address("::", 80))
+    assert config("localhost:8443", ipv6=True).server.https == (
+        Address("127.0.0.1", 8443),
+        Address("::1", 8443),
+    )
+    assert config("10.0.0.5:8443", ipv6=True).server.https == (Address("10.0.0.5", 8443),)
+
+
 def test_internal_certs_and_http_port_off() -> None:
     c = config("app.example.com", internal_certs=True, http_port=None)
     assert c.sites[0].tls == "internal" and c.acme is None and c.server.http == ()
