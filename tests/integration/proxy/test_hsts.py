@@ -133,6 +133,13 @@ def test_a_site_without_it_keeps_what_the_app_sent(proxy: Proxy) -> None:
     assert sts(head(proxy, "plain.test", "/hop")) == ["max-age=1"]
 
 
+def test_check_shows_it(proxy: Proxy) -> None:
+    result = tlsproxy("check", "-c", str(proxy.config_file))
+    assert result.returncode == 0, result.stderr
+    assert f"site hsts.test: tls=internal hsts='{POLICY}' -> upstream app" in result.stdout
+    assert "site plain.test: tls=internal -> upstream app" in result.stdout
+
+
 @pytest.mark.parametrize(
     "value",
     ['"includeSubDomains"', '"max-age=abc"', '"max-age=1; includeSubdomain"', "300", '""'],
