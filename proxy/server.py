@@ -43,7 +43,6 @@ from proxy.systemd import notify, notify_reloading, passed_sockets
 from proxy.tls import CertificateSelector, normalize_server_name, server_context
 
 if TYPE_CHECKING:
-    from proxy.workers.status import StatusWriter
     from proxy.workers.supervisor import WorkerSupervisor
 
 
@@ -63,7 +62,6 @@ class ProxyServer:
         self.background: dict[str, asyncio.Task] = {}
         self.http01 = None
         self.supervisors: dict[str, WorkerSupervisor] = {}
-        self.status_writer: StatusWriter | None = None
         self._workers_reload_running = False
         self._workers_reload_again = False
         self.stopping = asyncio.Event()
@@ -170,7 +168,6 @@ class ProxyServer:
             return
         # Imported only when there are workers to supervise: a proxy in front of existing
         # servers does not carry the supervisor's modules in its resident memory.
-        from proxy.workers.status import StatusWriter
         from proxy.workers.supervisor import WorkerSupervisor
 
         for name, upstream in config.upstreams.items():
@@ -190,12 +187,6 @@ class ProxyServer:
                 exc.exit_code = 2  # the deployment is wrong (a failed migration, a bad command)
                 raise
         self._hook_pools()
-        if self.supervisors and self.status_writer is None:
-            self.status_writer = StatusWriter(
-                config.server.data_dir / "status.json",
-                lambda: [w for sup in self.supervisors.values() for w in sup.snapshot()],
-            )
-            self.status_writer.start()
 
     def _pool(self, name: str):
         assert self.state is not None
@@ -259,9 +250,6 @@ class ProxyServer:
         await asyncio.gather(
             *(sup.stop() for sup in self.supervisors.values()), return_exceptions=True
         )
-        if self.status_writer is not None:
-            await self.status_writer.stop()
-            self.status_writer = None
 
     def _limits(self):
         assert self.state is not None
