@@ -430,10 +430,11 @@ def cmd_reverse_proxy(args: argparse.Namespace) -> int:
     site = config.sites[0]
     if site.tls == "internal":
         root = config.server.data_dir / "ca" / "root.pem"
-        print(
-            f"tlsproxy: {site.name}: certificate from the local CA; clients trust {root}",
-            file=sys.stderr,
-        )
+        said = f"certificate from the local CA; clients trust {root}"
+    else:
+        assert config.acme is not None
+        said = f"certificate over ACME from {config.acme.directory}"
+    print(f"tlsproxy: {site.name}: {said}", file=sys.stderr)
     try:
         return cmd_run(config, args.loop, None)
     except ConfigError as exc:  # from the checks at start-up: name the flag, not a config key

@@ -53,6 +53,7 @@ def test_a_public_name_gets_its_certificate_over_acme(components, tmp_path: Path
         try:
             proxy.start()
             proxy.wait_for_log(r"certificate for app\.example\.com issued", 30)
+            assert f"app.example.com: certificate over ACME from {c.directory}" in proxy.log()
             assert "local CA" not in proxy.log()
             root = tmp_path / "pebble-root.pem"
             root.write_bytes(c.root_pem())
