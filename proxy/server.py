@@ -27,6 +27,7 @@ from proxy.certificates import (
     certificate_manager,
     check_config,
     default_cert_name,
+    key_of_cert_error,
     leaf_lifetime,
     uses_acme,
 )
@@ -81,7 +82,10 @@ class ProxyServer:
         check_config(config, isolate_crypto=True)
         # Nothing is served yet, so blocking here costs no client anything; it also keeps the
         # start-up's certificate work out of a worker thread's malloc arena (idle memory).
-        cache = self.certs.load(cert_specs(config), default_cert_name(config))
+        try:
+            cache = self.certs.load(cert_specs(config), default_cert_name(config))
+        except CertError as exc:  # data_dir unusable, an issuance that failed: one line, exit 2
+            raise ConfigError(key_of_cert_error(config, exc), str(exc)) from None
         _warn_broken(config)
         self.state = ProxyState.build(config, self.access_log)
         self.selector = CertificateSelector(cache, self.state.router)

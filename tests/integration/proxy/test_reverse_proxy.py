@@ -189,6 +189,26 @@ def test_bad_arguments_exit_2_with_one_line(flags: list[str], named: str, tmp_pa
     assert not (tmp_path / "data").exists()  # refused before anything was made
 
 
+def test_unusable_files_exit_2_naming_the_flag(tmp_path: Path) -> None:
+    """Checked at start-up like a config's files: one error line (after the line saying which
+    CA signs the name), exit 2, nothing bound."""
+    (tmp_path / "file").write_text("")
+    cases = [
+        (["--from", "app.test:8443", "--data-dir", str(tmp_path / "file" / "data")], "--data-dir"),
+        (
+            ["--from", "app.example.com:8443", "--http-port", "8080", "--data-dir",
+             str(tmp_path / "d"), "--ca-bundle", str(tmp_path / "missing.pem")],
+            "--ca-bundle",
+        ),
+    ]  # fmt: skip
+    for flags, named in cases:
+        result = tlsproxy("reverse-proxy", *flags, "--to", ":8000", timeout=30)
+        assert result.returncode == 2, result
+        last = result.stderr.splitlines()[-1]
+        assert last.startswith(f"tlsproxy: error: {named}: "), result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_a_taken_port_exits_1(example_app: AppProcess, tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", 0))
