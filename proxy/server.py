@@ -438,11 +438,11 @@ class ProxyServer:
 
     async def _reload(self) -> bool:
         async with self._reload_lock:
-            if self.config_path is None:
-                log.warning("SIGHUP: no config file to re-read")
-                return False
             try:
-                new = await asyncio.to_thread(load_config, self.config_path)
+                if self.config_path is None:  # reverse-proxy: its flags stay the config
+                    new = self.config
+                else:
+                    new = await asyncio.to_thread(load_config, self.config_path)
                 await asyncio.to_thread(check_config, new, isolate_crypto=True)
                 # Leaves issued from now on (this load's included) get the new lifetime.
                 self.certs.leaf_lifetime = leaf_lifetime(new)
@@ -486,7 +486,8 @@ class ProxyServer:
             retired = [p for name, p in old_state.pools.items() if reused.get(name) is not p]
             if retired:
                 asyncio.get_running_loop().create_task(self._retire_pools(retired, new))
-            log.info("reloaded %s: %d site(s)", self.config_path, len(new.sites))
+            source = self.config_path or "reverse-proxy's flags"
+            log.info("reloaded %s: %d site(s)", source, len(new.sites))
             return True
 
     async def _retire_pools(self, pools: list, config: Config) -> None:

@@ -73,7 +73,12 @@ def test_a_test_name_gets_the_local_ca_and_reaches_the_app(
         v6 = curl("--cacert", str(root), "--resolve", f"app.test:{port}:[::1]",
                   f"https://app.test:{port}/pid")  # fmt: skip
         assert v6.returncode == 0 and v6.stdout.isdigit(), v6.stderr
-    # The same proxy `run` starts: SIGTERM drains and exits 0.
+    # The same proxy `run` starts: SIGHUP reloads (certificates; the flags stay), SIGTERM
+    # drains and exits 0.
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_for_log(r"reloaded reverse-proxy's flags: 1 site\(s\)")
+    again = get(f"https://app.test:{port}/pid", "app.test", port, root)
+    assert again.returncode == 0 and again.stdout.isdigit(), again.stderr
     proxy.signal(signal.SIGTERM)
     assert proxy.proc is not None and proxy.proc.wait(15) == 0
 
