@@ -197,7 +197,6 @@ def test_status_shows_each_worker(start_proxy, tmp_path: Path) -> None:
     proxy, client = start_proxy(workers_config(workers=2))
     for _ in range(4):
         client.get(proxy.url("/"))
-    time.sleep(2.5)  # the status file is rewritten every 2 s
     result = tlsproxy("status", "-c", str(tmp_path / "tlsproxy.toml"))
     assert result.returncode == 0, result.stderr
     for pid in worker_pids(proxy):
