@@ -554,6 +554,9 @@ class WorkerSupervisor:
 
     def _env(self, tag: str | None) -> dict[str, str]:
         env = dict(os.environ)
+        # systemd's notify socket is the proxy's: a worker that speaks sd_notify (gunicorn says
+        # READY=1) must not tell the service manager that the service is ready or stopping.
+        env.pop("NOTIFY_SOCKET", None)
         env.update(self.config.env)
         env.setdefault("PYTHONUNBUFFERED", "1")  # output reaches the log line by line
         # `.venv/bin/tlsproxy run` without an activated venv must still find the uvicorn (or

@@ -240,6 +240,10 @@ def test_execstart_as_systemd_runs_it(install: Install, service, user, tmp_path:
             status = proc_status(pid)
             assert status["Uid"].split() == [str(uid)] * 4
             assert int(status["CapEff"], 16) == 0 and int(status["CapAmb"], 16) == 0
+            # ... nor the proxy's notify socket: systemd hears the proxy only.
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert not any(v.startswith(b"NOTIFY_SOCKET=") for v in environ)
+            assert f"RUNTIME_DIRECTORY={install.run}".encode() in environ
         # Their sockets are in RuntimeDirectory=; data_dir is the user's and was written.
         sockets = sorted(install.run.glob("app-*.sock"))
         assert len(sockets) == 2, sorted(install.run.iterdir())
