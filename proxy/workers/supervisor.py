@@ -579,7 +579,8 @@ class WorkerSupervisor:
             if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
                 raise StartupError(
                     f"upstream {self.name}: worker socket path {path} is longer than "
-                    f"{_MAX_SOCKET_PATH} bytes; use a shorter data_dir"
+                    f"{_MAX_SOCKET_PATH} bytes; use a shorter data_dir (or, under systemd, "
+                    "RuntimeDirectory=, which puts the sockets in /run)"
                 )
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
