@@ -40,10 +40,12 @@ from proxy.line_writer import LineWriter
 from proxy.listeners import ConnectionRegistry, HttpsListener, bind_socket, close_plain_server
 from proxy.logs import AccessLog, log, setup_logging
 from proxy.state import ProxyState
-from proxy.systemd import notify, notify_reloading, passed_sockets
+from proxy.systemd import notify, notify_reloading, passed_sockets, runtime_directory
 from proxy.tls import CertificateSelector, normalize_server_name, server_context
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from proxy.workers.supervisor import WorkerSupervisor
 
 
@@ -179,7 +181,7 @@ class ProxyServer:
                 continue
             supervisor = WorkerSupervisor(
                 upstream,
-                config.server.data_dir / "run",
+                worker_socket_dir(config),
                 lambda servers, n=name: self._pool(n).set_servers(servers),
                 cwd=config.source.parent if config.source else None,
                 outstanding=lambda server, n=name: self._outstanding(n, server),
@@ -590,6 +592,12 @@ def _with_data_dir(new: Config, old: Config) -> Config:
     from dataclasses import replace
 
     return replace(new, server=replace(new.server, data_dir=old.server.data_dir))
+
+
+def worker_socket_dir(config: Config) -> Path:
+    """Where supervised workers' `{socket}` paths go: the systemd unit's RuntimeDirectory
+    (/run/tlsproxy: short paths, on tmpfs, removed when the service stops), else data_dir/run."""
+    return runtime_directory() or config.server.data_dir / "run"
 
 
 def release_startup_memory() -> None:

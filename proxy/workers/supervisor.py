@@ -9,6 +9,7 @@ How a worker runs
   is still draining and its replacement never share one.
 - Each worker is its own process group: the terminal's Ctrl-C reaches only the proxy, which
   then drains before it stops the workers, and signals reach whatever the worker forked.
+- Workers get no capability from the proxy: ambient capabilities are cleared before exec.
 - Workers die with the proxy: PR_SET_PDEATHSIG(SIGKILL) is set in the child before exec. The
   kernel sends it when the *thread* that forked the child exits, so spawning happens on the
   event loop's thread, which must be the main thread (asyncio.run / uvloop.run do that).
@@ -52,6 +53,7 @@ from proxy.workers.status import WorkerInfo
 log = logging.getLogger("tlsproxy.workers")
 
 _PR_SET_PDEATHSIG = 1
+_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 # Loaded once here, before any fork: the child must not have to dlopen anything.
 _libc = ctypes.CDLL(None, use_errno=True)
 # sun_path is 108 bytes on Linux including the terminating NUL.
@@ -114,6 +116,10 @@ def _text(line: bytes) -> str:
 def _die_with_parent(parent: int) -> Callable[[], None]:
     def setup() -> None:  # runs in the child between fork and exec
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        # The proxy may hold an ambient CAP_NET_BIND_SERVICE (systemd's AmbientCapabilities=,
+        # to bind 443 unprivileged); ambient capabilities survive exec, and the app has no use
+        # for it. Cleared, a worker of an unprivileged proxy starts with no capability at all.
+        _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
         if os.getppid() != parent:  # the parent died before prctl: the signal will never come
             os._exit(70)
 
@@ -548,6 +554,9 @@ class WorkerSupervisor:
 
     def _env(self, tag: str | None) -> dict[str, str]:
         env = dict(os.environ)
+        # systemd's notify socket is the proxy's: a worker that speaks sd_notify (gunicorn says
+        # READY=1) must not tell the service manager that the service is ready or stopping.
+        env.pop("NOTIFY_SOCKET", None)
         env.update(self.config.env)
         env.setdefault("PYTHONUNBUFFERED", "1")  # output reaches the log line by line
         # `.venv/bin/tlsproxy run` without an activated venv must still find the uvicorn (or
@@ -564,11 +573,14 @@ class WorkerSupervisor:
         values: dict[str, str] = {}
         server: UpstreamServer | None = None
         if "{socket}" in self.config.command:  # type: ignore[operator]
-            path = self.run_dir / f"{self.name}-{next(_socket_numbers)}.sock"
+            # The pid keeps two proxies that share a directory (a RuntimeDirectory inherited by
+            # a second proxy) from taking each other's paths.
+            path = self.run_dir / f"{self.name}-{os.getpid()}-{next(_socket_numbers)}.sock"
             if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
                 raise StartupError(
                     f"upstream {self.name}: worker socket path {path} is longer than "
-                    f"{_MAX_SOCKET_PATH} bytes; use a shorter data_dir"
+                    f"{_MAX_SOCKET_PATH} bytes; use a shorter data_dir (or, under systemd, "
+                    "RuntimeDirectory=, which puts the sockets in /run)"
                 )
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
