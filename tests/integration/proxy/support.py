@@ -510,7 +510,11 @@ def s_client(port: int, *args: str, timeout: float = 15.0) -> subprocess.Complet
 
 def served_certificate(port: int, *args: str) -> x509.Certificate | None:
     """The leaf the proxy served to `openssl s_client ARGS`, None if the handshake failed."""
-    result = s_client(port, *args)
+    return served_certificate_in(s_client(port, *args))
+
+
+def served_certificate_in(result: subprocess.CompletedProcess[str]) -> x509.Certificate | None:
+    """The leaf in what `openssl s_client` printed, None if its handshake failed."""
     match = _PEM.search(result.stdout)
     if result.returncode != 0 or match is None:
         return None
