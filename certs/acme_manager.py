@@ -329,12 +329,19 @@ class AcmeManager:
             if stored is not None
             else "nothing to serve for it yet"
         )
+        wait = max(0.0, decision.at - now)
+        # After a failed `certs renew` the next attempt is the regular renewal, months away.
+        next_attempt = (
+            f"in {wait:.1f}s"
+            if wait < 3600
+            else f"at {datetime.fromtimestamp(decision.at, UTC).isoformat(timespec='seconds')}"
+        )
         log.warning(
-            "ACME order for %s failed (attempt %d; %s; next attempt in %.1fs): %s",
+            "ACME order for %s failed (attempt %d; %s; next attempt %s): %s",
             spec.name,
             state.failures,
             serving,
-            max(0.0, decision.at - now),
+            next_attempt,
             error,
         )
         await self._save_state(spec, state, decision, stored)
