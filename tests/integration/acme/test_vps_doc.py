@@ -15,7 +15,7 @@ What the test changes, all in SUBSTITUTIONS and _rewrite() below:
   own root), and the staging account's directory name follows;
 - the listeners become 127.0.0.1 ports: https a free one, http the port the Pebbles validate on;
 - `ca_bundle` (Pebble's own HTTPS CA) is added to [acme];
-- `pip install tlsproxy` installs a copy of this checkout instead of the release on PyPI;
+- the commands run in a directory holding a copy of this checkout as ./tlsproxy;
 - curl and openssl reach app.test on the proxy's port; a curl without --cacert trusts the
   production Pebble's root, the staging roots are fetched from the staging Pebble.
 Commands that cannot run here are in NOT_RUN with the reason; systemctl start/stop/reload and
@@ -138,7 +138,7 @@ class Walk:
     production: Components
     https_port: int
     http_port: int
-    checkout: Path
+    home: Path  # where the commands run: the page's checkout is ./tlsproxy there
     staging_root: Path
     production_root: Path
     proxy: subprocess.Popen | None = None
@@ -229,7 +229,6 @@ def _rewrite(walk: Walk, text: str) -> str:
     text = re.sub(r"\bapp\.example\.com:443\b", f"127.0.0.1:{walk.https_port}", text)
     text = re.sub(r"\bapp\.example\.com\b", "app.test", text)
     text = re.sub(r"(?<![\w@.-])example\.com\b", "test", text)
-    text = text.replace("deploy/tlsproxy.service", str(REPO / "deploy/tlsproxy.service"))
     return SUBSTITUTE_PATHS.sub(lambda m: f"{walk.root}{m.group(1)}", text)
 
 
@@ -239,8 +238,7 @@ def _command(walk: Walk, original: str) -> str:
     line = re.sub(r"^sudo (-u tlsproxy )?", "", original)
     line = line.replace("-o tlsproxy -g tlsproxy ", "")
     line = _rewrite(walk, line)
-    line = re.sub(r"\bpip install tlsproxy$", f"pip install --quiet {walk.checkout}", line)
-    line = re.sub(r"\bpip install (?=\w)", "pip install --quiet ", line)
+    line = re.sub(r"\bpip install (?=[\w.])", "pip install --quiet ", line)
     if line.startswith("dig "):
         line = f"dig -p {walk.staging.dns_port} @127.0.0.1 " + line[4:]
     if "letsencrypt.org/certs/staging/" in line:
@@ -276,7 +274,7 @@ def _write_file(walk: Walk, block: Block) -> None:
 def _run(walk: Walk, original: str, line: str) -> str:
     result = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", line],
-        cwd=walk.root,
+        cwd=walk.home,
         capture_output=True,
         text=True,
         timeout=120,
@@ -315,11 +313,12 @@ def _intermediate_cn(c: Components) -> str:
 
 
 def _copy_checkout(to: Path) -> Path:
-    """What `pip install` needs of this checkout, without its venv or build leftovers."""
+    """What the page uses of a checkout (pip install, the systemd unit), without this one's
+    venv or build leftovers."""
     to.mkdir(parents=True)
     for name in ("pyproject.toml", "README.md", "conf.example.toml"):
         shutil.copy(REPO / name, to / name)
-    for package in ("proxy", "certs"):
+    for package in ("proxy", "certs", "deploy"):
         shutil.copytree(REPO / package, to / package, ignore=shutil.ignore_patterns("__pycache__"))
     return to
 
@@ -347,7 +346,7 @@ def walk(components, tmp_path: Path) -> Walk:
         production=production,
         https_port=free_port(),
         http_port=staging.http_port,
-        checkout=_copy_checkout(tmp_path / "src/tlsproxy"),
+        home=_copy_checkout(tmp_path / "home/tlsproxy").parent,
         staging_root=roots[0],
         production_root=roots[1],
     )
@@ -491,6 +490,9 @@ def _check(walk: Walk, original: str, out: str, issuers: dict[str, str], served:
         if walk.phase == "production":  # and the staging root no longer verifies it
             with pytest.raises(ssl.SSLCertVerificationError):
                 _serial_served(walk, walk.staging_root)
+    elif original.startswith("sudo install -m 644"):
+        unit = walk.root / "etc/systemd/system/tlsproxy.service"
+        assert "ExecStart=" in unit.read_text()
     elif original.startswith("sudo sed -i"):
         walk.phase = "production"
     elif original.startswith("sudo rm -r") and "/acme/" in original:
