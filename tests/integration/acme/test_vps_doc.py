@@ -7,7 +7,7 @@ What the page marks:
 - a ```toml or ```python block under `<!-- file: PATH -->` is written to PATH.
 Any other fenced block must be ```text (sample output, not run).
 
-What the test changes, all in SUBSTITUTIONS and _rewrite() below:
+What the test changes (_rewrite, _command and _write_file below):
 - /opt, /srv, /etc, /var/lib, /var/backups and /tmp move under the test's temporary directory;
 - app.example.com becomes app.test (and example.com the zone test.), which the test's named
   resolves to 127.0.0.1, for Pebble and for `dig`;
@@ -19,7 +19,8 @@ What the test changes, all in SUBSTITUTIONS and _rewrite() below:
 - curl and openssl reach app.test on the proxy's port; a curl without --cacert trusts the
   production Pebble's root, the staging roots are fetched from the staging Pebble.
 Commands that cannot run here are in NOT_RUN with the reason; systemctl start/stop/reload and
-journalctl are done to the proxy process and its log file directly (EQUIVALENTS).
+journalctl are done to the proxy process and its log file directly (EQUIVALENTS). The pip
+installs are real (about 20 s of the test's 30-40 s): the page's own venvs, from the index.
 """
 
 from __future__ import annotations
@@ -248,6 +249,9 @@ def _command(walk: Walk, original: str) -> str:
             f"--cacert {walk.staging.tls.ca} https://127.0.0.1:{walk.staging.mgmt_port}/roots/0",
             line,
         )
+    elif line.startswith("curl ") and "http://app.test/" in line:
+        line = line.replace("curl ", f"curl --resolve app.test:{walk.http_port}:127.0.0.1 ", 1)
+        line = line.replace("http://app.test/", f"http://app.test:{walk.http_port}/")
     elif line.startswith("curl ") and "https://app.test/" in line:
         if "--cacert" not in line:  # the system's trust store: here, production Pebble's root
             line = line.replace("curl ", f"curl --cacert {walk.production_root} ", 1)
@@ -481,6 +485,9 @@ def _check(walk: Walk, original: str, out: str, issuers: dict[str, str], served:
         assert out.split() == ["127.0.0.1"], out
     elif "tlsproxy check" in original:
         assert "app.test" in out, out
+    elif original.startswith("curl -sSI http://"):
+        assert out.startswith("HTTP/1.1 308"), out
+        assert f"https://app.test:{walk.https_port}/" in out, out
     elif original.startswith("curl -sS") and "app.example.com" in original:
         assert out.strip() == '{"hello":"world"}', out
     elif "openssl s_client" in original:
