@@ -108,17 +108,17 @@ class AcmeManager:
 
     # -- `tlsproxy certs renew` --------------------------------------------------------------
     async def request_renewal(self, name: str) -> RenewalRequest:
-        """Ask the task of certificate `name` to order now (from the loop running maintain());
-        returns without waiting for the order. CertError when no task of this manager keeps
-        that name."""
-        wake = self._wake.get(name)
-        if wake is None:
-            raise CertError(f"{name}: no ACME certificate maintained under that name")
+        """Ask the task of the "acme" spec `name` to order now (from the loop running
+        maintain()); returns without waiting for the order."""
         if name in self._ordering:
             log.info("%s: renewal requested while an order is under way: not ordering twice", name)
             return RenewalRequest(name, self.settings.directory, under_way=True)
         self._forced.add(name)
-        wake.set()
+        wake = self._wake.get(name)
+        if wake is not None:
+            wake.set()
+        # else its task has not started yet (maintain() was started or restarted by a reload a
+        # moment ago): its first pass sees the request.
         state = await self._load_state_of(name)
         held = state.retry_after if (state.retry_after or 0) > self._clock() else None
         if held is None:

@@ -384,10 +384,7 @@ class ProxyServer:
         `tlsproxy certs`)."""
         if self.acme is None:
             raise ControlError(f"{host}: no ACME maintenance runs in this proxy")
-        try:
-            request = await self.acme.request_renewal(site.name)
-        except CertError as exc:
-            raise ControlError(f"{host}: {exc}") from None
+        request = await self.acme.request_renewal(site.name)
         reply: dict = {
             "site": site.name,
             "hosts": list(site.hosts),
