@@ -483,6 +483,10 @@ def _check(walk: Walk, original: str, out: str, issuers: dict[str, str], served:
     roots = {"staging": walk.staging_root, "production": walk.production_root}
     if original == "dig +short app.example.com A":
         assert out.split() == ["127.0.0.1"], out
+    elif original.endswith("tlsproxy --version"):
+        assert out.startswith("tlsproxy "), out
+    elif "tlsproxy status" in original:
+        assert "app.test" in out and issuers[walk.phase] in out, out
     elif "tlsproxy check" in original:
         assert "app.test" in out, out
     elif original.startswith("curl -sSI http://"):
