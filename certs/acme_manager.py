@@ -12,11 +12,17 @@ longer each time.
 maintain() is cancelled and started again with new specs on every reload: everything it holds
 (the storage lock, HTTP-01 tokens, DNS records) is given back in `finally` blocks, and a worker
 thread still inside the `acme` library stops at its next request (a threading.Event).
+
+request_renewal() (`tlsproxy certs renew HOST`) wakes one certificate's task and makes its next
+pass order whatever the schedule says: the failure back-off is skipped (the person asking has
+usually just fixed the cause), the CA's Retry-After is not. It returns at once; the order runs in
+the task as a scheduled one would, so its result reaches the log and state.json the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
@@ -30,7 +36,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from .acme_state import AcmeState, Decision, decide
+from .acme_state import AcmeState, Decision, decide, forced_decision
 from .cache import CertificateCache
 from .challenges.http01 import Http01Responder
 from .errors import CertError, LockTimeout
@@ -52,6 +58,18 @@ ContextFactory = Callable[[Path, Path], ssl.SSLContext]
 class _Stored:
     files: StoredCertificate
     info: CertInfo
+
+
+@dataclass(frozen=True)
+class RenewalRequest:
+    """What request_renewal() did: `under_way` when an order for the name was already running
+    (it answers the request; no second order is queued), `not_before` when the CA's
+    Retry-After holds the order back until then (epoch seconds)."""
+
+    name: str
+    directory: str
+    under_way: bool = False
+    not_before: float | None = None
 
 
 class AcmeManager:
@@ -82,6 +100,36 @@ class AcmeManager:
         # The longest a task sleeps: bounds clock jumps, and notices what another proxy stored.
         self.check_interval = check_interval
         self.lock_busy_delay = lock_busy_delay
+        # Per certificate name, for request_renewal(): the wake-up of its task, whether an
+        # order was asked for and not yet started, and whether one is running.
+        self._wake: dict[str, asyncio.Event] = {}
+        self._forced: set[str] = set()
+        self._ordering: set[str] = set()
+
+    # -- `tlsproxy certs renew` --------------------------------------------------------------
+    async def request_renewal(self, name: str) -> RenewalRequest:
+        """Ask the task of the "acme" spec `name` to order now (from the loop running
+        maintain()); returns without waiting for the order."""
+        if name in self._ordering:
+            log.info("%s: renewal requested while an order is under way: not ordering twice", name)
+            return RenewalRequest(name, self.settings.directory, under_way=True)
+        self._forced.add(name)
+        wake = self._wake.get(name)
+        if wake is not None:
+            wake.set()
+        # else its task has not started yet (maintain() was started or restarted by a reload a
+        # moment ago): its first pass sees the request.
+        state = await self._load_state_of(name)
+        held = state.retry_after if (state.retry_after or 0) > self._clock() else None
+        if held is None:
+            log.info("%s: renewal requested (tlsproxy certs renew): ordering now", name)
+        else:
+            log.info(
+                "%s: renewal requested; the CA asked to wait (Retry-After): ordering at %s",
+                name,
+                datetime.fromtimestamp(held, UTC).isoformat(),
+            )
+        return RenewalRequest(name, self.settings.directory, not_before=held)
 
     # -- the task --------------------------------------------------------------------------
     async def maintain(
@@ -105,23 +153,30 @@ class AcmeManager:
         self, spec: CertSpec, cache_getter: Callable[[], CertificateCache], stop: threading.Event
     ) -> None:
         warned = False
-        while True:
-            try:
-                stored = await asyncio.to_thread(self._read, spec)
-                if stored is None and not warned:
-                    log.warning(
-                        "no certificate yet for %s (%s): its TLS handshakes fail until the ACME"
-                        " order completes",
-                        spec.name,
-                        ", ".join(spec.hosts),
-                    )
-                    warned = True
-                delay = await self._step(spec, stored, cache_getter, stop)
-            except Exception as e:  # a bug, not a CA failure: keep the other sites going
-                log.exception("ACME maintenance of %s failed: %s", spec.name, describe_error(e))
-                delay = self.retry_base
-            # A floor: no path may spin, whatever the clock or the state on disk say.
-            await asyncio.sleep(max(0.05, delay))
+        wake = self._wake[spec.name] = asyncio.Event()
+        try:
+            while True:
+                wake.clear()  # a request arriving during this pass ends the sleep after it
+                try:
+                    stored = await asyncio.to_thread(self._read, spec)
+                    if stored is None and not warned:
+                        log.warning(
+                            "no certificate yet for %s (%s): its TLS handshakes fail until the"
+                            " ACME order completes",
+                            spec.name,
+                            ", ".join(spec.hosts),
+                        )
+                        warned = True
+                    delay = await self._step(spec, stored, cache_getter, stop)
+                except Exception as e:  # a bug, not a CA failure: keep the other sites going
+                    log.exception("ACME maintenance of %s failed: %s", spec.name, describe_error(e))
+                    delay = self.retry_base
+                # A floor: no path may spin, whatever the clock or the state on disk say.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), max(0.05, delay))
+        finally:
+            if self._wake.get(spec.name) is wake:
+                del self._wake[spec.name]
 
     async def _step(
         self,
@@ -138,6 +193,8 @@ class AcmeManager:
             state = await self._refresh_ari(spec, stored, state, stop)
         now = self._clock()
         decision = self._decide(now, stored, spec, state)
+        if spec.name in self._forced:
+            decision = forced_decision(now, state)
         serial = stored.info.serial if stored else None
         if decision.at > now and state.decided(decision, serial) == loaded:
             return min(decision.at - now, self.check_interval)
@@ -186,16 +243,24 @@ class AcmeManager:
             fresh_serial = fresh.info.serial if fresh else None
             if fresh_serial != (stored.info.serial if stored else None):
                 log.info("%s: another process stored a new certificate; using it", spec.name)
+                self._forced.discard(spec.name)  # a fresh certificate is what was asked for
                 return 0.0
             loaded = state = await self._load_state(spec)
             if mine.ari_serial is not None and mine.ari_serial == fresh_serial:
                 state = state.with_ari(mine.ari_serial, mine.ari_renewal_at, mine.ari_next_check)
             now = self._clock()
             decision = self._decide(now, fresh, spec, state)
+            if spec.name in self._forced:
+                decision = forced_decision(now, state)
             await self._save_state(spec, state, decision, fresh, loaded)
             if decision.at > now:
                 return 0.0
-            new = await self._order(spec, fresh, state, decision, stop)
+            self._forced.discard(spec.name)
+            self._ordering.add(spec.name)
+            try:
+                new = await self._order(spec, fresh, state, decision, stop)
+            finally:
+                self._ordering.discard(spec.name)
         finally:
             lock.__exit__(None, None, None)
         if new is not None:
@@ -264,12 +329,19 @@ class AcmeManager:
             if stored is not None
             else "nothing to serve for it yet"
         )
+        wait = max(0.0, decision.at - now)
+        # After a failed `certs renew` the next attempt is the regular renewal, months away.
+        next_attempt = (
+            f"in {wait:.1f}s"
+            if wait < 3600
+            else f"at {datetime.fromtimestamp(decision.at, UTC).isoformat(timespec='seconds')}"
+        )
         log.warning(
-            "ACME order for %s failed (attempt %d; %s; next attempt in %.1fs): %s",
+            "ACME order for %s failed (attempt %d; %s; next attempt %s): %s",
             spec.name,
             state.failures,
             serving,
-            max(0.0, decision.at - now),
+            next_attempt,
             error,
         )
         await self._save_state(spec, state, decision, stored)
@@ -319,7 +391,10 @@ class AcmeManager:
         )
 
     async def _load_state(self, spec: CertSpec) -> AcmeState:
-        return AcmeState.from_dict(await asyncio.to_thread(self.storage.load_state, spec.name))
+        return await self._load_state_of(spec.name)
+
+    async def _load_state_of(self, name: str) -> AcmeState:
+        return AcmeState.from_dict(await asyncio.to_thread(self.storage.load_state, name))
 
     async def _save_state(
         self,

@@ -13,6 +13,8 @@ Decision, for one certificate:
   same time in every process and after every restart);
 - after failures: retry_delay (1 min doubling up to 6 h), never later than a quarter of the time
   the certificate still has, spread by up to 10 % with `rng`; never before the CA's Retry-After.
+- on request (`tlsproxy certs renew`, forced_decision): now, unless the CA's Retry-After is
+  still ahead.
 """
 
 from __future__ import annotations
@@ -195,6 +197,18 @@ def decide(
     if state.retry_after is not None and state.retry_after > due:
         due, reason = state.retry_after, f"the CA asked to wait (Retry-After); {reason}"
     return Decision(due, reason)
+
+
+FORCED_REASON = "renewal requested (tlsproxy certs renew)"
+
+
+def forced_decision(now: float, state: AcmeState) -> Decision:
+    """`tlsproxy certs renew`: order now, whatever the schedule and the failure back-off say
+    (the person asking has usually just fixed the cause); only the CA's Retry-After still
+    holds, since ordering before it would fail again and count against the limits."""
+    if state.retry_after is not None and state.retry_after > now:
+        return Decision(state.retry_after, f"{FORCED_REASON}; the CA asked to wait (Retry-After)")
+    return Decision(now, FORCED_REASON)
 
 
 def _fraction(ratio: float) -> str:

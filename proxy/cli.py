@@ -131,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
         "`certs renew HOST` asks the running proxy to renew HOST's certificate now",
     )
     certs.add_argument(
-        "action", nargs="?", choices=("renew",), help="renew: a fresh certificate for HOST now"
+        "action",
+        nargs="?",
+        choices=("renew",),
+        help="renew: a fresh certificate for HOST now (local CA: done when the command returns;"
+        " ACME: ordered in the background, the result in the log and `tlsproxy certs`)",
     )
     certs.add_argument("host", nargs="?", metavar="HOST", help="a host of a [[site]] (with renew)")
     status = add(
@@ -347,10 +351,23 @@ def cmd_certs_renew(config: Config, host: str | None) -> int:
         done = ask(config.server.data_dir, {"op": "renew", "host": host})
     except ControlError as exc:
         return _fail(str(exc), EXIT_FAILURE)
-    print(
-        f"renewed {host} (site {done['site']}): serial {done['serial']}, "
-        f"valid until {done['not_after']}"
-    )
+    if "acme" not in done:
+        print(
+            f"renewed {host} (site {done['site']}): serial {done['serial']}, "
+            f"valid until {done['not_after']}"
+        )
+        return EXIT_OK
+    # An ACME order runs on in the proxy: say where its result will show.
+    if done.get("under_way"):
+        what = f"an order for {host} (site {done['site']}) is already under way"
+    elif done.get("not_before"):
+        what = (
+            f"renewal of {host} (site {done['site']}) requested; the CA asked to wait, "
+            f"so it is ordered at {done['not_before']}"
+        )
+    else:
+        what = f"renewal of {host} (site {done['site']}) requested from {done['acme']}"
+    print(f"{what}; the proxy logs the result and `tlsproxy certs` shows it")
     return EXIT_OK
 
 

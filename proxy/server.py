@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from certs.errors import CertError
@@ -31,7 +32,7 @@ from proxy.certificates import (
     leaf_lifetime,
     uses_acme,
 )
-from proxy.config import Config, UpstreamConfig, UpstreamServer, load_config
+from proxy.config import Config, Site, UpstreamConfig, UpstreamServer, load_config
 from proxy.control import ControlError, ControlServer
 from proxy.downstream.connection import DownstreamProtocol
 from proxy.downstream.redirect import RedirectProtocol
@@ -46,6 +47,7 @@ from proxy.tls import CertificateSelector, normalize_server_name, server_context
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from certs.acme_manager import AcmeManager
     from proxy.workers.supervisor import WorkerSupervisor
 
 
@@ -64,6 +66,7 @@ class ProxyServer:
         self.plain_servers: list[asyncio.base_events.Server] = []
         self.background: dict[str, asyncio.Task] = {}
         self.http01 = None
+        self.acme: AcmeManager | None = None  # keeps tls = "acme" certificates; renew asks it
         self.supervisors: dict[str, WorkerSupervisor] = {}
         self._workers_reload_running = False
         self._workers_reload_again = False
@@ -279,8 +282,10 @@ class ProxyServer:
                 config.server.data_dir, acme_settings(config.acme), server_context, self.http01
             )
             acme_specs = [s for s in specs if s.source == "acme"]
+            self.acme = acme
             self._restart_task("acme", lambda: acme.maintain(acme_specs, self._current_cache))
         else:
+            self.acme = None
             self._stop_task("acme")
         for task_name in [n for n in self.background if n.startswith("health:")]:
             upstream = config.upstreams.get(task_name.removeprefix("health:"))
@@ -354,15 +359,12 @@ class ProxyServer:
         site = self.state.router.site_for_name(normalize_server_name(host))
         if site is None:
             raise ControlError(f"{host} is not a host of any [[site]] of this proxy")
+        if site.tls == "acme":
+            return await self._request_acme_renewal(host, site)
         if site.tls != "internal":
-            kind = "ACME" if site.tls == "acme" else "files"
-            what = (
-                "renewing an ACME certificate on request is not supported yet; it renews "
-                "by itself before it expires"
-                if kind == "ACME"
-                else "its certificate comes from files: replace them and reload (SIGHUP)"
+            raise ControlError(
+                f"{host}: its certificate comes from files: replace them and reload (SIGHUP)"
             )
-            raise ControlError(f"{host}: {what}")
         try:
             installed = await self.certs.renew_now(site.name, self._current_cache)
         except CertError as exc:
@@ -375,6 +377,23 @@ class ProxyServer:
             "not_before": info.not_before.isoformat(),
             "not_after": info.not_after.isoformat(),
         }
+
+    async def _request_acme_renewal(self, host: str, site: Site) -> dict:
+        """An ACME order takes seconds to minutes (DNS propagation): the reply says it was
+        requested, and the order's result goes where a scheduled renewal's goes (the log,
+        `tlsproxy certs`)."""
+        if self.acme is None:
+            raise ControlError(f"{host}: no ACME maintenance runs in this proxy")
+        request = await self.acme.request_renewal(site.name)
+        reply: dict = {
+            "site": site.name,
+            "hosts": list(site.hosts),
+            "acme": request.directory,
+            "under_way": request.under_way,
+        }
+        if request.not_before is not None:
+            reply["not_before"] = datetime.fromtimestamp(request.not_before, UTC).isoformat()
+        return reply
 
     async def _control_status(self, request: dict) -> dict:
         """`tlsproxy status`: what this proxy serves now (see proxy/status.py for the shape)."""

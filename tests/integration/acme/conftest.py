@@ -39,7 +39,7 @@ from certs.cache import CertificateCache
 from certs.challenges.http01 import Http01Responder, token_from_path
 from certs.issuers.acme import AcmeSettings, DnsUpdateSettings
 from tests.integration.certs.conftest import client_context, connect, echo_server
-from tests.integration.harness import free_port, stop_process
+from tests.integration.harness import ProxyProcess, free_port, stop_process
 
 from .helpers import context_factory
 
@@ -433,3 +433,19 @@ def acme_setup(
         return AcmeSetup(c, responder, CertificateCache(), manager)
 
     return start
+
+
+@pytest.fixture
+def proxies() -> Iterator[Callable[[Path], ProxyProcess]]:
+    """start(config) -> a running `tlsproxy run -c config` (log level info), stopped at
+    teardown."""
+    started: list[ProxyProcess] = []
+
+    def start(config: Path) -> ProxyProcess:
+        proxy = ProxyProcess(config, log_level="info")
+        started.append(proxy)
+        return proxy.start()
+
+    yield start
+    for proxy in started:
+        proxy.stop()

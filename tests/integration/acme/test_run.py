@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import ProxyProcess, free_port, tlsproxy, write_config
+from tests.integration.harness import free_port, tlsproxy, write_config
 
 from .conftest import client_context, connect
 from .helpers import verify_chain, wait_for
@@ -49,20 +49,6 @@ def _site(*hosts: str, challenge: str | None = None) -> str:
     names = ", ".join(f'"{h}"' for h in hosts)
     extra = f'challenge = "{challenge}"\n' if challenge else ""
     return f'[[site]]\nhosts = [{names}]\ntls = "acme"\nupstream = "app"\n{extra}'
-
-
-@pytest.fixture
-def proxies():
-    started: list[ProxyProcess] = []
-
-    def start(config: Path) -> ProxyProcess:
-        proxy = ProxyProcess(config, log_level="info")
-        started.append(proxy)
-        return proxy.start()
-
-    yield start
-    for proxy in started:
-        proxy.stop()
 
 
 def _certs_lines(config: Path) -> dict[str, str]:

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from certs.acme_state import AcmeState, decide, failure_delay
+from certs.acme_state import AcmeState, decide, failure_delay, forced_decision
 from certs.models import CertInfo
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -160,3 +160,17 @@ def test_asked_for_ari_without_an_answer_survives_a_round_trip() -> None:
     # Lost, the task would ask the CA again at every wake-up.
     state = AcmeState().with_ari(1234, None, 9999.0)
     assert AcmeState.from_dict(state.to_dict()) == state
+
+
+def test_a_requested_renewal_is_now_whatever_the_schedule_and_backoff_say() -> None:
+    failing = AcmeState(failures=5, last_error="x", last_attempt=at(1), retry_spread=0.5)
+    assert decide(at(1), info(), ["app.test"], failing).at > at(1)
+    d = forced_decision(at(1), failing)
+    assert d.at == at(1) and d.reason == "renewal requested (tlsproxy certs renew)"
+
+
+def test_a_requested_renewal_still_waits_for_the_cas_retry_after() -> None:
+    held = AcmeState(failures=1, last_attempt=at(1), retry_after=at(1) + 3600)
+    d = forced_decision(at(1), held)
+    assert d.at == at(1) + 3600 and "Retry-After" in d.reason
+    assert forced_decision(at(1) + 3601, held).at == at(1) + 3601
