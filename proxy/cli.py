@@ -35,12 +35,11 @@ time; a bad config at SIGHUP is logged and the running one stays."""
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    # The source itself, not the installed metadata: an editable install whose pyproject
+    # version was bumped since, or a checkout never installed, still tells the truth.
+    from proxy import __version__
 
-    try:
-        return version("tlsproxy")
-    except PackageNotFoundError:  # run from a checkout that was never installed
-        return "unknown (not installed)"
+    return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
