@@ -324,7 +324,18 @@ class CertificateSelector:
         ssl_object.context = installed.context
         ssl_object.tlsproxy_sni = normalize_server_name(server_name)  # type: ignore[attr-defined]
         ssl_object.tlsproxy_cert = installed  # type: ignore[attr-defined]
+        if tls_log.isEnabledFor(logging.DEBUG):
+            # Said after the handshake, with the peer (log_handshake): why the default site.
+            ssl_object.tlsproxy_fallback = self._fallback_reason(server_name)  # type: ignore[attr-defined]
         return None
+
+    def _fallback_reason(self, server_name: str | None) -> str | None:
+        """Why a handshake got the default site's certificate, or None when it got its own."""
+        if not server_name:
+            return "the client sent no SNI (it connected by IP address, or it is very old)"
+        if self.cache.lookup_exact_or_wildcard(server_name) is not None:
+            return None
+        return f"SNI {server_name!r} is no site's name"
 
     def _front_key(self, installed: Installed) -> FrontKey:
         assert installed.client_auth is not None
@@ -387,6 +398,15 @@ def describe_handshake(ssl_object: ssl.SSLObject | None, peer: object) -> str:
 def log_handshake(ssl_object: ssl.SSLObject | None, peer: object) -> None:
     if tls_log.isEnabledFor(logging.DEBUG):
         tls_log.debug(describe_handshake(ssl_object, peer))
+        fallback = getattr(ssl_object, "tlsproxy_fallback", None)
+        if fallback:
+            installed = getattr(ssl_object, "tlsproxy_cert", None)
+            tls_log.debug(
+                "%s: served the default site's certificate (%r): %s",
+                peer,
+                installed.spec_name if installed is not None else "?",
+                fallback,
+            )
 
 
 def client_certificate_chain(ssl_object: ssl.SSLObject) -> list[bytes]:

@@ -46,6 +46,7 @@ from proxy.config import UpstreamConfig, UpstreamServer
 from proxy.errors import StartupError
 from proxy.upstream.health import can_connect, probe
 from proxy.workers.memory import cpu_count, plan_workers, read_mem_available, read_rss_tree
+from proxy.workers.output import OutputLevels
 from proxy.workers.restart_policy import RestartPolicy, RestartSettings
 from proxy.workers.status import WorkerInfo
 
@@ -109,6 +110,23 @@ class LineSplitter:
 
 def _text(line: bytes) -> str:
     return line.rstrip(b"\r").decode("utf-8", "replace")
+
+
+def _line_logger(
+    tag: str, levels: OutputLevels, pid: list[int] | None = None
+) -> Callable[[str], None]:
+    """Logs each output line of a child at the level it was printed at, as ``tag[PID]: text``
+    (``tag: text`` without a pid, for prestart steps)."""
+
+    def on_line(line: str) -> None:
+        level, text = levels.level(line)
+        if log.isEnabledFor(level):
+            if pid is None:
+                log.log(level, "%s: %s", tag, text)
+            else:
+                log.log(level, "%s[%d]: %s", tag, pid[0] if pid else 0, text)
+
+    return on_line
 
 
 def _die_with_parent(parent: int) -> Callable[[], None]:
@@ -523,7 +541,7 @@ class WorkerSupervisor:
                 ["/bin/sh", "-c", command],
                 env=self._env(None),
                 cwd=self.cwd,
-                on_line=lambda line, tag=tag: log.info("%s: %s", tag, line),
+                on_line=_line_logger(tag, OutputLevels()),
             )
             self._prestart_proc = proc
             try:
@@ -599,11 +617,8 @@ class WorkerSupervisor:
                 argv += ["--forwarded-allow-ips", "*"]
         holder: list[int] = []
         tag = slot.tag
-
-        def on_line(line: str) -> None:
-            log.info("%s[%d]: %s", tag, holder[0] if holder else 0, line)
-
-        proc = ChildProcess(argv, env=self._env(tag), cwd=self.cwd, on_line=on_line)
+        write = _line_logger(tag, OutputLevels(self.config.health), holder)
+        proc = ChildProcess(argv, env=self._env(tag), cwd=self.cwd, on_line=write)
         holder.append(proc.pid)
         limit = None
         if self.config.max_requests:
