@@ -58,6 +58,21 @@ HANDSHAKE_FAILURE_ALERT = bytes((21, 3, 3, 0, 2, 2, 40))
 CLIENT_CERT_REASONS = frozenset(
     ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_VERIFY_FAILED", "NO_CERTIFICATES_RETURNED")
 )
+# OpenSSL's reasons for refusing a client it shares no protocol version or cipher (or curve, or
+# signature algorithm) with. Its alert (protocol_version, handshake_failure) answers the
+# ClientHello, before anything else was sent, and is flushed by hand like the one above: nginx
+# sends it, and a client then says why ("tlsv1 alert protocol version") instead of "connection
+# reset". Kept to a list: other failures may come after records the client already has, or
+# (CALLBACK_FAILED) had their alert written by the SNI callback.
+NOTHING_IN_COMMON_REASONS = {
+    "UNSUPPORTED_PROTOCOL": "no TLS version in common (TLS 1.2 and 1.3 are served)",
+    "VERSION_TOO_LOW": "no TLS version in common (TLS 1.2 and 1.3 are served)",
+    "NO_PROTOCOLS_AVAILABLE": "no TLS version in common (TLS 1.2 and 1.3 are served)",
+    "WRONG_SSL_VERSION": "no TLS version in common (TLS 1.2 and 1.3 are served)",
+    "NO_SHARED_CIPHER": "no cipher in common (AES-GCM or ChaCha20, with ECDHE in TLS 1.2)",
+    "NO_SHARED_GROUPS": "no key exchange group in common",
+    "NO_SUITABLE_SIGNATURE_ALGORITHM": "no signature algorithm in common with the certificate",
+}
 # OpenSSL's own errors for a plain HTTP request (or a proxy's CONNECT) where a ClientHello
 # should be: it sees "GET ", "POST", "HEAD", "PUT " or "CONNECT" in the first record header.
 PLAIN_HTTP_REASONS = frozenset(("HTTP_REQUEST", "HTTPS_PROXY_REQUEST"))
@@ -148,7 +163,7 @@ class DirectSSLObject(ssl.SSLObject):
             # (its "http request" error): answering it costs the other handshakes nothing.
             if exc.reason in PLAIN_HTTP_REASONS:
                 _write_before_tls(PLAIN_HTTP_ON_TLS_PORT)
-            elif exc.reason in CLIENT_CERT_REASONS:
+            elif exc.reason in CLIENT_CERT_REASONS or exc.reason in NOTHING_IN_COMMON_REASONS:
                 self._flush_alert()
             raise
 
