@@ -123,8 +123,11 @@ def _load(path: str) -> Config:
 
 def cmd_check(config: Config) -> int:
     from proxy.certificates import check_config
+    from proxy.workers.preflight import check_commands
 
     check_config(config)
+    # What `run` would trip on only once it starts workers: the program, the app's import.
+    imported = check_commands(config)
     s = config.server
     print(f"config {config.source}: OK")
     print(f"  https: {', '.join(str(a) for a in s.https)}")
@@ -155,6 +158,8 @@ def cmd_check(config: Config) -> int:
         else:
             what = ", ".join(str(server) for server in up.servers)
         print(f"  upstream {name}: {what} (balance {up.balance})")
+    for line in imported:
+        print(f"  {line}")
     return EXIT_OK
 
 

@@ -531,6 +531,19 @@ def _parse_broken(value: object, key: str, tls: TlsSource) -> str | None:
     return value
 
 
+# sun_path is 108 bytes on Linux, the terminating NUL included: a longer path cannot be bound or
+# connected to (bind says "AF_UNIX path too long" only once the proxy runs).
+MAX_SOCKET_PATH = 107
+
+
+def check_socket_path(path: str, key: str, what: str = "unix socket path") -> None:
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH:
+        raise ConfigError(
+            key, f"{what} {path} is {size} bytes, over the kernel's limit of {MAX_SOCKET_PATH}"
+        )
+
+
 def parse_upstream_server(value: object, key: str, base: Path) -> UpstreamServer:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(key, f"expected 'HOST:PORT' or 'unix:/path', got {value!r}")
@@ -539,7 +552,9 @@ def parse_upstream_server(value: object, key: str, base: Path) -> UpstreamServer
         path = text[len("unix:") :]
         if not path:
             raise ConfigError(key, "unix: needs a socket path")
-        return UpstreamServer(path=str(_resolve(path, base)))
+        resolved = str(_resolve(path, base))
+        check_socket_path(resolved, key)
+        return UpstreamServer(path=resolved)
     for prefix in ("http://",):
         if text.startswith(prefix):
             text = text[len(prefix) :].rstrip("/")

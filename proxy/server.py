@@ -165,14 +165,14 @@ class ProxyServer:
         # Imported only when there are workers to supervise: a proxy in front of existing
         # servers does not carry the supervisor's modules in its resident memory.
         from proxy.workers.status import StatusWriter
-        from proxy.workers.supervisor import WorkerSupervisor
+        from proxy.workers.supervisor import WorkerSupervisor, worker_run_dir
 
         for name, upstream in config.upstreams.items():
             if upstream.command is None or name in self.supervisors:
                 continue
             supervisor = WorkerSupervisor(
                 upstream,
-                config.server.data_dir / "run",
+                worker_run_dir(config),
                 lambda servers, n=name: self._pool(n).set_servers(servers),
                 cwd=config.source.parent if config.source else None,
                 outstanding=lambda server, n=name: self._outstanding(n, server),

@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from proxy.config import UpstreamConfig, UpstreamServer
+from proxy.config import MAX_SOCKET_PATH, Config, UpstreamConfig, UpstreamServer
 from proxy.errors import StartupError
 from proxy.upstream.health import can_connect, probe
 from proxy.workers.memory import cpu_count, plan_workers, read_mem_available, read_rss_tree
@@ -55,8 +55,6 @@ log = logging.getLogger("tlsproxy.workers")
 _PR_SET_PDEATHSIG = 1
 # Loaded once here, before any fork: the child must not have to dlopen anything.
 _libc = ctypes.CDLL(None, use_errno=True)
-# sun_path is 108 bytes on Linux including the terminating NUL.
-_MAX_SOCKET_PATH = 107
 _TAIL_LINES = 30
 # One counter for the whole process: two supervisors of the same upstream (a reload that builds
 # a new one while the old one drains) never pick the same socket path.
@@ -289,6 +287,32 @@ class _Slot:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     watcher: asyncio.Task[None] | None = None
     swapped: asyncio.Future[None] | None = None
+
+
+def worker_run_dir(config: Config) -> Path:
+    """Where the workers' {socket}s are made (`tlsproxy check` measures them there too)."""
+    return config.server.data_dir / "run"
+
+
+def socket_path(run_dir: Path, upstream: str, number: int) -> Path:
+    return run_dir / f"{upstream}-{number}.sock"
+
+
+def worker_environment(config: UpstreamConfig, tag: str | None) -> dict[str, str]:
+    """The environment of a worker (`tag`) or a prestart step (None): the proxy's own, plus
+    the upstream's `env`, plus the proxy's interpreter's bin directory last on PATH."""
+    env = dict(os.environ)
+    env.update(config.env)
+    env.setdefault("PYTHONUNBUFFERED", "1")  # output reaches the log line by line
+    # `.venv/bin/tlsproxy run` without an activated venv must still find the uvicorn (or
+    # alembic) installed beside it: the interpreter's bin directory goes last on PATH.
+    bin_dir = os.path.dirname(sys.executable)
+    path = env.get("PATH", os.defpath)
+    if bin_dir not in path.split(os.pathsep):
+        env["PATH"] = f"{path}{os.pathsep}{bin_dir}" if path else bin_dir
+    if tag is not None:
+        env["TLSPROXY_WORKER"] = tag
+    return env
 
 
 def is_uvicorn(argv: Sequence[str]) -> bool:
@@ -565,28 +589,17 @@ class WorkerSupervisor:
         return slot
 
     def _env(self, tag: str | None) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(self.config.env)
-        env.setdefault("PYTHONUNBUFFERED", "1")  # output reaches the log line by line
-        # `.venv/bin/tlsproxy run` without an activated venv must still find the uvicorn (or
-        # alembic) installed beside it: the interpreter's bin directory goes last on PATH.
-        bin_dir = os.path.dirname(sys.executable)
-        path = env.get("PATH", os.defpath)
-        if bin_dir not in path.split(os.pathsep):
-            env["PATH"] = f"{path}{os.pathsep}{bin_dir}" if path else bin_dir
-        if tag is not None:
-            env["TLSPROXY_WORKER"] = tag
-        return env
+        return worker_environment(self.config, tag)
 
     def _listen_address(self) -> tuple[UpstreamServer, dict[str, str]]:
         values: dict[str, str] = {}
         server: UpstreamServer | None = None
         if "{socket}" in self.config.command:  # type: ignore[operator]
-            path = self.run_dir / f"{self.name}-{next(_socket_numbers)}.sock"
-            if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
+            path = socket_path(self.run_dir, self.name, next(_socket_numbers))
+            if len(os.fsencode(path)) > MAX_SOCKET_PATH:
                 raise StartupError(
                     f"upstream {self.name}: worker socket path {path} is longer than "
-                    f"{_MAX_SOCKET_PATH} bytes; use a shorter data_dir"
+                    f"{MAX_SOCKET_PATH} bytes; use a shorter data_dir"
                 )
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
