@@ -150,6 +150,8 @@ def cmd_check(config: Config) -> int:
         )
     if any(site.tls == "internal" for site in config.sites):
         print(f"  local CA: leaves live {_duration(config.local_ca.leaf_lifetime)}")
+        if config.local_ca.root_cert is not None:
+            print(f"  local CA root: yours, {config.local_ca.root_cert}")
     for name, up in config.upstreams.items():
         if up.command:
             what = f"{up.workers} worker(s): {up.command}"
@@ -164,7 +166,7 @@ def cmd_check(config: Config) -> int:
 
 
 def cmd_ca(config: Config, client: str | None = None, out: str = ".") -> int:
-    from proxy.certificates import certificate_manager
+    from proxy.certificates import certificate_manager, root_files
 
     if client is not None:
         from certs.client_certs import write_client_certificate
@@ -172,7 +174,7 @@ def cmd_ca(config: Config, client: str | None = None, out: str = ".") -> int:
 
         try:
             cert_path, key_path = write_client_certificate(
-                config.server.data_dir, client, Path(out)
+                config.server.data_dir, client, Path(out), root_files=root_files(config)
             )
         except CertError as exc:
             return _fail(str(exc), EXIT_CONFIG)
