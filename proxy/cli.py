@@ -73,7 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("debug", "info", "warning", "error"),
         help="override server.log_level (debug shows one line per TLS handshake)",
     )
-    add("check", "validate the config and every file it names; print what would run")
+    add(
+        "check",
+        "validate the config and every file it names (a local_ca root of your own included), "
+        "that each upstream command's program exists and its uvicorn/gunicorn/hypercorn app "
+        "imports, and that unix socket paths fit in 107 bytes; print what would run",
+    )
     ca = add(
         "ca",
         "print the local CA's root certificate (PEM), creating the CA if missing; with "
