@@ -87,6 +87,12 @@ class Client(asyncio.Protocol):
         if b"Connection: close\r\n" in data:
             self.closing = True
             data = data.replace(b"Connection: close\r\n", b"")
+        elif b" HTTP/1.0\r\n" in data:
+            # openssl s_time (the resumption workloads): HTTP/1.0 without Host, read to the
+            # end of the connection. The upstream gets HTTP/1.1, as tlsproxy sends it, so
+            # that its connection stays pooled.
+            self.closing = True
+            data = data.replace(b" HTTP/1.0\r\n", b" HTTP/1.1\r\nHost: floor\r\n", 1)
         pool = self.relay.pool
         if pool:
             self.attach(pool.pop(), data)

@@ -470,6 +470,10 @@ def run_load(
     return run_wrk(port, workload, duration, cpus, pin)
 
 
+# bench/resume.py's client, set from --resume-client.
+RESUME_CLIENT = ["openssl"]
+
+
 def run_resume(
     port: int, workload: Workload, duration: float, cpus: Sequence[int] | None, pin: bool
 ) -> dict[str, Any]:
@@ -478,6 +482,7 @@ def run_resume(
         sys.executable, str(BENCH / "resume.py"), "--port", str(port), "--server-name",
         SERVER_NAME, "--path", workload.path, "--tls", str(workload.resume_tls),
         "--duration", f"{max(duration, 1):.0f}", "--procs", str(workload.connections),
+        "--client", RESUME_CLIENT[0],
     ]  # fmt: skip
     if cpus is not None and pin:
         argv = ["taskset", "-c", ",".join(map(str, cpus)), *argv]
@@ -945,8 +950,10 @@ servers = ["{HOST}:{upstream_port}"]
 
 def _brief(r: dict[str, Any]) -> str:
     errors = f" errors={r['errors']}" if r["errors"] else ""
+    p99 = r["latency_ms"].get("p99")  # openssl s_time (the resumption client) gives none
     return (
-        f"{r['rps']:.0f} req/s, {r['mib_per_s']:.1f} MiB/s, p99 {r['latency_ms']['p99']:.2f} ms,"
+        f"{r['rps']:.0f} req/s, {r['mib_per_s']:.1f} MiB/s,"
+        f"{f' p99 {p99:.2f} ms,' if p99 is not None else ''}"
         f" terminator {r['terminator_cores_busy']:.2f} cores,"
         f" cores busy {' '.join(f'{v:.2f}' for v in r['core_busy'].values())}{errors}"
     )
@@ -1226,6 +1233,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="client processes of the resumption workloads (bench/resume.py; default 6)",
     )
     p.add_argument(
+        "--resume-client",
+        choices=("openssl", "python"),
+        default="openssl",
+        help="the resumption workloads' client (bench/resume.py): openssl s_time (default; C,\n"
+        "no SNI) or Python's ssl (with SNI, but too slow to keep the terminator busy)",
+    )
+    p.add_argument(
         "--no-access-log",
         dest="access_log",
         action="store_false",
@@ -1298,6 +1312,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--keep-temp", action="store_true", help="keep the temp dir (configs, logs)")
     args = p.parse_args(argv)
+    RESUME_CLIENT[0] = args.resume_client
     if args.quick:
         args.duration = min(args.duration, 1.0)
         args.idle_connections = args.idle_connections or 100

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 
 from cryptography import x509
@@ -69,19 +70,32 @@ def make_csr(key: CertificateIssuerPrivateKeyTypes, hosts: Sequence[str]) -> byt
     """A PEM CSR naming every host in the SAN; the CN is left out (CAs ignore or reject it, and
     a wildcard or a long name does not fit in it)."""
     builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
-    builder = builder.add_extension(
-        x509.SubjectAlternativeName([x509.DNSName(h) for h in hosts]), critical=False
-    )
+    builder = builder.add_extension(subject_alt_name(hosts), critical=False)
     csr = builder.sign(key, hashes.SHA256())
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
+def subject_alt_name(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
+    """dNSName entries, and iPAddress ones for IP literals: clients match an address they
+    connected to only against an iPAddress entry (RFC 6125 / RFC 9525)."""
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return x509.SubjectAlternativeName(names)
+
+
 def dns_names(cert: x509.Certificate) -> tuple[str, ...]:
+    """The SAN's names, IP addresses included (as text), in the form hosts are compared in."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return ()
-    return tuple(normalize_host(n) for n in san.get_values_for_type(x509.DNSName))
+    names = [normalize_host(n) for n in san.get_values_for_type(x509.DNSName)]
+    names += [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    return tuple(names)
 
 
 def common_name(name: x509.Name) -> str | None:

@@ -16,6 +16,7 @@ the same in every process. Anything malformed is a ValueError that says what and
 from __future__ import annotations
 
 import binascii
+import ipaddress
 import re
 from datetime import UTC, datetime
 
@@ -33,6 +34,7 @@ _SEQUENCE, _SET = 0x30, 0x31
 _VERSION_TAG, _EXTENSIONS_TAG = 0xA0, 0xA3  # [0] and [3] EXPLICIT, constructed
 _ISSUER_UID_TAG, _SUBJECT_UID_TAG = 0x81, 0x82  # [1] and [2] IMPLICIT, primitive
 _DNS_NAME_TAG = 0x82  # GeneralName dNSName [2] IMPLICIT IA5String
+_IP_ADDRESS_TAG = 0x87  # GeneralName iPAddress [7] IMPLICIT OCTET STRING (4 or 16 bytes)
 
 _SAN_OID = "2.5.29.17"
 # The short names `cryptography` uses in rfc4514_string (its _NAMEOID_TO_NAME).
@@ -260,7 +262,7 @@ def _san_dns_names(value: bytes) -> tuple[str, ...]:
         if oid != _SAN_OID:
             continue
         names = _Reader(content, "subjectAltName").sub(_SEQUENCE, "subjectAltName")
-        hosts = []
+        hosts, addresses = [], []  # names first, then addresses, as keys.dns_names has them
         while not names.done():
             tag, raw = names.read()
             if tag == _DNS_NAME_TAG:
@@ -268,5 +270,7 @@ def _san_dns_names(value: bytes) -> tuple[str, ...]:
                     hosts.append(normalize_host(raw.decode("ascii")))
                 except UnicodeDecodeError:
                     raise ValueError("subjectAltName: dNSName is not ASCII") from None
-        return tuple(hosts)
+            elif tag == _IP_ADDRESS_TAG and len(raw) in (4, 16):
+                addresses.append(str(ipaddress.ip_address(raw)))
+        return (*hosts, *addresses)
     return ()

@@ -122,17 +122,26 @@ def check_config(config: Config, *, isolate_crypto: bool = False) -> None:
     try:
         manager.validate(specs)
     except CertError as exc:
-        raise ConfigError(_key_of_cert_error(config, exc), str(exc)) from None
+        raise ConfigError(key_of_cert_error(config, exc), str(exc)) from None
     if config.acme is not None and uses_acme(config):
         from certs.issuers.acme import validate_settings
 
         try:
             validate_settings(acme_settings(config.acme))
         except CertError as exc:
-            raise ConfigError("acme", str(exc)) from None
+            raise ConfigError(_acme_key_of(config.acme, exc), str(exc)) from None
 
 
-def _key_of_cert_error(config: Config, exc: CertError) -> str:
+def _acme_key_of(acme: AcmeConfig, exc: CertError) -> str:
+    path = getattr(exc, "path", None)
+    if path is not None and acme.ca_bundle is not None and Path(path) == acme.ca_bundle:
+        return "acme.ca_bundle"
+    if path is not None and acme.dns is not None and Path(path) == acme.dns.tsig_key:
+        return "acme.dns.tsig_key"
+    return "acme"
+
+
+def key_of_cert_error(config: Config, exc: CertError) -> str:
     path = getattr(exc, "path", None)
     if path is not None and Path(path) == config.local_ca.root_cert:
         return "local_ca.root_cert"
@@ -149,4 +158,13 @@ def _key_of_cert_error(config: Config, exc: CertError) -> str:
                 return f"site[{i}].tls.cert"
             if Path(path) == tls.key:
                 return f"site[{i}].tls.key"
-    return "server.data_dir" if path is not None and Path(path) == config.server.data_dir else "tls"
+    if path is not None:
+        # data_dir itself, a file in it, or the ancestor that keeps it from being made
+        data_dir = config.server.data_dir
+        if (
+            Path(path) == data_dir
+            or Path(path) in data_dir.parents
+            or data_dir in Path(path).parents
+        ):
+            return "server.data_dir"
+    return "tls"

@@ -1,4 +1,4 @@
-"""`tlsproxy` / `python -m proxy`: run, check, ca, certs, status.
+"""`tlsproxy` / `python -m proxy`: run, check, ca, certs, status, reverse-proxy.
 
 Exit status: 0 on success; 2 on a bad config or a file it names, with one line on stderr that
 names the key or file; 1 when the proxy cannot start for another reason (a port already taken).
@@ -12,11 +12,14 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NoReturn
 
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError, StartupError
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+# `status`, as LSB init scripts and systemctl say it: 3 not running, 4 status unknown.
+EXIT_NOT_RUNNING, EXIT_STATUS_UNKNOWN = 3, 4
 
 DESCRIPTION = """\
 A TLS-terminating reverse proxy for Python web apps. It owns the https port, picks each
@@ -26,7 +29,8 @@ HTTP/1.1 to your app's workers over pooled keep-alive connections."""
 
 EPILOG = """\
 exit status: 0 on success; 2 on a bad config or a file it names (one line naming the key or
-file), or a prestart step that failed; 1 when it cannot start otherwise (a port taken).
+file), bad arguments, or a prestart step that failed; 1 when it cannot start otherwise (a port
+taken). status: 3 when no proxy runs, 4 when one cannot be asked.
 
 signals (run): SIGTERM/SIGINT stop accepting, let in-flight requests finish within
 server.shutdown_grace, stop the workers, exit 0 (a second SIGINT exits at once). SIGHUP re-reads
@@ -42,8 +46,39 @@ def _version() -> str:
     return __version__
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one line (and exit 2), like every other error of this program."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CONFIG, f"tlsproxy: error: {message} (see `{self.prog} --help`)\n")
+
+
+REVERSE_PROXY_HELP = """\
+HTTPS for HOST in front of ADDR, with no config file: the same proxy `run` starts, built from
+these flags.
+
+HOST's certificate comes from the local CA when no public CA could issue it (localhost and
+*.localhost, *.test, *.internal, *.local, *.home.arpa, *.example, *.invalid, one-label names,
+IP addresses): trust DATA_DIR/ca/root.pem (`curl --cacert`). Any other name gets one over ACME
+from Let's Encrypt (--staging: its staging CA, untrusted but with generous rate limits; first
+check there that DNS and port 80 reach this machine).
+
+Ports: `--from HOST` listens on 443 (https) and 80 (redirects to https, and ACME http-01), as
+Caddy does; `--from HOST:PORT` listens on PORT only (add --http-port for a plain port).
+localhost and *.localhost listen on loopback only (127.0.0.1, and ::1 with IPv6), an IP
+address on that address, other names on every address (0.0.0.0, and :: with IPv6).
+
+examples:
+  tlsproxy reverse-proxy --from app.localhost:8443 --to :8000
+  tlsproxy reverse-proxy --from app.example.com --to 127.0.0.1:8000 --email ops@example.com
+  tlsproxy reverse-proxy --from app.example.com --to unix:/run/app.sock --staging
+
+exit status: as `run`: 0 after a clean stop (SIGTERM/SIGINT); 2 on bad arguments (one line
+naming the flag); 1 when it cannot start otherwise (a port taken)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tlsproxy",
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -52,9 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tlsproxy {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+    def add(name: str, help_text: str, config_required: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("-c", "--config", required=True, metavar="FILE", help="the TOML config file")
+        p.add_argument(
+            "-c", "--config", required=config_required, metavar="FILE", help="the TOML config file"
+        )
         return p
 
     run = add(
@@ -62,17 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run in the foreground until SIGTERM/SIGINT (graceful drain); SIGHUP reloads the config "
         "and certificates without dropping open connections",
     )
-    run.add_argument(
-        "--loop",
-        choices=("uvloop", "asyncio"),
-        default="uvloop",
-        help="event loop (default: uvloop; asyncio is the standard library's)",
-    )
-    run.add_argument(
-        "--log-level",
-        choices=("debug", "info", "warning", "error"),
-        help="override server.log_level (debug shows one line per TLS handshake)",
-    )
+    _add_run_options(run)
     add(
         "check",
         "validate the config and every file it names (a local_ca root of your own included), "
@@ -111,10 +138,100 @@ def build_parser() -> argparse.ArgumentParser:
         "action", nargs="?", choices=("renew",), help="renew: a fresh certificate for HOST now"
     )
     certs.add_argument("host", nargs="?", metavar="HOST", help="a host of a [[site]] (with renew)")
-    add(
-        "status", "the supervised app workers of a running proxy: pid, state, uptime, requests, RSS"
+    status = add(
+        "status",
+        "the running proxy: its listeners, sites and their certificates, upstreams, and "
+        "supervised workers (pid, state, uptime, requests, RSS)",
+        config_required=False,
     )
+    status.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="instead of -c: the data_dir of the proxy to ask (say, a reverse-proxy's)",
+    )
+    status.epilog = (
+        "exit status: 0 when a proxy runs on the config's data_dir (asked through "
+        "DATA_DIR/control.sock); 3 when none does; 4 when one may run but cannot be asked "
+        "(permissions)"
+    )
+    _add_reverse_proxy(sub)
     return parser
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="event loop (default: uvloop; asyncio is the standard library's)",
+    )
+    p.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        help="override server.log_level (debug shows one line per TLS handshake)",
+    )
+
+
+def _add_reverse_proxy(sub: argparse._SubParsersAction) -> None:
+    summary = (
+        "HTTPS for HOST in front of ADDR, with no config file (local CA for local names, "
+        "ACME otherwise)"
+    )
+    p = sub.add_parser(
+        "reverse-proxy",
+        help=summary,
+        description=REVERSE_PROXY_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--from",
+        dest="origin",
+        required=True,
+        metavar="HOST[:PORT]",
+        help="the name clients use (an IPv6 address as [::1]:PORT); without a port: 443 and 80",
+    )
+    p.add_argument(
+        "--to",
+        required=True,
+        metavar="ADDR",
+        help="the app: HOST:PORT, :PORT (this machine) or unix:PATH",
+    )
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="certificates, keys, the ACME account and the local CA "
+        "(default: $XDG_DATA_HOME/tlsproxy, else ~/.local/share/tlsproxy)",
+    )
+    p.add_argument(
+        "--http-port",
+        metavar="PORT",
+        help="the plain-HTTP port (redirects to https, ACME http-01); default: 80 when --from "
+        "has no port, none when it has one; 'off' for none",
+    )
+    p.add_argument("--email", help="ACME: the account's contact address (expiry warnings)")
+    p.add_argument(
+        "--staging",
+        action="store_true",
+        help="ACME: Let's Encrypt's staging CA (test certificates, high rate limits)",
+    )
+    p.add_argument("--directory", metavar="URL", help="ACME: another CA's directory URL")
+    p.add_argument(
+        "--ca-bundle",
+        metavar="FILE",
+        help="ACME: CA file to trust the ACME server's own HTTPS (a private CA, Pebble)",
+    )
+    p.add_argument(
+        "--internal-certs",
+        action="store_true",
+        help="the local CA signs HOST's certificate whatever the name",
+    )
+    p.add_argument(
+        "--access-log",
+        choices=("text", "json", "off"),
+        default="text",
+        help="one line per request on stdout (default: text)",
+    )
+    _add_run_options(p)
 
 
 def _fail(message: str, code: int) -> int:
@@ -150,8 +267,10 @@ def cmd_check(config: Config) -> int:
         if site.client_auth is not None:
             need = "required" if site.client_auth.required else "optional"
             auth = f" client_auth={site.client_auth.ca} ({need})"
+        hsts = f" hsts={site.hsts!r}" if site.hsts else ""
         print(
-            f"  site {', '.join(site.hosts)}: tls={tls}{broken}{auth} -> upstream {site.upstream}"
+            f"  site {', '.join(site.hosts)}: tls={tls}{broken}{auth}{hsts}"
+            f" -> upstream {site.upstream}"
         )
     if any(site.tls == "internal" for site in config.sites):
         print(f"  local CA: leaves live {_duration(config.local_ca.leaf_lifetime)}")
@@ -246,14 +365,18 @@ def cmd_certs_renew(config: Config, host: str | None) -> int:
     return EXIT_OK
 
 
-def cmd_status(config: Config) -> int:
-    from proxy.workers.status import format_status
+def cmd_status(data_dir: Path) -> int:
+    from proxy.control import ControlError, NoProxy, ask
+    from proxy.status import format_report
 
-    path = config.server.data_dir / "status.json"
     try:
-        print(format_status(path), end="")
-    except FileNotFoundError:
-        return _fail(f"no status file at {path}: no proxy with supervised workers has run", 1)
+        doc = ask(data_dir, {"op": "status"}, timeout=10.0)
+    except NoProxy:
+        print(f"tlsproxy: no proxy is running on data_dir {data_dir}")
+        return EXIT_NOT_RUNNING
+    except ControlError as exc:  # it may run, but does not say (LSB: status unknown)
+        return _fail(str(exc), EXIT_STATUS_UNKNOWN)
+    print(format_report(doc), end="")
     return EXIT_OK
 
 
@@ -271,9 +394,73 @@ def cmd_run(config: Config, loop_kind: str, log_level: str | None) -> int:
     return asyncio.run(run_server(config))
 
 
+def reverse_proxy_config(args: argparse.Namespace) -> Config:
+    """The Config `run` would get from a file holding what these flags say."""
+    from proxy.quick import (
+        build_config,
+        build_document,
+        default_data_dir,
+        ipv6_available,
+        parse_from,
+        upstream_address,
+    )
+
+    http_port: int | str | None = "default"
+    if args.http_port is not None:
+        text = args.http_port.strip().lower()
+        if text == "off":
+            http_port = None
+        elif text.isdigit() and 1 <= int(text) <= 65535:
+            http_port = int(text)
+        else:
+            raise ConfigError(
+                "--http-port", f"expected a port from 1 to 65535 or 'off', got {text!r}"
+            )
+    data_dir = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
+    document = build_document(
+        parse_from(args.origin),
+        upstream_address(args.to),
+        data_dir=data_dir.absolute(),
+        http_port=http_port,  # type: ignore[arg-type]
+        email=args.email,
+        staging=args.staging,
+        directory=args.directory,
+        ca_bundle=args.ca_bundle and str(Path(args.ca_bundle).expanduser().absolute()),
+        internal_certs=args.internal_certs,
+        access_log=args.access_log,
+        log_level=args.log_level or "info",
+        ipv6=ipv6_available(),
+    )
+    return build_config(document)
+
+
+def cmd_reverse_proxy(args: argparse.Namespace) -> int:
+    from proxy.quick import as_flag_error
+
+    config = reverse_proxy_config(args)
+    site = config.sites[0]
+    if site.tls == "internal":
+        root = config.server.data_dir / "ca" / "root.pem"
+        said = f"certificate from the local CA; clients trust {root}"
+    else:
+        assert config.acme is not None
+        said = f"certificate over ACME from {config.acme.directory}"
+    print(f"tlsproxy: {site.name}: {said}", file=sys.stderr)
+    try:
+        return cmd_run(config, args.loop, None)
+    except ConfigError as exc:  # from the checks at start-up: name the flag, not a config key
+        raise as_flag_error(exc) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "reverse-proxy":
+            return cmd_reverse_proxy(args)
+        if args.command == "status" and (args.config is None) == (args.data_dir is None):
+            return _fail("status: give -c FILE or --data-dir DIR (one of them)", EXIT_CONFIG)
+        if args.command == "status" and args.data_dir is not None:
+            return cmd_status(Path(args.data_dir).expanduser().absolute())
         config = _load(args.config)
         if args.command == "check":
             return cmd_check(config)
@@ -284,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return cmd_certs_renew(config, args.host)
             return cmd_certs(config)
         if args.command == "status":
-            return cmd_status(config)
+            return cmd_status(config.server.data_dir)
         return cmd_run(config, args.loop, args.log_level)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_CONFIG)

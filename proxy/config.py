@@ -101,6 +101,9 @@ class Site:
     challenge: str | None = None  # per-site ACME challenge override
     broken: str | None = None  # for tests: a kind of certificate clients must refuse
     client_auth: ClientAuth | None = None
+    hsts: str | None = None  # the Strict-Transport-Security value, as configured
+    # The whole header line, made once here so that a response pays one bytes join for it.
+    hsts_header: bytes | None = field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -295,8 +298,7 @@ def parse_host_pattern(value: object, key: str) -> str:
     if labels[0] == "*" and len(labels) < 2:
         raise ConfigError(key, f"a wildcard needs a parent domain, got {value!r}")
     try:  # an IP literal is a valid Host for a site reached by address
-        ipaddress.ip_address(name)
-        return name
+        return str(ipaddress.ip_address(name))  # one spelling, as certificates compare it
     except ValueError:
         pass
     if not all(_HOST_LABEL.match(label) for label in check):
@@ -504,6 +506,7 @@ def _parse_site(table: _Table, base: Path) -> Site:
         )
     tls = _parse_tls(table.take("tls", "internal"), table.path("tls"), base)
     client_auth = table.take("client_auth")
+    hsts = parse_hsts(table.take("hsts"), table.path("hsts"))
     site = Site(
         hosts=hosts,
         tls=tls,
@@ -513,9 +516,51 @@ def _parse_site(table: _Table, base: Path) -> Site:
         client_auth=None
         if client_auth is None
         else _parse_client_auth(client_auth, table.path("client_auth"), base),
+        hsts=hsts,
+        hsts_header=None if hsts is None else b"strict-transport-security: %s\r\n" % hsts.encode(),
     )
     table.finish()
     return site
+
+
+_HSTS_DIRECTIVE = re.compile(r'[ \t]*([A-Za-z-]+)[ \t]*(?:=[ \t]*("?)([0-9]+)\2)?[ \t]*')
+_HSTS_NAMES = {"max-age": "max-age", "includesubdomains": "includeSubDomains", "preload": "preload"}
+
+
+def parse_hsts(value: object, key: str) -> str | None:
+    """A Strict-Transport-Security value (RFC 6797 6.1): max-age=SECONDS, required, and
+    optionally includeSubDomains and preload, each once. Anything else is refused rather than
+    sent, since browsers ignore what they do not know and a typo would go unnoticed."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(key, f"expected a string such as 'max-age=300', got {value!r}")
+    directives: list[str] = []  # rebuilt, so the header sent is exactly what was checked
+    for part in value.split(";"):
+        if not part.strip():
+            continue  # a trailing ";" is harmless
+        match = _HSTS_DIRECTIVE.fullmatch(part)
+        name = _HSTS_NAMES.get(match.group(1).lower()) if match else None
+        if match is None or name is None:
+            raise ConfigError(
+                key,
+                f"{part.strip(' ')!r} is not an HSTS directive "
+                "(max-age=SECONDS, includeSubDomains, preload)",
+            )
+        if any(d.partition("=")[0] == name for d in directives):
+            raise ConfigError(key, f"{name} appears twice")
+        seconds = match.group(3)
+        if name == "max-age":
+            if seconds is None:
+                raise ConfigError(key, "max-age needs a number of seconds: max-age=300")
+            directives.append(f"max-age={int(seconds)}")
+        elif seconds is not None:
+            raise ConfigError(key, f"{name} takes no value")
+        else:
+            directives.append(name)
+    if not any(d.startswith("max-age=") for d in directives):
+        raise ConfigError(key, f"needs max-age=SECONDS (RFC 6797), got {value!r}")
+    return "; ".join(directives)
 
 
 def _parse_broken(value: object, key: str, tls: TlsSource) -> str | None:

@@ -34,6 +34,10 @@ class ControlError(Exception):
     """A request the proxy refused, or no proxy to ask; the text is for the user."""
 
 
+class NoProxy(ControlError):
+    """Nothing listens on the control socket: no proxy runs on this data_dir."""
+
+
 def control_path(data_dir: Path) -> Path:
     return Path(data_dir) / CONTROL_SOCKET
 
@@ -150,7 +154,7 @@ def ask(data_dir: Path, request: dict[str, Any], timeout: float = 120.0) -> dict
                     break
                 data += chunk
     except (FileNotFoundError, ConnectionRefusedError):
-        raise ControlError(f"no running proxy answers on {path}") from None
+        raise NoProxy(f"no running proxy answers on {path}") from None
     except TimeoutError:
         raise ControlError(f"the proxy gave no answer within {timeout:g}s") from None
     except OSError as exc:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -25,6 +27,7 @@ from proxy.certificates import (
     certificate_manager,
     check_config,
     default_cert_name,
+    key_of_cert_error,
     leaf_lifetime,
     root_files,
     uses_acme,
@@ -38,11 +41,12 @@ from proxy.line_writer import LineWriter
 from proxy.listeners import ConnectionRegistry, HttpsListener, bind_socket, close_plain_server
 from proxy.logs import AccessLog, log, setup_logging
 from proxy.state import ProxyState
-from proxy.systemd import notify, notify_reloading, passed_sockets
+from proxy.systemd import notify, notify_reloading, passed_sockets, runtime_directory
 from proxy.tls import CertificateSelector, normalize_server_name, server_context
 
 if TYPE_CHECKING:
-    from proxy.workers.status import StatusWriter
+    from pathlib import Path
+
     from proxy.workers.supervisor import WorkerSupervisor
 
 
@@ -62,14 +66,17 @@ class ProxyServer:
         self.background: dict[str, asyncio.Task] = {}
         self.http01 = None
         self.supervisors: dict[str, WorkerSupervisor] = {}
-        self.status_writer: StatusWriter | None = None
         self._workers_reload_running = False
         self._workers_reload_again = False
         self.stopping = asyncio.Event()
         self.draining = False
         self._reload_lock = asyncio.Lock()
         self._sigint_count = 0
-        self.control = ControlServer(config.server.data_dir, {"renew": self._control_renew})
+        self.started_at = time.time()
+        self.control = ControlServer(
+            config.server.data_dir,
+            {"renew": self._control_renew, "status": self._control_status},
+        )
 
     # --- start-up -------------------------------------------------------------------------
 
@@ -78,7 +85,10 @@ class ProxyServer:
         check_config(config, isolate_crypto=True)
         # Nothing is served yet, so blocking here costs no client anything; it also keeps the
         # start-up's certificate work out of a worker thread's malloc arena (idle memory).
-        cache = self.certs.load(cert_specs(config), default_cert_name(config))
+        try:
+            cache = self.certs.load(cert_specs(config), default_cert_name(config))
+        except CertError as exc:  # data_dir unusable, an issuance that failed: one line, exit 2
+            raise ConfigError(key_of_cert_error(config, exc), str(exc)) from None
         _warn_broken(config)
         self.state = ProxyState.build(config, self.access_log)
         self.selector = CertificateSelector(cache, self.state.router)
@@ -165,15 +175,14 @@ class ProxyServer:
             return
         # Imported only when there are workers to supervise: a proxy in front of existing
         # servers does not carry the supervisor's modules in its resident memory.
-        from proxy.workers.status import StatusWriter
-        from proxy.workers.supervisor import WorkerSupervisor, worker_run_dir
+        from proxy.workers.supervisor import WorkerSupervisor
 
         for name, upstream in config.upstreams.items():
             if upstream.command is None or name in self.supervisors:
                 continue
             supervisor = WorkerSupervisor(
                 upstream,
-                worker_run_dir(config),
+                worker_socket_dir(config),
                 lambda servers, n=name: self._pool(n).set_servers(servers),
                 cwd=config.source.parent if config.source else None,
                 outstanding=lambda server, n=name: self._outstanding(n, server),
@@ -185,12 +194,6 @@ class ProxyServer:
                 exc.exit_code = 2  # the deployment is wrong (a failed migration, a bad command)
                 raise
         self._hook_pools()
-        if self.supervisors and self.status_writer is None:
-            self.status_writer = StatusWriter(
-                config.server.data_dir / "status.json",
-                lambda: [w for sup in self.supervisors.values() for w in sup.snapshot()],
-            )
-            self.status_writer.start()
 
     def _pool(self, name: str):
         assert self.state is not None
@@ -254,9 +257,6 @@ class ProxyServer:
         await asyncio.gather(
             *(sup.stop() for sup in self.supervisors.values()), return_exceptions=True
         )
-        if self.status_writer is not None:
-            await self.status_writer.stop()
-            self.status_writer = None
 
     def _limits(self):
         assert self.state is not None
@@ -377,6 +377,59 @@ class ProxyServer:
             "not_after": info.not_after.isoformat(),
         }
 
+    async def _control_status(self, request: dict) -> dict:
+        """`tlsproxy status`: what this proxy serves now (see proxy/status.py for the shape)."""
+        config = self.config
+        assert self.state is not None
+        cache = self._current_cache()
+        now = time.monotonic()
+        sites = []
+        for site in config.sites:
+            installed = cache.get(site.name)
+            certificate = None
+            if installed is not None:
+                info = installed.info
+                certificate = {
+                    "issuer": info.issuer,
+                    "serial": f"{info.serial:x}",
+                    "not_after": info.not_after.isoformat(),
+                }
+            sites.append(
+                {
+                    "hosts": list(site.hosts),
+                    "tls": site.tls if isinstance(site.tls, str) else "files",
+                    "upstream": site.upstream,
+                    "hsts": site.hsts,
+                    "certificate": certificate,
+                }
+            )
+        upstreams = {
+            name: [
+                {"server": server.label, "up": health.is_up(now)}
+                for server, health in pool.health_map().items()
+            ]
+            for name, pool in self.state.pools.items()
+        }
+        workers = []
+        if self.supervisors:
+            from dataclasses import asdict
+
+            workers = [asdict(w) for sup in self.supervisors.values() for w in sup.snapshot()]
+        return {
+            "pid": os.getpid(),
+            "uptime": time.time() - self.started_at,
+            "config": None if config.source is None else str(config.source),
+            "https": [_sockname(listener.address) for listener in self.https_listeners],
+            "http": [
+                _sockname(sock.getsockname())
+                for server in self.plain_servers
+                for sock in server.sockets
+            ],
+            "sites": sites,
+            "upstreams": upstreams,
+            "workers": workers,
+        }
+
     # --- SIGHUP ---------------------------------------------------------------------------
 
     async def reload(self) -> bool:
@@ -388,11 +441,11 @@ class ProxyServer:
 
     async def _reload(self) -> bool:
         async with self._reload_lock:
-            if self.config_path is None:
-                log.warning("SIGHUP: no config file to re-read")
-                return False
             try:
-                new = await asyncio.to_thread(load_config, self.config_path)
+                if self.config_path is None:  # reverse-proxy: its flags stay the config
+                    new = self.config
+                else:
+                    new = await asyncio.to_thread(load_config, self.config_path)
                 await asyncio.to_thread(check_config, new, isolate_crypto=True)
                 # Leaves issued from now on (this load's included) get the new lifetime.
                 self.certs.leaf_lifetime = leaf_lifetime(new)
@@ -438,7 +491,8 @@ class ProxyServer:
             retired = [p for name, p in old_state.pools.items() if reused.get(name) is not p]
             if retired:
                 asyncio.get_running_loop().create_task(self._retire_pools(retired, new))
-            log.info("reloaded %s: %d site(s)", self.config_path, len(new.sites))
+            source = self.config_path or "reverse-proxy's flags"
+            log.info("reloaded %s: %d site(s)", source, len(new.sites))
             return True
 
     async def _retire_pools(self, pools: list, config: Config) -> None:
@@ -541,6 +595,12 @@ def _with_data_dir(new: Config, old: Config) -> Config:
     from dataclasses import replace
 
     return replace(new, server=replace(new.server, data_dir=old.server.data_dir))
+
+
+def worker_socket_dir(config: Config) -> Path:
+    """Where supervised workers' `{socket}` paths go: the systemd unit's RuntimeDirectory
+    (/run/tlsproxy: short paths, on tmpfs, removed when the service stops), else data_dir/run."""
+    return runtime_directory() or config.server.data_dir / "run"
 
 
 def release_startup_memory() -> None:

@@ -1,5 +1,6 @@
-"""The two systemd conventions a service speaks: sockets passed by its manager (socket
-activation, sd_listen_fds(3)) and readiness told back to it (sd_notify(3)).
+"""The systemd conventions a service speaks: sockets passed by its manager (socket
+activation, sd_listen_fds(3)), readiness told back to it (sd_notify(3)), and the runtime
+directory it was given (RuntimeDirectory=).
 
 Both are environment variables and file descriptors, nothing more, so no libsystemd is needed:
 - `LISTEN_FDS=N` and `LISTEN_PID=<our pid>`: file descriptors 3 .. 3+N-1 are sockets already
@@ -10,6 +11,8 @@ Both are environment variables and file descriptors, nothing more, so no libsyst
 - `NOTIFY_SOCKET=PATH`: a datagram socket to which "READY=1", "RELOADING=1" and "STOPPING=1"
   are sent. With `Type=notify` systemd counts the service started only once it is serving,
   and anything that waits for readiness (the test API included) needs no polling.
+- `RUNTIME_DIRECTORY=PATH`: the unit's `RuntimeDirectory=` (/run/tlsproxy), created for the
+  service, owned by its user and removed when it stops: the place for the workers' sockets.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from pathlib import Path
 
 LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
 
@@ -75,3 +79,12 @@ def notify_reloading() -> bool:
     # Type=notify-reload (systemd 253) wants the monotonic time with RELOADING=1.
     usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     return notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
+
+
+def runtime_directory(environ: dict[str, str] | None = None) -> Path | None:
+    """The directory systemd created for this service (`RuntimeDirectory=`), or None.
+
+    A unit that lists several gets them colon-separated; the first is ours."""
+    env = os.environ if environ is None else environ
+    first = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return Path(first) if os.path.isabs(first) else None

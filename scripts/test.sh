@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian machine (run as root), then runs it all:
 #   apt: curl, openssl, pebble + bind9 (real ACME CA and DNS server for the ACME tests),
-#        nginx + wrk (the benchmark's smoke test); pip: the project with its [test] extra.
+#        nginx + wrk (the benchmark's smoke test), systemd + util-linux + passwd (the deploy
+#        tests: systemd-analyze, systemd-socket-activate, setpriv, useradd); pip: the project
+#        with its [test] extra.
 # Arguments are passed to pytest (e.g. scripts/test.sh tests/unit -x).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
 for pair in curl:curl openssl:openssl pebble:pebble named:bind9 dig:bind9-dnsutils \
-            nginx:nginx wrk:wrk; do
+            nginx:nginx wrk:wrk systemd-analyze:systemd systemd-socket-activate:systemd \
+            setpriv:util-linux useradd:passwd; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)

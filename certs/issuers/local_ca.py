@@ -37,6 +37,7 @@ from ..keys import (
     load_certificates,
     load_private_key,
     private_key_to_pem,
+    subject_alt_name,
 )
 from ..models import CertSpec
 from ..renewal import DEFAULT_LEAF_LIFETIME, needs_renewal
@@ -455,10 +456,7 @@ def leaf_certificate(
         .add_extension(_key_usage(ca=False), critical=True)
         .add_extension(_SERVER_AUTH, critical=False)
         # SAN is critical when the subject is empty (RFC 5280 4.2.1.6).
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(h) for h in hosts]),
-            critical=len(subject) == 0,
-        )
+        .add_extension(subject_alt_name(hosts), critical=len(subject) == 0)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(authority_key_id, critical=False)
     )

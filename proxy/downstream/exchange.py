@@ -17,6 +17,7 @@ connection close without the final chunk, so no truncated body looks complete.
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import TYPE_CHECKING
 
 from proxy.downstream.flow import PEER_BUSY
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 _CRLF = b"\r\n"
+# A Strict-Transport-Security line of a raw head (every field line follows a CRLF).
+_STS_LINE = re.compile(rb"\r\nstrict-transport-security:[^\r]*", re.IGNORECASE)
 _COALESCE = 64 * 1024  # below this, head and body go out as one bytes object
 _CLIENT_CLOSED = 499  # access-log status when the client went away first (nginx's)
 
@@ -90,6 +93,7 @@ class Exchange:
         "head",
         "head_sent",
         "host",
+        "hsts",
         "http10",
         "keep_alive",
         "label",
@@ -143,6 +147,7 @@ class Exchange:
         self.connecting = False
         self.offer: bytes | None = None  # the protocols an upgrade request offers upstream
         self.tunnel = False  # a 101 was relayed: bytes now pass unparsed
+        self.hsts: bytes | None = None  # the site's Strict-Transport-Security line, if any
 
     # --- the request ----------------------------------------------------------------------
 
@@ -211,6 +216,9 @@ class Exchange:
         if site is None:
             self._reply_error(status)
             return
+        hsts = site.hsts_header
+        if hsts is not None:
+            self.hsts = hsts
         client_auth = site.client_auth
         if client_auth is not None and not client_auth_allows(site, down.client_auth):
             self._reply_error(421)
@@ -362,12 +370,21 @@ class Exchange:
             return
         up = self.up
         assert up is not None
+        hsts = self.hsts
         if headers is None:  # nothing to rewrite: the upstream's own bytes go on
-            parts = [up.parser.raw_head]
+            if hsts is None:
+                parts = [up.parser.raw_head]
+            else:  # the site's policy replaces the app's (one header, the configured one)
+                parts = [_STS_LINE.sub(b"", up.parser.raw_head), hsts]
         else:
             parts = [b"HTTP/1.1 %d %s\r\n" % (status, phrase or reason(status))]
-            for name, value in response_headers(headers):
+            fields = response_headers(headers)
+            if hsts is not None:
+                fields = [f for f in fields if f[0] != b"strict-transport-security"]
+            for name, value in fields:
                 parts += (name, b": ", value, _CRLF)
+            if hsts is not None:
+                parts.append(hsts)
         body = up.parser.body
         if body == CHUNKED or body == UNTIL_CLOSE:
             if self.http10:
@@ -579,7 +596,11 @@ class Exchange:
             self._give_back(self.up, reusable=False)
         self.resp_started = True
         head = self.method == b"HEAD"
-        self._write(error_response(status, close=True, head=head, retry_after=retry_after))
+        data = error_response(status, close=True, head=head, retry_after=retry_after)
+        if self.hsts is not None:  # the site's own errors (502, 504) carry its policy too
+            end = data.index(_CRLF) + 2
+            data = data[:end] + self.hsts + data[end:]
+        self._write(data)
         self._finish(False)
 
     def client_lost(self) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from proxy.config import Config, UpstreamConfig, check_socket_path
 from proxy.errors import ConfigError
-from proxy.workers.supervisor import socket_path, worker_environment, worker_run_dir
+from proxy.workers.supervisor import socket_path, worker_environment
 
 IMPORT_TIMEOUT = 30.0
 _SERVERS = ("uvicorn", "gunicorn", "hypercorn")
@@ -51,8 +51,11 @@ def check_commands(config: Config, *, timeout: float = IMPORT_TIMEOUT) -> list[s
             continue
         key = f"upstream.{name}.command"
         if "{socket}" in upstream.command:
-            # A socket's number grows with each worker start: leave room for six digits.
-            longest = socket_path(worker_run_dir(config), name, 999_999)
+            from proxy.server import worker_socket_dir
+
+            # A socket's number grows with each worker start: room for six digits, and for
+            # the largest pid Linux hands out.
+            longest = socket_path(worker_socket_dir(config), name, 999_999, pid=4_194_304)
             check_socket_path(
                 str(longest), "server.data_dir", f"too long for the sockets of {key}: one would be"
             )

@@ -9,6 +9,7 @@ How a worker runs
   is still draining and its replacement never share one.
 - Each worker is its own process group: the terminal's Ctrl-C reaches only the proxy, which
   then drains before it stops the workers, and signals reach whatever the worker forked.
+- Workers get no capability from the proxy: ambient capabilities are cleared before exec.
 - Workers die with the proxy: PR_SET_PDEATHSIG(SIGKILL) is set in the child before exec. The
   kernel sends it when the *thread* that forked the child exits, so spawning happens on the
   event loop's thread, which must be the main thread (asyncio.run / uvloop.run do that).
@@ -42,7 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from proxy.config import MAX_SOCKET_PATH, Config, UpstreamConfig, UpstreamServer
+from proxy.config import MAX_SOCKET_PATH, UpstreamConfig, UpstreamServer
 from proxy.errors import StartupError
 from proxy.upstream.health import can_connect, probe
 from proxy.workers.memory import cpu_count, plan_workers, read_mem_available, read_rss_tree
@@ -53,6 +54,7 @@ from proxy.workers.status import WorkerInfo
 log = logging.getLogger("tlsproxy.workers")
 
 _PR_SET_PDEATHSIG = 1
+_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 # Loaded once here, before any fork: the child must not have to dlopen anything.
 _libc = ctypes.CDLL(None, use_errno=True)
 _TAIL_LINES = 30
@@ -130,6 +132,10 @@ def _line_logger(
 def _die_with_parent(parent: int) -> Callable[[], None]:
     def setup() -> None:  # runs in the child between fork and exec
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        # The proxy may hold an ambient CAP_NET_BIND_SERVICE (systemd's AmbientCapabilities=,
+        # to bind 443 unprivileged); ambient capabilities survive exec, and the app has no use
+        # for it. Cleared, a worker of an unprivileged proxy starts with no capability at all.
+        _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
         if os.getppid() != parent:  # the parent died before prctl: the signal will never come
             os._exit(70)
 
@@ -289,19 +295,19 @@ class _Slot:
     swapped: asyncio.Future[None] | None = None
 
 
-def worker_run_dir(config: Config) -> Path:
-    """Where the workers' {socket}s are made (`tlsproxy check` measures them there too)."""
-    return config.server.data_dir / "run"
-
-
-def socket_path(run_dir: Path, upstream: str, number: int) -> Path:
-    return run_dir / f"{upstream}-{number}.sock"
+def socket_path(run_dir: Path, upstream: str, number: int, pid: int | None = None) -> Path:
+    # The pid keeps two proxies that share a directory (a RuntimeDirectory inherited by a
+    # second proxy) from taking each other's paths.
+    return run_dir / f"{upstream}-{os.getpid() if pid is None else pid}-{number}.sock"
 
 
 def worker_environment(config: UpstreamConfig, tag: str | None) -> dict[str, str]:
     """The environment of a worker (`tag`) or a prestart step (None): the proxy's own, plus
     the upstream's `env`, plus the proxy's interpreter's bin directory last on PATH."""
     env = dict(os.environ)
+    # systemd's notify socket is the proxy's: a worker that speaks sd_notify (gunicorn says
+    # READY=1) must not tell the service manager that the service is ready or stopping.
+    env.pop("NOTIFY_SOCKET", None)
     env.update(config.env)
     env.setdefault("PYTHONUNBUFFERED", "1")  # output reaches the log line by line
     # `.venv/bin/tlsproxy run` without an activated venv must still find the uvicorn (or
@@ -599,7 +605,8 @@ class WorkerSupervisor:
             if len(os.fsencode(path)) > MAX_SOCKET_PATH:
                 raise StartupError(
                     f"upstream {self.name}: worker socket path {path} is longer than "
-                    f"{MAX_SOCKET_PATH} bytes; use a shorter data_dir"
+                    f"{MAX_SOCKET_PATH} bytes; use a shorter data_dir (or, under systemd, "
+                    "RuntimeDirectory=, which puts the sockets in /run)"
                 )
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()

@@ -101,10 +101,22 @@ def tlsproxy(
 
 
 class ProxyProcess:
-    """`tlsproxy run -c CONFIG` in the background, with its log in a file."""
+    """`tlsproxy run -c CONFIG` in the background, with its log in a file. With `command`
+    (say ["reverse-proxy", "--from", ...]), that command instead; `config_file` then only
+    names the log files."""
 
-    def __init__(self, config_file: Path, *, loop: str = "uvloop", log_level: str = "debug"):
+    def __init__(
+        self,
+        config_file: Path,
+        *,
+        loop: str = "uvloop",
+        log_level: str = "debug",
+        command: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ):
         self.config_file = config_file
+        self.command = command or ["run", "-c", str(config_file)]
+        self.env = env
         self.dir = config_file.parent
         self.log_file = self.dir / f"{config_file.stem}.log"
         self.out_file = self.dir / f"{config_file.stem}.access.log"
@@ -123,9 +135,7 @@ class ProxyProcess:
                 sys.executable,
                 "-m",
                 "proxy",
-                "run",
-                "-c",
-                str(self.config_file),
+                *self.command,
                 "--loop",
                 self.loop,
                 "--log-level",
@@ -135,6 +145,7 @@ class ProxyProcess:
             stderr=self._log,
             stdin=subprocess.DEVNULL,
             cwd=REPO,
+            env={**os.environ, **self.env} if self.env else None,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -177,6 +177,9 @@ class Components:
     pebble_env: dict[str, str]
     validity: int | None
     extra_config: dict[str, object] = field(default_factory=dict)
+    # More zones for named to serve, as {"example.com": "zone file text"}: public-looking names
+    # (which the code under test treats unlike *.test) that still resolve on loopback only.
+    zones: dict[str, str] = field(default_factory=dict)
     named: subprocess.Popen | None = None
     pebble: subprocess.Popen | None = None
     logs: list[Path] = field(default_factory=list)
@@ -222,6 +225,9 @@ class Components:
         conf = (SHARED / "dns" / "named.conf").read_text()
         conf, n = re.subn(r"listen-on port \d+", f"listen-on port {self.dns_port}", conf)
         assert n == 1, "named.conf layout changed: no 'listen-on port'"
+        for zone, text in self.zones.items():
+            (work / f"{zone}.zone").write_text(text)
+            conf += f'\nzone "{zone}." {{ type primary; file "{zone}.zone"; }};\n'
         (dns / "named.conf").write_text(conf)
         shutil.copy(SHARED / "dns" / "tsig.key", dns / "tsig.key")
         shutil.copy(SHARED / "dns" / "test.zone", work / "test.zone")
@@ -302,7 +308,8 @@ StartComponents = Callable[..., Components]
 
 @pytest.fixture
 def components(tmp_path: Path, pebble_tls: PebbleTls) -> Iterator[StartComponents]:
-    """start(pebble_env={...}, validity=SECONDS) -> Components (named + pebble, running)."""
+    """start(pebble_env={...}, validity=SECONDS, zones={NAME: TEXT}) -> Components (named +
+    pebble, running)."""
     if PEBBLE is None or NAMED is None:
         pytest.skip(MISSING)
     if not (SHARED / "dns" / "named.conf").is_file():
@@ -313,6 +320,7 @@ def components(tmp_path: Path, pebble_tls: PebbleTls) -> Iterator[StartComponent
         pebble_env: dict[str, str] | None = None,
         validity: int | None = None,
         extra_config: dict[str, object] | None = None,
+        zones: dict[str, str] | None = None,
     ) -> Components:
         c = Components(
             root=tmp_path / f"components{len(started)}",
@@ -325,6 +333,7 @@ def components(tmp_path: Path, pebble_tls: PebbleTls) -> Iterator[StartComponent
             pebble_env={"PEBBLE_AUTHZREUSE": "0", **(pebble_env or {})},
             validity=validity,
             extra_config=extra_config or {},
+            zones=zones or {},
         )
         c.root.mkdir()
         started.append(c)

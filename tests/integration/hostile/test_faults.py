@@ -209,7 +209,7 @@ def uvicorn_children(pid: int) -> set[int]:
 
 
 def status_pids(proxy: ProxyProcess) -> set[int]:
-    """The worker pids `tlsproxy status` prints (the status file is rewritten every 2 s)."""
+    """The worker pids `tlsproxy status` prints (asked of the running proxy)."""
     result = tlsproxy("status", "-c", str(proxy.config_file))
     assert result.returncode == 0, result.stderr
     return {int(p) for p in re.findall(r"^\S+\s+(\d+)\s+up\b", result.stdout, re.M)}

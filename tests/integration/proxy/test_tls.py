@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -259,3 +260,75 @@ def test_session_resumption_works_and_is_logged(sni_proxy: Proxy) -> None:
     _, reused = get(session)
     assert reused
     sni_proxy.wait_for_log(r"handshake 127\.0\.0\.1:\d+ sni=app\.test .* resumed=yes", start=mark)
+
+
+def _client_context(tls: str) -> ssl.SSLContext:
+    """A client of one TLS version that does not check the certificate: only resumption is
+    tested. A session resumes only through the context it came from."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    version = ssl.TLSVersion.TLSv1_3 if tls == "1.3" else ssl.TLSVersion.TLSv1_2
+    context.minimum_version = context.maximum_version = version
+    return context
+
+
+def _fetch(  # type: ignore[no-untyped-def]
+    port: int, context: ssl.SSLContext, name: str | None, session: ssl.SSLSession | None
+):
+    """One request on a new connection offering `session`: (the session to offer next time,
+    whether this one resumed)."""
+    host = name or "app.test"
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=name, session=session) as conn,
+    ):
+        conn.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 200"), data
+        # Read after the response: TLS 1.3 tickets come after the handshake.
+        return conn.session, conn.session_reused
+
+
+@pytest.mark.parametrize("tls", ["1.3", "1.2"])
+def test_every_site_resumes_and_a_reload_keeps_the_tickets(
+    make_proxy: MakeProxy, example_app: AppProcess, files_dir: Path, other_leaf: Issued, tls: str
+) -> None:
+    cert, key = other_leaf.write(files_dir, f"other-resume-{tls}")
+    config = sni_config(example_app.server, cert, key, default_site="app.test")
+    proxy = make_proxy(config)
+    client = _client_context(tls)
+    # Each name goes through the SNI callback's switch to its own site's context: the local
+    # CA's, a files certificate, a wildcard, and the default site for a client without SNI.
+    names = ["app.test", "other.test", "a.wild.test", None]
+    sessions = {}
+    for name in names:
+        session, reused = _fetch(proxy.port, client, name, None)
+        assert not reused
+        sessions[name], reused = _fetch(proxy.port, client, name, session)
+        assert reused, f"{name} did not resume over TLS {tls}"
+
+    mark = len(proxy.log())
+    proxy.signal(signal.SIGHUP)  # the same config: nothing changes for any certificate
+    proxy.wait_for_log(r"reloaded", start=mark, timeout=30)
+    for name in names:
+        _, reused = _fetch(proxy.port, client, name, sessions[name])
+        assert reused, f"{name}: a ticket from before the reload did not resume over TLS {tls}"
+
+
+def test_a_restart_forgets_the_tickets(
+    make_proxy: MakeProxy, example_app: AppProcess, files_dir: Path, other_leaf: Issued
+) -> None:
+    # What the README says of a restart: the ticket keys live in the process, so a new process
+    # (the same config, the same certificates) cannot read the old tickets: full handshakes.
+    cert, key = other_leaf.write(files_dir, "other-restart")
+    config = sni_config(example_app.server, cert, key, default_site="app.test")
+    first, second = make_proxy(config), make_proxy(config)
+    client = _client_context("1.3")
+    session, _ = _fetch(first.port, client, "app.test", None)
+    _, reused = _fetch(first.port, client, "app.test", session)
+    assert reused
+    _, reused = _fetch(second.port, client, "app.test", session)
+    assert not reused

@@ -57,6 +57,18 @@ def test_local_ca_leaf_and_intermediate(tmp_path):
     assert inter.hosts == ()
 
 
+def test_local_ca_leaf_for_ip_addresses_names_them_in_ip_entries(tmp_path):
+    ca = LocalCA.load_or_create(Storage(tmp_path))
+    spec = CertSpec("127.0.0.1", ("127.0.0.1", "::1", "app.test"), "internal")
+    chain = ca.issue(spec, make_csr(generate_private_key(), spec.hosts))
+    assert_same_as_cryptography(chain)
+    assert leaf_info(chain).hosts == ("app.test", "127.0.0.1", "::1")  # names, then IPs
+    san = x509.load_pem_x509_certificate(chain).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert [str(ip) for ip in san.value.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
+
+
 def test_factory_leaf_without_san_and_chain_order(tmp_path):
     ca = make_ca("files CA")
     leaf, _ = make_leaf(ca, [])
@@ -83,7 +95,7 @@ def test_openssl_many_rdns_escapes_and_generalized_time(tmp_path, key):
     assert_same_as_cryptography(pem)
     info = leaf_info(pem)
     assert info.not_after.year > 2049  # GeneralizedTime from 2050 on
-    assert info.hosts == ("a.example.test", "*.wild.test")
+    assert info.hosts == ("a.example.test", "*.wild.test", "127.0.0.1")  # IPs come last
     assert "1.2.840.113549.1.9.1=ops@example.test" in info.subject
     assert "\\#hash" in info.subject and "CN=Mixed.Case.test\\ " in info.subject
 

@@ -6,8 +6,9 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
-from proxy.systemd import notify, passed_sockets, same_address
+from proxy.systemd import notify, passed_sockets, runtime_directory, same_address
 
 CHILD = """
 import os, sys
@@ -78,3 +79,17 @@ def test_notify_without_a_manager_is_a_quiet_no(monkeypatch) -> None:
     assert not notify("READY=1")
     monkeypatch.setenv("NOTIFY_SOCKET", "@nobody-listens-here-tlsproxy")
     assert not notify("READY=1")
+
+
+def test_runtime_directory_is_the_units_first_one() -> None:
+    assert runtime_directory({"RUNTIME_DIRECTORY": "/run/tlsproxy"}) == Path("/run/tlsproxy")
+    # RuntimeDirectory=tlsproxy other: systemd joins them with ":".
+    assert runtime_directory({"RUNTIME_DIRECTORY": "/run/tlsproxy:/run/other"}) == Path(
+        "/run/tlsproxy"
+    )
+
+
+def test_no_runtime_directory_outside_systemd() -> None:
+    assert runtime_directory({}) is None
+    assert runtime_directory({"RUNTIME_DIRECTORY": ""}) is None
+    assert runtime_directory({"RUNTIME_DIRECTORY": "relative/dir"}) is None
