@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import trustme
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from tests.integration.harness import AppProcess, basic_config, tlsproxy, write_config
 from tests.integration.proxy.conftest import MakeProxy
 from tests.integration.proxy.support import issue, make_ca
-from tests.unit.certs.factory import CA_KEY_USAGE
+from tests.unit.certs.factory import make_foreign_root
 
 Root = tuple[bytes, bytes]  # (certificate PEM, key PEM)
 
@@ -38,23 +38,7 @@ def _pem(key: object) -> bytes:
 def _root(
     key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, name: x509.Name, *, ski: bool
 ) -> Root:
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=3650))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(CA_KEY_USAGE, critical=True)
-    )
-    if ski:
-        builder = builder.add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-        )
-    cert = builder.sign(key, hashes.SHA256())
+    cert, _ = make_foreign_root(key, name, ski=ski, now=dt.datetime.now(dt.UTC))
     return cert.public_bytes(serialization.Encoding.PEM), _pem(key)
 
 

@@ -183,26 +183,9 @@ def test_bad_csr_and_no_hosts(storage, clock):
 
 
 def _foreign_root(key, name: x509.Name, *, ski: bool):
-    from cryptography.hazmat.primitives import hashes
+    from .factory import make_foreign_root
 
-    from .factory import CA_KEY_USAGE
-
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - 10 * DAY)
-        .not_valid_after(NOW + 3650 * DAY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(CA_KEY_USAGE, critical=True)
-    )
-    if ski:
-        builder = builder.add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-        )
-    return builder.sign(key, hashes.SHA256()), key
+    return make_foreign_root(key, name, ski=ski)
 
 
 def _write_pair(directory, cert, key):
