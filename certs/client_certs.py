@@ -21,20 +21,22 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import CertificateFileError, IssuanceError
 from .issuers.local_ca import (
     CA_LOCK_NAME,
     MAX_BACKDATE,
+    CAKey,
     LocalCA,
+    RootFiles,
     _authority_key_id,
     _key_usage,
     _now,
     _parse_cert,
     _parse_key_file,
     issued_by,
+    load_user_root,
     make_intermediate,
 )
 from .keys import (
@@ -63,8 +65,8 @@ def client_intermediate_files(storage: Storage) -> tuple[Path, Path]:
 
 
 def _load_client_intermediate(
-    storage: Storage, ca: LocalCA, root_key: ec.EllipticCurvePrivateKey | None, now_s: float
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    storage: Storage, ca: LocalCA, root_key: CAKey | None, now_s: float
+) -> tuple[x509.Certificate, CAKey]:
     cert_path, key_path = client_intermediate_files(storage)
     pem = storage.read(cert_path)
     cert = _parse_cert(cert_path, pem) if pem else None
@@ -99,6 +101,7 @@ def issue_client_certificate(
     *,
     lifetime: timedelta = CLIENT_CERT_LIFETIME,
     clock: Callable[[], float] = time.time,
+    root_files: RootFiles | None = None,
 ) -> tuple[bytes, bytes]:
     """(chain PEM: the client certificate then its intermediate, key PEM) for `name`, from the
     local CA in `data_dir` (created if missing). It verifies against the local CA's root."""
@@ -108,9 +111,12 @@ def issue_client_certificate(
             "(not starting with '.' or '-')"
         )
     storage = Storage(Path(data_dir))
-    ca = LocalCA.load_or_create(storage, clock=clock)
+    ca = LocalCA.load_or_create(storage, clock=clock, root_files=root_files)
     with storage.lock(CA_LOCK_NAME, timeout=60.0):
-        root_key = _parse_key_file(storage, storage.ca_files().root_key)
+        if root_files is not None:  # the user's root key stays in the user's file
+            root_key = load_user_root(root_files, _now(clock))[1]
+        else:
+            root_key = _parse_key_file(storage, storage.ca_files().root_key)
         inter, inter_key = _load_client_intermediate(storage, ca, root_key, clock())
     key = generate_private_key()
     now = _now(clock)
@@ -133,11 +139,18 @@ def issue_client_certificate(
 
 
 def write_client_certificate(
-    data_dir: Path, name: str, out_dir: Path, *, clock: Callable[[], float] = time.time
+    data_dir: Path,
+    name: str,
+    out_dir: Path,
+    *,
+    clock: Callable[[], float] = time.time,
+    root_files: RootFiles | None = None,
 ) -> tuple[Path, Path]:
     """Issue a client certificate for `name` and write `NAME.pem` (the chain) and `NAME.key`
     (mode 0600) into `out_dir`; returns their paths. Blocking (key generation, file I/O)."""
-    chain_pem, key_pem = issue_client_certificate(Path(data_dir), name, clock=clock)
+    chain_pem, key_pem = issue_client_certificate(
+        Path(data_dir), name, clock=clock, root_files=root_files
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = out / f"{name}.pem", out / f"{name}.key"

@@ -52,6 +52,9 @@ def run_worker(manager: CertificateManager, op: str, args: dict[str, Any]) -> di
             "leaf_lifetime": manager.leaf_lifetime.total_seconds(),
             "renew_ratio": manager.renew_ratio,
             "lock_timeout": manager.lock_timeout,
+            "root_files": None
+            if manager.root_files is None
+            else [str(path) for path in manager.root_files],
         },
         **{k: _encode(v) for k, v in args.items()},
     }
@@ -222,6 +225,9 @@ def _serve(request: dict[str, Any]) -> dict[str, Any]:
         leaf_lifetime=timedelta(seconds=settings["leaf_lifetime"]),
         renew_ratio=settings["renew_ratio"],
         lock_timeout=settings["lock_timeout"],
+        root_files=None
+        if settings.get("root_files") is None
+        else (Path(settings["root_files"][0]), Path(settings["root_files"][1])),
     )
     if request["op"] == "validate":
         manager.validate([_decode_spec(s) for s in request["specs"]])

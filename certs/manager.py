@@ -189,8 +189,11 @@ class CertificateManager:
         issuers: Mapping[str, Issuer] | None = None,
         isolate_crypto: bool = False,
         worker_timeout: float = 120.0,
+        root_files: tuple[Path, Path] | None = None,
     ) -> None:
         self.storage = Storage(Path(data_dir))
+        # A root the user brings (its certificate and key files), instead of one made here.
+        self.root_files = root_files
         # Validation and local-CA issuance in a child process (certs.crypto_worker), so that
         # this one never imports `cryptography`. A child may wait for the lock first.
         self.isolate_crypto = isolate_crypto
@@ -237,8 +240,30 @@ class CertificateManager:
             leaf_lifetime=self.leaf_lifetime,
             clock=self._clock,
             lock_timeout=min(self.lock_timeout, 60.0),
+            root_files=self.root_files,
         )
         return self._local_ca
+
+    def _adopt_user_root(self) -> None:
+        """A root the user brings takes the stored one's place before anything is compared
+        with the stored intermediate (which then no longer chains to the root: leaves are
+        issued again). Read without `cryptography` when isolated: only a change costs a child."""
+        if self.root_files is None:
+            return
+        if not self.isolate_crypto:
+            self._ca()
+            return
+        stored = self.storage.read(self.storage.ca_files().root_cert)
+        try:
+            same = stored is not None and (
+                pem_blocks(stored)[:1] == pem_blocks(read_file(self.root_files[0]))[:1]
+            )
+        except ValueError:
+            same = False
+        if not same:
+            from .crypto_worker import run_worker
+
+            run_worker(self, "ca", {})
 
     def _ensure_local_ca(self) -> None:
         """The local CA's root must exist before a context can verify clients against it,
@@ -280,9 +305,11 @@ class CertificateManager:
                 if spec.source == "files":
                     self._load_files(spec, self._now())
             return
-        from .issuers.local_ca import LocalCA
+        from .issuers.local_ca import LocalCA, load_user_root
 
         now = self._now()
+        if self.root_files is not None:
+            load_user_root(self.root_files, now)
         stored_needed = False
         for spec in specs:
             if spec.source == "files":
@@ -344,6 +371,8 @@ class CertificateManager:
         now = self._now()
         if any(s.source != "files" for s in specs):
             self._check_data_dir()
+        if any(s.source == "internal" or s.client_auth is not None for s in specs):
+            self._adopt_user_root()
         self._make_broken(specs, now)
         self._issue_due_in_one_child(specs, now)
         if any(s.client_auth is not None and s.client_auth.ca == "internal" for s in specs):

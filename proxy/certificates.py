@@ -95,7 +95,16 @@ def certificate_manager(config: Config, *, isolate_crypto: bool = False) -> Cert
         server_context,
         leaf_lifetime=leaf_lifetime(config),
         isolate_crypto=isolate_crypto,
+        root_files=root_files(config),
     )
+
+
+def root_files(config: Config) -> tuple[Path, Path] | None:
+    """[local_ca] root_cert and root_key, when the user brings a root."""
+    ca = config.local_ca
+    if ca.root_cert is None or ca.root_key is None:
+        return None
+    return ca.root_cert, ca.root_key
 
 
 def leaf_lifetime(config: Config) -> timedelta:
@@ -134,6 +143,10 @@ def _acme_key_of(acme: AcmeConfig, exc: CertError) -> str:
 
 def key_of_cert_error(config: Config, exc: CertError) -> str:
     path = getattr(exc, "path", None)
+    if path is not None and Path(path) == config.local_ca.root_cert:
+        return "local_ca.root_cert"
+    if path is not None and Path(path) == config.local_ca.root_key:
+        return "local_ca.root_key"
     for i, site in enumerate(config.sites):
         auth = site.client_auth
         if path is not None and auth is not None and auth.ca != "internal":

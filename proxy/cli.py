@@ -39,12 +39,11 @@ time; a bad config at SIGHUP is logged and the running one stays."""
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    # The source itself, not the installed metadata: an editable install whose pyproject
+    # version was bumped since, or a checkout never installed, still tells the truth.
+    from proxy import __version__
 
-    try:
-        return version("tlsproxy")
-    except PackageNotFoundError:  # run from a checkout that was never installed
-        return "unknown (not installed)"
+    return __version__
 
 
 class _Parser(argparse.ArgumentParser):
@@ -101,7 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         "and certificates without dropping open connections",
     )
     _add_run_options(run)
-    add("check", "validate the config and every file it names; print what would run")
+    add(
+        "check",
+        "validate the config and every file it names (a local_ca root of your own included), "
+        "that each upstream command's program exists and its uvicorn/gunicorn/hypercorn app "
+        "imports, and that unix socket paths fit in 107 bytes; print what would run",
+    )
     ca = add(
         "ca",
         "print the local CA's root certificate (PEM), creating the CA if missing; with "
@@ -245,8 +249,11 @@ def _load(path: str) -> Config:
 
 def cmd_check(config: Config) -> int:
     from proxy.certificates import check_config
+    from proxy.workers.preflight import check_commands
 
     check_config(config)
+    # What `run` would trip on only once it starts workers: the program, the app's import.
+    imported = check_commands(config)
     s = config.server
     print(f"config {config.source}: OK")
     print(f"  https: {', '.join(str(a) for a in s.https)}")
@@ -271,6 +278,8 @@ def cmd_check(config: Config) -> int:
         )
     if any(site.tls == "internal" for site in config.sites):
         print(f"  local CA: leaves live {_duration(config.local_ca.leaf_lifetime)}")
+        if config.local_ca.root_cert is not None:
+            print(f"  local CA root: yours, {config.local_ca.root_cert}")
     for name, up in config.upstreams.items():
         if up.command:
             what = f"{up.workers} worker(s): {up.command}"
@@ -279,11 +288,13 @@ def cmd_check(config: Config) -> int:
         else:
             what = ", ".join(str(server) for server in up.servers)
         print(f"  upstream {name}: {what} (balance {up.balance})")
+    for line in imported:
+        print(f"  {line}")
     return EXIT_OK
 
 
 def cmd_ca(config: Config, client: str | None = None, out: str = ".") -> int:
-    from proxy.certificates import certificate_manager
+    from proxy.certificates import certificate_manager, root_files
 
     if client is not None:
         from certs.client_certs import write_client_certificate
@@ -291,7 +302,7 @@ def cmd_ca(config: Config, client: str | None = None, out: str = ".") -> int:
 
         try:
             cert_path, key_path = write_client_certificate(
-                config.server.data_dir, client, Path(out)
+                config.server.data_dir, client, Path(out), root_files=root_files(config)
             )
         except CertError as exc:
             return _fail(str(exc), EXIT_CONFIG)

@@ -168,6 +168,9 @@ MAX_LEAF_LIFETIME = 365 * 86400.0
 @dataclass(frozen=True)
 class LocalCaSettings:
     leaf_lifetime: float = DEFAULT_LEAF_LIFETIME  # seconds
+    # A root the user brings (PEM certificate and its key) instead of the one made in data_dir.
+    root_cert: Path | None = None
+    root_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -576,6 +579,19 @@ def _parse_broken(value: object, key: str, tls: TlsSource) -> str | None:
     return value
 
 
+# sun_path is 108 bytes on Linux, the terminating NUL included: a longer path cannot be bound or
+# connected to (bind says "AF_UNIX path too long" only once the proxy runs).
+MAX_SOCKET_PATH = 107
+
+
+def check_socket_path(path: str, key: str, what: str = "unix socket path") -> None:
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH:
+        raise ConfigError(
+            key, f"{what} {path} is {size} bytes, over the kernel's limit of {MAX_SOCKET_PATH}"
+        )
+
+
 def parse_upstream_server(value: object, key: str, base: Path) -> UpstreamServer:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(key, f"expected 'HOST:PORT' or 'unix:/path', got {value!r}")
@@ -584,7 +600,9 @@ def parse_upstream_server(value: object, key: str, base: Path) -> UpstreamServer
         path = text[len("unix:") :]
         if not path:
             raise ConfigError(key, "unix: needs a socket path")
-        return UpstreamServer(path=str(_resolve(path, base)))
+        resolved = str(_resolve(path, base))
+        check_socket_path(resolved, key)
+        return UpstreamServer(path=resolved)
     for prefix in ("http://",):
         if text.startswith(prefix):
             text = text[len(prefix) :].rstrip("/")
@@ -654,14 +672,21 @@ def _parse_upstream(name: str, table: _Table, base: Path) -> UpstreamConfig:
     return upstream
 
 
-def _parse_local_ca(table: _Table) -> LocalCaSettings:
+def _parse_local_ca(table: _Table, base: Path) -> LocalCaSettings:
     lifetime = table.duration("leaf_lifetime", DEFAULT_LEAF_LIFETIME)
     if not MIN_LEAF_LIFETIME <= lifetime <= MAX_LEAF_LIFETIME:
         raise ConfigError(
             table.path("leaf_lifetime"), f"must be between 10s and 365d, got {lifetime:g}s"
         )
+    root_cert = table.path_value("root_cert", base)
+    root_key = table.path_value("root_key", base)
+    if (root_cert is None) != (root_key is None):
+        missing = "root_key" if root_key is None else "root_cert"
+        raise ConfigError(
+            table.path(missing), "missing: a root of your own needs both root_cert and root_key"
+        )
     table.finish()
-    return LocalCaSettings(leaf_lifetime=lifetime)
+    return LocalCaSettings(leaf_lifetime=lifetime, root_cert=root_cert, root_key=root_key)
 
 
 def _parse_acme(table: _Table, base: Path) -> AcmeConfig:
@@ -727,7 +752,7 @@ def parse_config(data: Mapping[str, Any], base: Path, source: Path | None = None
 
     acme_raw = root.take("acme")
     acme = _parse_acme(_Table(acme_raw, "acme"), base) if acme_raw is not None else None
-    local_ca = _parse_local_ca(_Table(root.take("local_ca", {}), "local_ca"))
+    local_ca = _parse_local_ca(_Table(root.take("local_ca", {}), "local_ca"), base)
     root.finish()
 
     seen: dict[str, int] = {}

@@ -21,12 +21,11 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from proxy.config import MAX_SOCKET_PATH
 from proxy.logs import log
 
 CONTROL_SOCKET = "control.sock"
 MAX_REQUEST = 64 * 1024
-# sun_path holds 107 bytes and a NUL; a deeper data_dir is reached through /proc/self/fd.
-MAX_SOCKET_PATH = 107
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -46,7 +45,8 @@ def control_path(data_dir: Path) -> Path:
 @contextlib.contextmanager
 def _reachable(path: Path) -> Iterator[str]:
     """A name for `path` that fits in sun_path: itself, or the same file through an open
-    descriptor of its directory (Linux resolves /proc/self/fd/N like a directory)."""
+    descriptor of its directory (Linux resolves /proc/self/fd/N like a directory), for a
+    data_dir deeper than MAX_SOCKET_PATH allows."""
     if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
         yield str(path)
         return

@@ -22,7 +22,13 @@ from proxy.config import Address
 from proxy.errors import StartupError
 from proxy.logs import log, tls_log
 from proxy.systemd import same_address
-from proxy.tls import PLAIN_HTTP_REASONS, CertificateSelector, handshake_socket_fd, log_handshake
+from proxy.tls import (
+    NOTHING_IN_COMMON_REASONS,
+    PLAIN_HTTP_REASONS,
+    CertificateSelector,
+    handshake_socket_fd,
+    log_handshake,
+)
 
 # How many connections one wake-up of the accept loop takes before yielding to the event loop:
 # big enough to clear a burst, small enough that requests in flight are not starved.
@@ -306,6 +312,8 @@ def _peer_text(peer: object) -> str:
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out (handshake_timeout)"
+    if isinstance(exc, ssl.SSLError) and exc.reason in NOTHING_IN_COMMON_REASONS:
+        return f"{exc}: {NOTHING_IN_COMMON_REASONS[exc.reason]}; alert sent"
     if isinstance(exc, ssl.SSLError) and exc.reason == "CALLBACK_FAILED":
         return (
             "refused by the SNI callback: no certificate for the name it asked for yet, no "

@@ -30,6 +30,7 @@ from proxy.certificates import (
     default_cert_name,
     key_of_cert_error,
     leaf_lifetime,
+    root_files,
     uses_acme,
 )
 from proxy.config import Config, Site, UpstreamConfig, UpstreamServer, load_config
@@ -467,11 +468,13 @@ class ProxyServer:
                 await asyncio.to_thread(check_config, new, isolate_crypto=True)
                 # Leaves issued from now on (this load's included) get the new lifetime.
                 self.certs.leaf_lifetime = leaf_lifetime(new)
+                self.certs.root_files = root_files(new)
                 cache = await asyncio.to_thread(
                     self.certs.load, cert_specs(new), default_cert_name(new)
                 )
             except Exception as exc:
                 self.certs.leaf_lifetime = leaf_lifetime(self.config)
+                self.certs.root_files = root_files(self.config)
                 if isinstance(exc, ConfigError | CertError):
                     log.error("reload failed, still running the previous config: %s", exc)
                 else:

@@ -58,6 +58,21 @@ HANDSHAKE_FAILURE_ALERT = bytes((21, 3, 3, 0, 2, 2, 40))
 CLIENT_CERT_REASONS = frozenset(
     ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_VERIFY_FAILED", "NO_CERTIFICATES_RETURNED")
 )
+# OpenSSL's reasons for refusing a client it shares no protocol version or cipher (or curve, or
+# signature algorithm) with. Its alert (protocol_version, handshake_failure) answers the
+# ClientHello, before anything else was sent, and is flushed by hand like the one above: nginx
+# sends it, and a client then says why ("tlsv1 alert protocol version") instead of "connection
+# reset". Kept to a list: other failures may come after records the client already has, or
+# (CALLBACK_FAILED) had their alert written by the SNI callback.
+NOTHING_IN_COMMON_REASONS = {
+    "UNSUPPORTED_PROTOCOL": "no TLS version in common (TLS 1.2 and 1.3 are served)",
+    "VERSION_TOO_LOW": "no TLS version in common (TLS 1.2 and 1.3 are served)",
+    "NO_PROTOCOLS_AVAILABLE": "no TLS version in common (TLS 1.2 and 1.3 are served)",
+    "WRONG_SSL_VERSION": "no TLS version in common (TLS 1.2 and 1.3 are served)",
+    "NO_SHARED_CIPHER": "no cipher in common (AES-GCM or ChaCha20, with ECDHE in TLS 1.2)",
+    "NO_SHARED_GROUPS": "no key exchange group in common",
+    "NO_SUITABLE_SIGNATURE_ALGORITHM": "no signature algorithm in common with the certificate",
+}
 # OpenSSL's own errors for a plain HTTP request (or a proxy's CONNECT) where a ClientHello
 # should be: it sees "GET ", "POST", "HEAD", "PUT " or "CONNECT" in the first record header.
 PLAIN_HTTP_REASONS = frozenset(("HTTP_REQUEST", "HTTPS_PROXY_REQUEST"))
@@ -148,7 +163,7 @@ class DirectSSLObject(ssl.SSLObject):
             # (its "http request" error): answering it costs the other handshakes nothing.
             if exc.reason in PLAIN_HTTP_REASONS:
                 _write_before_tls(PLAIN_HTTP_ON_TLS_PORT)
-            elif exc.reason in CLIENT_CERT_REASONS:
+            elif exc.reason in CLIENT_CERT_REASONS or exc.reason in NOTHING_IN_COMMON_REASONS:
                 self._flush_alert()
             raise
 
@@ -324,7 +339,18 @@ class CertificateSelector:
         ssl_object.context = installed.context
         ssl_object.tlsproxy_sni = normalize_server_name(server_name)  # type: ignore[attr-defined]
         ssl_object.tlsproxy_cert = installed  # type: ignore[attr-defined]
+        if tls_log.isEnabledFor(logging.DEBUG):
+            # Said after the handshake, with the peer (log_handshake): why the default site.
+            ssl_object.tlsproxy_fallback = self._fallback_reason(server_name)  # type: ignore[attr-defined]
         return None
+
+    def _fallback_reason(self, server_name: str | None) -> str | None:
+        """Why a handshake got the default site's certificate, or None when it got its own."""
+        if not server_name:
+            return "the client sent no SNI (it connected by IP address, or it is very old)"
+        if self.cache.lookup_exact_or_wildcard(server_name) is not None:
+            return None
+        return f"SNI {server_name!r} is no site's name"
 
     def _front_key(self, installed: Installed) -> FrontKey:
         assert installed.client_auth is not None
@@ -387,6 +413,15 @@ def describe_handshake(ssl_object: ssl.SSLObject | None, peer: object) -> str:
 def log_handshake(ssl_object: ssl.SSLObject | None, peer: object) -> None:
     if tls_log.isEnabledFor(logging.DEBUG):
         tls_log.debug(describe_handshake(ssl_object, peer))
+        fallback = getattr(ssl_object, "tlsproxy_fallback", None)
+        if fallback:
+            installed = getattr(ssl_object, "tlsproxy_cert", None)
+            tls_log.debug(
+                "%s: served the default site's certificate (%r): %s",
+                peer,
+                installed.spec_name if installed is not None else "?",
+                fallback,
+            )
 
 
 def client_certificate_chain(ssl_object: ssl.SSLObject) -> list[bytes]:

@@ -23,10 +23,12 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import CertificateFileError, IssuanceError
+from ..files import parse_key, read_file
 from ..keys import (
     certificate_to_pem,
     chain_to_pem,
@@ -53,6 +55,18 @@ CA_LOCK_NAME = "local-ca"
 LABEL = "tlsproxy local"
 
 _SERVER_AUTH = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])
+# A root the user brings ([local_ca] root_cert/root_key) may have any of these keys; the local
+# CA's own keys (its root, intermediates, leaves) are EC P-256.
+CAKey = (
+    rsa.RSAPrivateKey
+    | ec.EllipticCurvePrivateKey
+    | ed25519.Ed25519PrivateKey
+    | ed448.Ed448PrivateKey
+)
+# (certificate, key) of a root the user brings.
+RootFiles = tuple[Path, Path]
+# Where the key of a root the local CA made goes when the user's root replaces it.
+REPLACED_ROOT_KEY = "root.key.replaced"
 
 
 def _now(clock: Callable[[], float]) -> datetime:
@@ -109,9 +123,26 @@ def make_root(
     return cert, key
 
 
+def _signing_hash(key: CertificateIssuerPrivateKeyTypes) -> hashes.SHA256 | None:
+    # Ed25519/Ed448 sign the message itself: no separate hash may be given.
+    if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
+        return None
+    return hashes.SHA256()
+
+
+def _root_tag(root: x509.Certificate) -> str:
+    """The tag the intermediates' names carry: the random one of a root made here, else a
+    short fingerprint (a root the user brought may have no CN at all, or any CN)."""
+    names = root.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    cn = str(names[0].value) if names else ""
+    if cn.startswith(f"{LABEL} root ") and cn.split():
+        return cn.split()[-1]
+    return root.fingerprint(hashes.SHA256())[:4].hex()
+
+
 def make_intermediate(
     root: x509.Certificate,
-    root_key: ec.EllipticCurvePrivateKey,
+    root_key: CAKey,
     now: datetime,
     label: str = LABEL,
     *,
@@ -121,10 +152,10 @@ def make_intermediate(
     """An intermediate under `root`; `usage` limits what it may sign (a leaked intermediate
     key can then only mint that kind of certificate)."""
     key = generate_private_key()
-    tag = (root.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value or "").split()[-1]
+    tag = _root_tag(root)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_ca_name(kind, str(tag), label))
+        .subject_name(_ca_name(kind, tag, label))
         .issuer_name(root.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -135,14 +166,48 @@ def make_intermediate(
         .add_extension(usage, critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(_authority_key_id(root), critical=False)
-        .sign(root_key, hashes.SHA256())
+        .sign(root_key, _signing_hash(root_key))  # type: ignore[arg-type]
     )
     return cert, key
 
 
 def _authority_key_id(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
-    ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    try:
+        ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:  # a root brought by the user may lack it
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key())  # type: ignore[arg-type]
     return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
+def load_user_root(files: RootFiles, now: datetime) -> tuple[x509.Certificate, CAKey]:
+    """The root the user brought ([local_ca] root_cert, root_key), checked as a root the local
+    CA can issue its intermediates under; CertificateFileError naming the file at fault."""
+    cert_path, key_path = files
+    cert = _parse_cert(cert_path, read_file(cert_path))
+    key = parse_key(key_path, read_file(key_path))
+    if not isinstance(key, CAKey):
+        raise CertificateFileError(key_path, f"unsupported key type {type(key).__name__}")
+    if not key_matches_certificate(key, cert):
+        raise CertificateFileError(key_path, f"is not the key of the certificate in {cert_path}")
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is None or not constraints.ca:
+        raise CertificateFileError(cert_path, "not a CA certificate (no basicConstraints CA:TRUE)")
+    if constraints.path_length == 0:
+        raise CertificateFileError(
+            cert_path, "pathlen:0 lets it sign leaves only, and the local CA needs an intermediate"
+        )
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    if usage is not None and not usage.key_cert_sign:
+        raise CertificateFileError(cert_path, "its keyUsage does not allow signing certificates")
+    if now >= cert.not_valid_after_utc:
+        raise CertificateFileError(cert_path, f"expired on {cert.not_valid_after_utc:%Y-%m-%d}")
+    return cert, key
 
 
 def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -156,7 +221,7 @@ def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 @dataclass(frozen=True)
 class _CAState:
     root: x509.Certificate
-    root_key: ec.EllipticCurvePrivateKey | None  # None when the user moved it offline
+    root_key: CAKey | None  # None when the user moved it offline
     intermediate: x509.Certificate | None
     intermediate_key: ec.EllipticCurvePrivateKey | None
 
@@ -205,14 +270,19 @@ class LocalCA:
         leaf_lifetime: timedelta = DEFAULT_LEAF_LIFETIME,
         clock: Callable[[], float] = time.time,
         lock_timeout: float = 30.0,
+        root_files: RootFiles | None = None,
     ) -> LocalCA:
-        state = cls.read_stored(storage)
+        """The CA in storage, created or repaired when needed. With `root_files` (a root the
+        user brings), that root replaces the stored one (once; its key stays where the user
+        keeps it, never copied to storage) and signs the intermediates."""
         now = _now(clock)
+        user = load_user_root(root_files, now) if root_files is not None else None
+        state = cls._read(storage, user)
         if state is None or cls._needs_work(state, now):
             # Checked again under the lock: two proxies starting at once on one data_dir must
             # end up with one CA, not two.
             with storage.lock(CA_LOCK_NAME, timeout=lock_timeout):
-                state = cls._repair(storage, cls.read_stored(storage), now)
+                state = cls._repair(storage, cls._read(storage, user), now, user)
         assert state.intermediate is not None and state.intermediate_key is not None
         return cls(
             state.root,
@@ -220,6 +290,34 @@ class LocalCA:
             state.intermediate_key,
             leaf_lifetime=leaf_lifetime,
             clock=clock,
+        )
+
+    @classmethod
+    def _read(
+        cls, storage: Storage, user: tuple[x509.Certificate, CAKey] | None
+    ) -> _CAState | None:
+        state = cls.read_stored(storage)
+        if user is None:
+            return state
+        if state is None or state.root != user[0]:
+            return None  # the user's root is not in storage yet: _repair puts it there
+        return _CAState(user[0], user[1], state.intermediate, state.intermediate_key)
+
+    @staticmethod
+    def _adopt(storage: Storage, root: x509.Certificate) -> None:
+        """Store the user's root in place of the one there (clients trusting the old one
+        must trust this one now). The old root's key is kept aside, not deleted: it is the
+        only copy, and a stored root must never sit beside a key that is not its own."""
+        files = storage.ca_files()
+        old_key = storage.read(files.root_key)
+        if old_key is not None:
+            aside = files.root_key.with_name(REPLACED_ROOT_KEY)
+            storage.write(aside, old_key, mode=KEY_MODE)
+            files.root_key.unlink()
+            log.warning("local CA: the previous root's key was moved to %s", aside)
+        storage.write(files.root_cert, certificate_to_pem(root), mode=CERT_MODE)
+        log.info(
+            "local CA: using the root from local_ca.root_cert: %s", root.subject.rfc4514_string()
         )
 
     @staticmethod
@@ -242,8 +340,18 @@ class LocalCA:
         return due and state.root_key is not None
 
     @classmethod
-    def _repair(cls, storage: Storage, state: _CAState | None, now: datetime) -> _CAState:
+    def _repair(
+        cls,
+        storage: Storage,
+        state: _CAState | None,
+        now: datetime,
+        user: tuple[x509.Certificate, CAKey] | None = None,
+    ) -> _CAState:
         files = storage.ca_files()
+        if state is None and user is not None:
+            cls._adopt(storage, user[0])
+            state = cls._read(storage, user)
+            assert state is not None
         if state is None or now >= state.root.not_valid_after_utc:
             if state is not None:
                 log.warning("local CA root expired; creating a new one (clients must trust it)")
@@ -362,7 +470,7 @@ def _parse_cert(path: Path, data: bytes) -> x509.Certificate:
         raise CertificateFileError(path, f"not a valid PEM certificate ({e})") from None
 
 
-def _parse_key_file(storage: Storage, path: Path) -> ec.EllipticCurvePrivateKey | None:
+def _parse_key_file(storage: Storage, path: Path) -> CAKey | None:
     data = storage.read(path)
     if data is None:
         return None
@@ -370,6 +478,7 @@ def _parse_key_file(storage: Storage, path: Path) -> ec.EllipticCurvePrivateKey 
         key = load_private_key(data)
     except (ValueError, TypeError) as e:
         raise CertificateFileError(path, f"not a usable PEM private key ({e})") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise CertificateFileError(path, "not an EC private key")
+    if not isinstance(key, CAKey):
+        # A root put in data_dir/ca by hand may be RSA; what the local CA makes is EC.
+        raise CertificateFileError(path, f"unsupported key type {type(key).__name__}")
     return key

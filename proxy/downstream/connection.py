@@ -103,6 +103,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "_head_chunks",
         "_loop",
         "_on_close",
+        "_opened",
         "_pipelined",
         "_processing",
         "_request_done",
@@ -163,6 +164,9 @@ class DownstreamProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        # At debug only: (when the connection opened, its peer) until its first request, for
+        # the line about connections that close without one.
+        self._opened: tuple[float, str] | None = None
 
     # --- asyncio callbacks ----------------------------------------------------------------
 
@@ -187,6 +191,10 @@ class DownstreamProtocol(asyncio.Protocol):
                 self.client_ip = peer[0]
         self.gate = ReadGate(transport, tls=self._tls)
         tune_write_buffer(transport)  # type: ignore[arg-type]
+        if log.isEnabledFor(logging.DEBUG):
+            peer = transport.get_extra_info("peername")
+            who = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
+            self._opened = (self._loop.time(), who)
         self._set_deadline(self._loop.time() + self.limits.header_read_timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -260,6 +268,8 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        if self._opened is not None:
+            self._log_no_request(self._opened, exc)
         if self._ssl is not None:
             self._ssl.on_close_notify = None
         self._wait = _CLOSING
@@ -272,6 +282,24 @@ class DownstreamProtocol(asyncio.Protocol):
             on_close, self._on_close = self._on_close, None
             if on_close is not None:
                 on_close(self)
+
+    def _log_no_request(self, opened: tuple[float, str], exc: Exception | None) -> None:
+        """Debug: a connection that ended before a whole request head (a port scanner, a
+        browser's speculative connection, a health check that only opens TLS, a slowloris)."""
+        since, who = opened
+        if self._client_eof or exc is not None:
+            how = "the client closed it" + (f" ({exc})" if exc is not None else "")
+        else:
+            how = "closed by the proxy (header_read_timeout, a refused request or a shutdown)"
+        partial = sum(len(c) for c in self._head_chunks)
+        log.debug(
+            "%s: connection closed before a request%s, open %.3fs, sni=%s: %s",
+            who,
+            f" ({partial} bytes of a request head)" if partial else "",
+            self._loop.time() - since,
+            self.sni or "-",
+            how,
+        )
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -370,6 +398,7 @@ class DownstreamProtocol(asyncio.Protocol):
             return None
         self._wait = _BUSY
         self._request_done = False
+        self._opened = None  # it had a request: not worth the closing line
         started = self._loop.time() if self.state.access_log.enabled else 0.0
         exchange = self.exchange = Exchange(self, request, started)
         exchange.start(request)

@@ -111,6 +111,16 @@ async def can_connect(server: UpstreamServer, timeout: float) -> bool:  # noqa: 
 
 async def probe(server: UpstreamServer, path: str, timeout: float) -> bool:  # noqa: ASYNC109
     """One `GET path` over a fresh connection; a 2xx or 3xx status within `timeout` passes."""
+    return await probe_failure(server, path, timeout) is None
+
+
+async def probe_failure(
+    server: UpstreamServer,
+    path: str,
+    timeout: float,  # noqa: ASYNC109
+) -> str | None:
+    """`probe`, saying why it failed: None when it passed, else a few words ("status 500",
+    "no answer within 2s", "connection refused") for the line of a server going down."""
     host = "localhost" if server.path is not None else server.label
     request = h11.Request(
         method="GET",
@@ -133,12 +143,18 @@ async def probe(server: UpstreamServer, path: str, timeout: float) -> bool:  # n
                     conn.receive_data(await reader.read(65536))
                     continue
                 if isinstance(event, h11.Response):
-                    return 200 <= event.status_code < 400
+                    if 200 <= event.status_code < 400:
+                        return None
+                    return f"status {event.status_code}"
                 if isinstance(event, h11.ConnectionClosed):
-                    return False
+                    return "closed without a response"
                 # InformationalResponse (100, 103): keep reading for the final one
-    except (OSError, TimeoutError, h11.ProtocolError):
-        return False
+    except TimeoutError:
+        return f"no answer within {timeout:g}s"
+    except OSError as exc:
+        return (exc.strerror or str(exc) or type(exc).__name__).lower()
+    except h11.ProtocolError as exc:
+        return f"invalid response ({exc})"
     finally:
         if writer is not None:
             writer.close()
@@ -190,22 +206,31 @@ class HealthChecker:
         if not servers:
             return
         timeout = self.config.health_timeout
-        results = await asyncio.gather(*(probe(s, self.path, timeout) for s in servers))
+        results = await asyncio.gather(*(probe_failure(s, self.path, timeout) for s in servers))
         now = self.clock()
-        for server, ok in zip(servers, results, strict=True):
+        for server, failure in zip(servers, results, strict=True):
             state = health.get(server)
             if state is None:  # removed while we probed
                 continue
-            if state.probe_result(ok, now):
+            # Only transitions are logged: a line per probe, every health_interval for every
+            # server, would bury everything else in a VPS's journal.
+            if state.probe_result(failure is None, now):
                 if state.active_up:
-                    log.info("upstream %s: %s is up again", self.config.name, server)
+                    log.info(
+                        "upstream %s: %s is up again (%d health checks of %s passed)",
+                        self.config.name,
+                        server,
+                        state.passes,
+                        self.path,
+                    )
                 else:
                     log.warning(
-                        "upstream %s: %s is down (%d health checks of %s failed)",
+                        "upstream %s: %s is down: %d health checks of %s failed (last: %s)",
                         self.config.name,
                         server,
                         state.fails,
                         self.path,
+                        failure,
                     )
                 if self.on_change is not None:
                     self.on_change(server, state.active_up)

@@ -43,10 +43,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from proxy.config import UpstreamConfig, UpstreamServer
+from proxy.config import MAX_SOCKET_PATH, UpstreamConfig, UpstreamServer
 from proxy.errors import StartupError
 from proxy.upstream.health import can_connect, probe
 from proxy.workers.memory import cpu_count, plan_workers, read_mem_available, read_rss_tree
+from proxy.workers.output import OutputLevels
 from proxy.workers.restart_policy import RestartPolicy, RestartSettings
 from proxy.workers.status import WorkerInfo
 
@@ -56,8 +57,6 @@ _PR_SET_PDEATHSIG = 1
 _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 # Loaded once here, before any fork: the child must not have to dlopen anything.
 _libc = ctypes.CDLL(None, use_errno=True)
-# sun_path is 108 bytes on Linux including the terminating NUL.
-_MAX_SOCKET_PATH = 107
 _TAIL_LINES = 30
 # One counter for the whole process: two supervisors of the same upstream (a reload that builds
 # a new one while the old one drains) never pick the same socket path.
@@ -111,6 +110,23 @@ class LineSplitter:
 
 def _text(line: bytes) -> str:
     return line.rstrip(b"\r").decode("utf-8", "replace")
+
+
+def _line_logger(
+    tag: str, levels: OutputLevels, pid: list[int] | None = None
+) -> Callable[[str], None]:
+    """Logs each output line of a child at the level it was printed at, as ``tag[PID]: text``
+    (``tag: text`` without a pid, for prestart steps)."""
+
+    def on_line(line: str) -> None:
+        level, text = levels.level(line)
+        if log.isEnabledFor(level):
+            if pid is None:
+                log.log(level, "%s: %s", tag, text)
+            else:
+                log.log(level, "%s[%d]: %s", tag, pid[0] if pid else 0, text)
+
+    return on_line
 
 
 def _die_with_parent(parent: int) -> Callable[[], None]:
@@ -277,6 +293,32 @@ class _Slot:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     watcher: asyncio.Task[None] | None = None
     swapped: asyncio.Future[None] | None = None
+
+
+def socket_path(run_dir: Path, upstream: str, number: int, pid: int | None = None) -> Path:
+    # The pid keeps two proxies that share a directory (a RuntimeDirectory inherited by a
+    # second proxy) from taking each other's paths.
+    return run_dir / f"{upstream}-{os.getpid() if pid is None else pid}-{number}.sock"
+
+
+def worker_environment(config: UpstreamConfig, tag: str | None) -> dict[str, str]:
+    """The environment of a worker (`tag`) or a prestart step (None): the proxy's own, plus
+    the upstream's `env`, plus the proxy's interpreter's bin directory last on PATH."""
+    env = dict(os.environ)
+    # systemd's notify socket is the proxy's: a worker that speaks sd_notify (gunicorn says
+    # READY=1) must not tell the service manager that the service is ready or stopping.
+    env.pop("NOTIFY_SOCKET", None)
+    env.update(config.env)
+    env.setdefault("PYTHONUNBUFFERED", "1")  # output reaches the log line by line
+    # `.venv/bin/tlsproxy run` without an activated venv must still find the uvicorn (or
+    # alembic) installed beside it: the interpreter's bin directory goes last on PATH.
+    bin_dir = os.path.dirname(sys.executable)
+    path = env.get("PATH", os.defpath)
+    if bin_dir not in path.split(os.pathsep):
+        env["PATH"] = f"{path}{os.pathsep}{bin_dir}" if path else bin_dir
+    if tag is not None:
+        env["TLSPROXY_WORKER"] = tag
+    return env
 
 
 def is_uvicorn(argv: Sequence[str]) -> bool:
@@ -529,7 +571,7 @@ class WorkerSupervisor:
                 ["/bin/sh", "-c", command],
                 env=self._env(None),
                 cwd=self.cwd,
-                on_line=lambda line, tag=tag: log.info("%s: %s", tag, line),
+                on_line=_line_logger(tag, OutputLevels()),
             )
             self._prestart_proc = proc
             try:
@@ -553,33 +595,17 @@ class WorkerSupervisor:
         return slot
 
     def _env(self, tag: str | None) -> dict[str, str]:
-        env = dict(os.environ)
-        # systemd's notify socket is the proxy's: a worker that speaks sd_notify (gunicorn says
-        # READY=1) must not tell the service manager that the service is ready or stopping.
-        env.pop("NOTIFY_SOCKET", None)
-        env.update(self.config.env)
-        env.setdefault("PYTHONUNBUFFERED", "1")  # output reaches the log line by line
-        # `.venv/bin/tlsproxy run` without an activated venv must still find the uvicorn (or
-        # alembic) installed beside it: the interpreter's bin directory goes last on PATH.
-        bin_dir = os.path.dirname(sys.executable)
-        path = env.get("PATH", os.defpath)
-        if bin_dir not in path.split(os.pathsep):
-            env["PATH"] = f"{path}{os.pathsep}{bin_dir}" if path else bin_dir
-        if tag is not None:
-            env["TLSPROXY_WORKER"] = tag
-        return env
+        return worker_environment(self.config, tag)
 
     def _listen_address(self) -> tuple[UpstreamServer, dict[str, str]]:
         values: dict[str, str] = {}
         server: UpstreamServer | None = None
         if "{socket}" in self.config.command:  # type: ignore[operator]
-            # The pid keeps two proxies that share a directory (a RuntimeDirectory inherited by
-            # a second proxy) from taking each other's paths.
-            path = self.run_dir / f"{self.name}-{os.getpid()}-{next(_socket_numbers)}.sock"
-            if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
+            path = socket_path(self.run_dir, self.name, next(_socket_numbers))
+            if len(os.fsencode(path)) > MAX_SOCKET_PATH:
                 raise StartupError(
                     f"upstream {self.name}: worker socket path {path} is longer than "
-                    f"{_MAX_SOCKET_PATH} bytes; use a shorter data_dir (or, under systemd, "
+                    f"{MAX_SOCKET_PATH} bytes; use a shorter data_dir (or, under systemd, "
                     "RuntimeDirectory=, which puts the sockets in /run)"
                 )
             with contextlib.suppress(FileNotFoundError):
@@ -611,11 +637,8 @@ class WorkerSupervisor:
                 argv += ["--forwarded-allow-ips", "*"]
         holder: list[int] = []
         tag = slot.tag
-
-        def on_line(line: str) -> None:
-            log.info("%s[%d]: %s", tag, holder[0] if holder else 0, line)
-
-        proc = ChildProcess(argv, env=self._env(tag), cwd=self.cwd, on_line=on_line)
+        write = _line_logger(tag, OutputLevels(self.config.health), holder)
+        proc = ChildProcess(argv, env=self._env(tag), cwd=self.cwd, on_line=write)
         holder.append(proc.pid)
         limit = None
         if self.config.max_requests:

@@ -64,3 +64,17 @@ async def alloc(mb: int) -> dict:
 async def slow(s: float = 0.3) -> dict:
     await asyncio.sleep(s)
     return {"pid": os.getpid()}
+
+
+@app.get("/say")
+async def say(level: str, text: str) -> dict:
+    # Through uvicorn's own logger: printed as uvicorn prints its warnings ("WARNING:  text").
+    import logging
+
+    logging.getLogger("uvicorn.error").log(logging.getLevelName(level.upper()), text)
+    return {"pid": os.getpid()}
+
+
+@app.get("/boom")
+async def boom() -> dict:
+    raise ValueError("boom from pidapp")  # uvicorn: "ERROR:    Exception in ASGI application"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import tempfile
 from pathlib import Path
@@ -64,3 +65,50 @@ async def test_checker_marks_the_dead_server_down_and_keeps_the_live_one(supervi
         assert changes == [(dead, False)]
         assert not health[dead].is_up(0.0)
         assert health[live].is_up(0.0) and health[live].passes >= 2
+
+
+async def test_the_checker_logs_changes_with_the_reason_not_every_probe(
+    supervise, tmp_path: Path
+) -> None:
+    sick = tmp_path / "sick"
+    sup, pool = supervise(upstream(workers=1, env=(("PIDAPP_SICK_IF", str(sick)),)))
+    await sup.start()
+    (live,) = pool.servers
+    with tempfile.TemporaryDirectory() as d:
+        dead = UpstreamServer(path=str(Path(d) / "nobody.sock"))
+        config = upstream(health_interval=0.05, unhealthy_threshold=2, healthy_threshold=2)
+        health = {s: ServerHealth.from_config(config) for s in (live, dead)}
+        records: list[logging.LogRecord] = []
+        handler = logging.Handler(logging.DEBUG)
+        handler.emit = records.append  # type: ignore[method-assign]
+        logger = logging.getLogger("tlsproxy.upstream")
+        logger.addHandler(handler)
+        old_level = logger.level
+        logger.setLevel(logging.DEBUG)
+        try:
+            checker = HealthChecker(config, health)
+            for _ in range(6):
+                await checker.check_once()
+            sick.touch()
+            for _ in range(6):
+                await checker.check_once()
+            sick.unlink()
+            for _ in range(6):
+                await checker.check_once()
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(old_level)
+    lines = [(r.levelno, r.getMessage()) for r in records]
+    # 18 rounds of 2 servers, 3 changes: one line each, nothing per probe.
+    assert lines == [
+        (
+            logging.WARNING,
+            f"upstream app: {dead} is down: 2 health checks of /healthz failed "
+            "(last: no such file or directory)",
+        ),
+        (
+            logging.WARNING,
+            f"upstream app: {live} is down: 2 health checks of /healthz failed (last: status 503)",
+        ),
+        (logging.INFO, f"upstream app: {live} is up again (2 health checks of /healthz passed)"),
+    ], lines

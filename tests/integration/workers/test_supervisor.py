@@ -55,7 +55,7 @@ async def test_each_worker_answers_with_its_own_pid(supervise, worker_log) -> No
     # worker output lands in the log, tagged with the worker and its pid
     first = snapshot[0]
     lines = messages(worker_log)
-    assert f"app-1[{first.pid}]: INFO:     Application startup complete." in lines
+    assert f"app-1[{first.pid}]: Application startup complete." in lines
 
 
 async def test_killed_worker_comes_back_and_the_others_keep_serving(supervise, worker_log) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ssl
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -120,3 +121,26 @@ def fake_installed(spec_name: str, serial: int = 1) -> Installed:
     )
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     return Installed(spec_name, ctx, info, Path(f"/x/{spec_name}.crt"), Path("/x/k"))
+
+
+def make_foreign_root(
+    key: Any, name: x509.Name, *, ski: bool, now: datetime = NOW
+) -> tuple[x509.Certificate, Any]:
+    """A root as other tools make them (the user brings it): any key type, any name (no CN
+    at all, say), with or without a SubjectKeyIdentifier."""
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=10))
+        .not_valid_after(now + timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(CA_KEY_USAGE, critical=True)
+    )
+    if ski:
+        builder = builder.add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+        )
+    return builder.sign(key, hashes.SHA256()), key

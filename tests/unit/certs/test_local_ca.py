@@ -180,3 +180,73 @@ def test_bad_csr_and_no_hosts(storage, clock):
         ca.issue(spec, b"not a csr")
     with pytest.raises(IssuanceError):
         ca.sign_leaf(generate_private_key().public_key(), ())
+
+
+def _foreign_root(key, name: x509.Name, *, ski: bool):
+    from .factory import make_foreign_root
+
+    return make_foreign_root(key, name, ski=ski)
+
+
+def _write_pair(directory, cert, key):
+    from certs.keys import certificate_to_pem, private_key_to_pem
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "r.pem").write_bytes(certificate_to_pem(cert))
+    (directory / "r.key").write_bytes(private_key_to_pem(key))
+    return directory / "r.pem", directory / "r.key"
+
+
+NO_CN = x509.Name([x509.NameAttribute(x509.oid.NameOID.ORGANIZATION_NAME, "Example Corp")])
+
+
+@pytest.mark.parametrize("kind", ["ec-no-cn-no-ski", "rsa-no-cn"])
+def test_a_user_root_signs_the_intermediate_and_leaves(storage, clock, tmp_path, kind):
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    if kind.startswith("ec"):
+        root, key = _foreign_root(ec.generate_private_key(ec.SECP384R1()), NO_CN, ski=False)
+    else:
+        root, key = _foreign_root(rsa.generate_private_key(65537, 2048), NO_CN, ski=True)
+    files = _write_pair(tmp_path / "pki", root, key)
+    LocalCA.load_or_create(storage, clock=clock)  # a root made here first: then replaced
+    ca = LocalCA.load_or_create(storage, clock=clock, root_files=files)
+    assert ca.root == root
+    assert storage.ca_files().root_cert.read_bytes() == files[0].read_bytes()
+    assert not storage.ca_files().root_key.exists()  # the user's key stays with the user
+    assert (storage.ca_files().root_key.parent / "root.key.replaced").exists()
+    chain, _ = issue(ca, ["app.test"])
+    verify(root, chain, "app.test", NOW)
+    # Named after the root's fingerprint, since it has no CN of ours.
+    assert ca.intermediate.subject.rfc4514_string().startswith("CN=tlsproxy local intermediate ")
+    # Loaded again: the same intermediate, nothing redone.
+    again = LocalCA.load_or_create(storage, clock=clock, root_files=files)
+    assert again.intermediate == ca.intermediate
+
+
+def test_a_root_without_cn_in_storage_no_index_error(storage, clock, tmp_path):
+    root, key = _foreign_root(ec.generate_private_key(ec.SECP256R1()), NO_CN, ski=True)
+    files = storage.ca_files()
+    _write_pair(files.root_cert.parent, root, key)
+    (files.root_cert.parent / "r.pem").rename(files.root_cert)
+    (files.root_cert.parent / "r.key").rename(files.root_key)
+    ca = LocalCA.load_or_create(storage, clock=clock)
+    chain, _ = issue(ca, ["app.test"])
+    verify(root, chain, "app.test", NOW)
+
+
+def test_bad_user_roots_name_the_file(tmp_path, clock):
+    from certs.issuers.local_ca import load_user_root
+
+    root, key = make_ca()
+    other, other_key = make_ca("other")
+    good = _write_pair(tmp_path / "good", root, key)
+    mixed = (good[0], _write_pair(tmp_path / "other", other, other_key)[1])
+    with pytest.raises(CertificateFileError) as caught:
+        load_user_root(mixed, NOW)
+    assert caught.value.path == mixed[1] and "is not the key" in str(caught.value)
+    with pytest.raises(CertificateFileError, match="file not found"):
+        load_user_root((tmp_path / "none.pem", good[1]), NOW)
+    with pytest.raises(CertificateFileError, match="expired"):
+        load_user_root(good, NOW + 4000 * DAY)
+    assert load_user_root(good, NOW)[0] == root

@@ -115,6 +115,9 @@ def test_hosts_are_normalised_and_wildcards_allowed() -> None:
         ("[local_ca]\nleaf_lifetime = '400d'\n", "local_ca.leaf_lifetime"),
         ("[local_ca]\nleaf_lifetime = 'a week'\n", "local_ca.leaf_lifetime"),
         ("[local_ca]\nroot_lifetime = '10y'\n", "local_ca.root_lifetime"),
+        ("[local_ca]\nroot_cert = 'root.pem'\n", "local_ca.root_key"),
+        ("[local_ca]\nroot_key = 'root.key'\n", "local_ca.root_cert"),
+        ("[local_ca]\nroot_cert = ''\nroot_key = 'k'\n", "local_ca.root_cert"),
         ("unknown = true\n", "unknown"),
     ],
 )
@@ -184,3 +187,16 @@ def test_unreadable_and_broken_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(broken)
     assert "TOML" in str(info.value)
+
+
+def test_local_ca_root_files_resolve_against_the_config() -> None:
+    config = parse("[local_ca]\nroot_cert = 'pki/root.pem'\nroot_key = '/etc/k.key'\n" + MINIMAL)
+    assert config.local_ca.root_cert is not None and config.local_ca.root_cert.is_absolute()
+    assert config.local_ca.root_cert.parts[-2:] == ("pki", "root.pem")
+    assert config.local_ca.root_key == Path("/etc/k.key")
+
+
+def test_a_unix_server_path_over_107_bytes_names_the_server() -> None:
+    text = MINIMAL.replace('servers = ["127.0.0.1:8000"]', f'servers = ["unix:/{"s" * 107}"]')
+    assert text != MINIMAL
+    assert error_key(text) == "upstream.app.servers[0]"
