@@ -45,15 +45,25 @@ from proxy.downstream.flow import (
     discards_after_close_notify,
     tune_write_buffer,
 )
+from proxy.downstream.forwarding import response_headers
 from proxy.downstream.request_head import RequestHead, read_request_head
-from proxy.downstream.responses import error_response
+from proxy.downstream.responses import error_response, reason
 from proxy.errors import UpstreamError
 from proxy.logs import log, upstream_log
 from proxy.state import ProxyState
 from proxy.tls import DirectSSLObject, client_cert_header
+from proxy.upstream.response_parser import CHUNKED, UNTIL_CLOSE
 
 if TYPE_CHECKING:
     from certs.models import ClientAuthSpec
+    from proxy.upstream.response_parser import ResponseParser
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+_CRLF = b"\r\n"
+_COALESCE = 64 * 1024  # below this, head and body go out as one bytes object
+# A Strict-Transport-Security line of a raw head (every field line follows a CRLF).
+_STS_LINE = re.compile(rb"\r\nstrict-transport-security:[^\r]*", re.IGNORECASE)
 
 # Where the connection is between requests.
 _IDLE = 0  # waiting for the first byte of the next request
@@ -107,6 +117,8 @@ class DownstreamProtocol(asyncio.Protocol):
         "_pipelined",
         "_processing",
         "_request_done",
+        "_resp_chunked",
+        "_resp_head",
         "_ssl",
         "_timer",
         "_timer_at",
@@ -160,6 +172,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self._processing = False
         self._wait = _IDLE
         self._head_chunks: list[bytes] = []  # the raw bytes of the head being received
+        self._resp_head: bytes | None = None  # a response head waiting to go with body bytes
+        self._resp_chunked = False  # the response being sent is re-chunked
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -414,8 +428,10 @@ class DownstreamProtocol(asyncio.Protocol):
             self._pipelined = False
             self.gate.resume(PIPELINE)
 
-    def exchange_done(self, exchange: Exchange, keep_alive: bool, *, abort: bool = False) -> None:
+    def exchange_done(self, exchange: Exchange, complete: bool, *, abort: bool = False) -> None:
         """The response is complete (or failed): next request, or close."""
+        self._resp_head = None
+        self._resp_chunked = False
         if self.exchange is exchange:
             self.exchange = None
         if self._closed:
@@ -433,7 +449,7 @@ class DownstreamProtocol(asyncio.Protocol):
         # error) before the head was handed on: nothing more will come to linger for.
         request_done = self._request_done or not exchange.has_body
         ended = self._client_eof and not self._buf  # requests it sent before its EOF go on
-        if not keep_alive or self.draining or ended or not request_done:
+        if not (complete and exchange.keep_alive) or self.draining or ended or not request_done:
             self._close(linger=not request_done)
             return
         self._release()
@@ -463,6 +479,127 @@ class DownstreamProtocol(asyncio.Protocol):
     def tunnel_io(self) -> None:
         """A byte went through the tunnel, either way: its idle timer starts again."""
         self.last_tunnel_io = self._loop.time()
+
+    # --- the response, framed as HTTP/1.1 (the exchange's ClientSide) ------------------------
+
+    def send_continue(self) -> int:
+        return self._write(_CONTINUE)
+
+    def send_head(
+        self,
+        exchange: Exchange,
+        status: int,
+        phrase: bytes,
+        headers: list[tuple[bytes, bytes]] | None,
+        parser: ResponseParser,
+    ) -> None:
+        hsts = exchange.hsts
+        if headers is None:  # nothing to rewrite: the upstream's own bytes go on
+            if hsts is None:
+                parts = [parser.raw_head]
+            else:  # the site's policy replaces the app's (one header, the configured one)
+                parts = [_STS_LINE.sub(b"", parser.raw_head), hsts]
+        else:
+            parts = [b"HTTP/1.1 %d %s\r\n" % (status, phrase or reason(status))]
+            fields = response_headers(headers)
+            if hsts is not None:
+                fields = [f for f in fields if f[0] != b"strict-transport-security"]
+            for name, value in fields:
+                parts += (name, b": ", value, _CRLF)
+            if hsts is not None:
+                parts.append(hsts)
+        body = parser.body
+        if body == CHUNKED or body == UNTIL_CLOSE:
+            if exchange.http10:
+                exchange.keep_alive = False  # an HTTP/1.0 client reads until we close
+            else:
+                parts.append(b"transfer-encoding: chunked\r\n")
+                self._resp_chunked = True
+        if exchange.keep_alive and self.draining:
+            exchange.keep_alive = False
+        if not exchange.keep_alive:
+            parts.append(b"connection: close\r\n")
+        elif exchange.http10:
+            parts.append(b"connection: keep-alive\r\n")  # HTTP/1.0 closes unless told
+        parts.append(_CRLF)
+        # It waits for the first body bytes, to go out in the same TLS record.
+        self._resp_head = b"".join(parts)
+
+    def send_body(self, data: bytes) -> int:
+        head = self._resp_head
+        if self._resp_chunked:
+            size = b"%x\r\n" % len(data)
+            if head is not None:
+                self._resp_head = None
+                return self._write_parts((head, size, data, _CRLF))
+            return self._write_parts((size, data, _CRLF))
+        if head is not None:
+            self._resp_head = None
+            return self._write_parts((head, data))
+        return self._write(data)
+
+    def send_end(self) -> int:
+        head = self._resp_head
+        self._resp_head = None
+        if self._resp_chunked:
+            return self._write(_LAST_CHUNK if head is None else head + _LAST_CHUNK)
+        if head is not None:
+            return self._write(head)
+        return 0
+
+    def flush_head(self) -> int:
+        head = self._resp_head
+        if head is None:
+            return 0
+        self._resp_head = None
+        return self._write(head)
+
+    def send_error(
+        self, status: int, *, head: bool, retry_after: int | None, hsts: bytes | None
+    ) -> int:
+        self._resp_head = None
+        data = error_response(status, close=True, head=head, retry_after=retry_after)
+        if hsts is not None:
+            end = data.index(_CRLF) + 2
+            data = data[:end] + hsts + data[end:]
+        return self._write(data)
+
+    def send_switch(self, phrase: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+        parts = [b"HTTP/1.1 101 ", phrase or b"Switching Protocols", _CRLF]
+        for name, value in response_headers(headers, upgrade=True):
+            parts += (name, b": ", value, _CRLF)
+        parts.append(_CRLF)
+        return self._write(b"".join(parts))
+
+    def pause_reading(self) -> None:
+        self.gate.pause(PEER_BUSY)
+
+    def resume_reading(self) -> None:
+        if self.gate.reasons & PEER_BUSY:
+            self.gate.resume(PEER_BUSY)
+
+    def abort(self) -> None:
+        self.transport.abort()
+
+    def _write(self, data: bytes) -> int:
+        transport = self.transport
+        if transport.is_closing():  # the client left; uvloop raises on a closed transport
+            return 0
+        transport.write(data)
+        return len(data)
+
+    def _write_parts(self, parts: tuple[bytes, ...]) -> int:
+        transport = self.transport
+        if transport.is_closing():
+            return 0
+        size = 0
+        for part in parts:
+            size += len(part)
+        if size <= _COALESCE:
+            transport.write(b"".join(parts))
+        else:
+            transport.writelines(parts)
+        return size
 
     # --- errors and closing ---------------------------------------------------------------
 

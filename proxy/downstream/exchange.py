@@ -5,46 +5,40 @@ Callbacks, not a task: the client connection calls `on_request_data`/`on_request
 upstream response parser calls `on_head`/`on_body`/`on_end`, and each pushes bytes straight to
 the other transport. A task exists only while a new upstream connection is being opened.
 
-h11 on the client side parses the request; the response bytes are written here, and the
-keep-alive cycle is the client connection's (see connection.py).
+The exchange decides what happens to a request (routing, rewriting, the pool, retries,
+limits, upgrades); its client side (`ClientSide` in client_side.py) decides how the response
+goes on the wire. Today that is the HTTP/1.1 connection (connection.py), which parses the
+request with h11, frames the response (chunked, close-delimited for HTTP/1.0) and runs the
+keep-alive cycle; an HTTP/2 stream is meant to be the second one, with nothing here copied.
 
-Framing to the client: a Content-Length response passes through as is; a chunked or
-close-delimited one is re-chunked (HTTP/1.1 client) or sent close-delimited (HTTP/1.0).
 Trailers are dropped in both directions. A response cut short by the upstream makes the client
-connection close without the final chunk, so no truncated body looks complete.
+side end it as incomplete (an HTTP/1.1 connection closes without the final chunk), so no
+truncated body looks complete.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 from typing import TYPE_CHECKING
 
-from proxy.downstream.flow import PEER_BUSY
 from proxy.downstream.forwarding import (
     request_head,
-    response_headers,
     switch_accepted,
     upgrade_offer,
 )
-from proxy.downstream.responses import error_response, reason, split_target
+from proxy.downstream.responses import split_target
 from proxy.downstream.routing import client_auth_allows
 from proxy.errors import UpstreamError
-from proxy.upstream.response_parser import CHUNKED, UNTIL_CLOSE
 
 if TYPE_CHECKING:
     from proxy.config import Site
-    from proxy.downstream.connection import DownstreamProtocol
+    from proxy.downstream.client_side import ClientSide
     from proxy.downstream.request_head import RequestHead
     from proxy.upstream.connection import UpstreamConnection
     from proxy.upstream.pool import ServerSlot, UpstreamPool
 
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 _CRLF = b"\r\n"
-# A Strict-Transport-Security line of a raw head (every field line follows a CRLF).
-_STS_LINE = re.compile(rb"\r\nstrict-transport-security:[^\r]*", re.IGNORECASE)
-_COALESCE = 64 * 1024  # below this, head and body go out as one bytes object
 _CLIENT_CLOSED = 499  # access-log status when the client went away first (nginx's)
 
 # The request headers the data path itself needs (forwarding.request_head handles the rest).
@@ -84,9 +78,9 @@ class Exchange:
         "body_in",
         "body_sent",
         "bytes_out",
+        "client",
         "connecting",
         "content_length",
-        "down",
         "expect_continue",
         "finished",
         "has_body",
@@ -103,8 +97,6 @@ class Exchange:
         "pool",
         "req_chunked",
         "req_done",
-        "resp_chunked",
-        "resp_head",
         "resp_started",
         "retried",
         "slot",
@@ -115,8 +107,8 @@ class Exchange:
         "up",
     )
 
-    def __init__(self, down: DownstreamProtocol, request: RequestHead, started: float) -> None:
-        self.down = down
+    def __init__(self, client: ClientSide, request: RequestHead, started: float) -> None:
+        self.client = client
         self.method = request.method
         self.target = request.target
         self.started = started
@@ -135,13 +127,12 @@ class Exchange:
         self.body_in = 0
         self.body_sent = False
         self.http10 = request.http_version != b"1.1"
+        # The client's wish to keep its connection (HTTP/1.x); its client side may overrule it.
         self.keep_alive = not self.http10
         self.expect_continue = False
         self.status = 0
-        self.resp_head: bytes | None = None  # response head waiting to go out with body bytes
         self.resp_started = False
-        self.resp_chunked = False
-        self.bytes_out = 0
+        self.bytes_out = 0  # bytes its client side put on the wire for the response
         self.finished = False
         self.retried = False
         self.connecting = False
@@ -203,16 +194,16 @@ class Exchange:
                     fields = [(n, authority if n == b"host" else v) for n, v in fields]
                 else:  # HTTP/1.0 may omit Host; the upstream's HTTP/1.1 request needs one
                     fields = [*fields, (b"host", authority)]
-        down = self.down
-        state = down.state
+        client = self.client
+        state = client.state
         if self.host is None:
             # Only HTTP/1.0 may omit Host (h11 requires it in 1.1). As nginx does, the name the
             # client gave the TLS layer stands in, else the default site's; the upstream gets
             # it as Host, which its HTTP/1.1 request needs.
-            self.host = _stand_in_host(down.sni, state.router.default)
+            self.host = _stand_in_host(client.sni, state.router.default)
             if self.host is not None:
                 fields = [*fields, (b"host", self.host)]
-        site, status = state.router.route(down.sni, self.host)
+        site, status = state.router.route(client.sni, self.host)
         if site is None:
             self._reply_error(status)
             return
@@ -220,7 +211,7 @@ class Exchange:
         if hsts is not None:
             self.hsts = hsts
         client_auth = site.client_auth
-        if client_auth is not None and not client_auth_allows(site, down.client_auth):
+        if client_auth is not None and not client_auth_allows(site, client.client_auth):
             self._reply_error(421)
             return
         if length is not None and self.req_chunked:
@@ -245,18 +236,18 @@ class Exchange:
             request.method,
             target,
             fields,
-            client_ip=down.client_ip,
+            client_ip=client.client_ip,
             host=self.host or b"",
             trusted=state.trusted,
             upgrade=self.offer,
-            client_cert=down.client_cert if client_auth is not None else None,
+            client_cert=client.client_cert if client_auth is not None else None,
         )
         self._acquire(None)
 
     def on_request_data(self, data: bytes) -> None:
         size = len(data)
         self.body_in += size
-        if self.body_in > self.down.state.limits.max_body_bytes:
+        if self.body_in > self.client.state.limits.max_body_bytes:
             self._body_too_large()
             return
         if self.req_chunked:
@@ -304,7 +295,7 @@ class Exchange:
             return
         # Until connected, the client's body waits in the kernel, not in our memory.
         self.connecting = True
-        self.down.gate.pause(PEER_BUSY)
+        self.client.pause_reading()
         task = asyncio.get_running_loop().create_task(pool.connect(slot))
         task.add_done_callback(self._connected)
 
@@ -327,15 +318,14 @@ class Exchange:
             self._attach(task.result())
             self.flush()
         except Exception:
-            self.down.internal_error()
+            self.client.internal_error()
 
     def _attach(self, conn: UpstreamConnection) -> None:
         self.up = conn
         conn.begin(self, head_request=self.method == b"HEAD")
-        down = self.down
-        if down.gate.reasons:
-            down.gate.resume(PEER_BUSY)
-        if down.write_paused:
+        client = self.client
+        client.resume_reading()
+        if client.write_paused:
             conn.pause_reading()
 
     def _give_back(self, conn: UpstreamConnection | None, *, reusable: bool) -> None:
@@ -356,7 +346,7 @@ class Exchange:
         # 100 Continue goes to a client that asked for it; other 1xx are dropped.
         if status == 100 and self.expect_continue and not self.resp_started:
             self.expect_continue = False
-            self._write(_CONTINUE)
+            self.bytes_out += self.client.send_continue()
 
     def on_head(
         self, status: int, phrase: bytes, headers: list[tuple[bytes, bytes]] | None
@@ -370,75 +360,24 @@ class Exchange:
             return
         up = self.up
         assert up is not None
-        hsts = self.hsts
-        if headers is None:  # nothing to rewrite: the upstream's own bytes go on
-            if hsts is None:
-                parts = [up.parser.raw_head]
-            else:  # the site's policy replaces the app's (one header, the configured one)
-                parts = [_STS_LINE.sub(b"", up.parser.raw_head), hsts]
-        else:
-            parts = [b"HTTP/1.1 %d %s\r\n" % (status, phrase or reason(status))]
-            fields = response_headers(headers)
-            if hsts is not None:
-                fields = [f for f in fields if f[0] != b"strict-transport-security"]
-            for name, value in fields:
-                parts += (name, b": ", value, _CRLF)
-            if hsts is not None:
-                parts.append(hsts)
-        body = up.parser.body
-        if body == CHUNKED or body == UNTIL_CLOSE:
-            if self.http10:
-                self.keep_alive = False  # an HTTP/1.0 client reads until we close
-            else:
-                parts.append(b"transfer-encoding: chunked\r\n")
-                self.resp_chunked = True
-        if self.keep_alive and self.down.draining:
-            self.keep_alive = False
-        if not self.keep_alive:
-            parts.append(b"connection: close\r\n")
-        elif self.http10:
-            parts.append(b"connection: keep-alive\r\n")  # HTTP/1.0 closes unless told
-        parts.append(_CRLF)
-        self.resp_head = b"".join(parts)
         self.resp_started = True
+        self.client.send_head(self, status, phrase, headers, up.parser)
 
     def on_body(self, data: bytes) -> None:
         if self.tunnel:
-            self.down.tunnel_io()
-            self._write(data)
-            return
-        head = self.resp_head
-        if self.resp_chunked:
-            size = b"%x\r\n" % len(data)
-            if head is not None:
-                self.resp_head = None
-                self._write_parts((head, size, data, _CRLF))
-            else:
-                self._write_parts((size, data, _CRLF))
-        elif head is not None:
-            self.resp_head = None
-            self._write_parts((head, data))
-        else:
-            self._write(data)
+            self.client.tunnel_io()
+        self.bytes_out += self.client.send_body(data)
 
     def on_end(self) -> None:
-        head = self.resp_head
-        self.resp_head = None
-        if self.resp_chunked:
-            self._write(_LAST_CHUNK if head is None else head + _LAST_CHUNK)
-        elif head is not None:
-            self._write(head)
+        self.bytes_out += self.client.send_end()
         up = self.up
         request_complete = self.req_done and not self.pending and not self.connecting
         self._give_back(up, reusable=request_complete)
-        self._finish(self.keep_alive and request_complete)
+        self._finish(request_complete)
 
     def feed_done(self) -> None:
         """The upstream's bytes of this read are parsed: a head still waiting goes out now."""
-        head = self.resp_head
-        if head is not None:
-            self.resp_head = None
-            self._write(head)
+        self.bytes_out += self.client.flush_head()
 
     # --- upgrades -------------------------------------------------------------------------
 
@@ -454,13 +393,9 @@ class Exchange:
             return
         self.tunnel = True
         up.tunnel = True
-        parts = [b"HTTP/1.1 101 ", phrase or b"Switching Protocols", _CRLF]
-        for name, value in response_headers(headers, upgrade=True):
-            parts += (name, b": ", value, _CRLF)
-        parts.append(_CRLF)
         self.resp_started = True
-        self._write(b"".join(parts))
-        early = self.down.start_tunnel(self)
+        self.bytes_out += self.client.send_switch(phrase, headers)
+        early = self.client.start_tunnel(self)
         if early:
             up.write(early)
 
@@ -485,10 +420,10 @@ class Exchange:
     # --- flow control ---------------------------------------------------------------------
 
     def upstream_write_paused(self) -> None:
-        self.down.gate.pause(PEER_BUSY)
+        self.client.pause_reading()
 
     def upstream_write_resumed(self) -> None:
-        self.down.gate.resume(PEER_BUSY)
+        self.client.resume_reading()
 
     def client_write_paused(self) -> None:
         if self.up is not None:
@@ -511,7 +446,7 @@ class Exchange:
             # Part of the response is out: close without the final chunk (or short of the
             # Content-Length), so the client sees an incomplete message, never a complete one.
             self._give_back(up, reusable=False)
-            self.down.log_upstream_failure(self, error)
+            self.client.log_upstream_failure(self, error)
             self._finish(False, abort=True)
             return
         self._report_failure(error, up)
@@ -524,7 +459,7 @@ class Exchange:
             if self.up is not None:
                 self.flush()
             return
-        self.down.log_upstream_failure(self, error)
+        self.client.log_upstream_failure(self, error)
         self._reply_error(error.status)
 
     def _report_failure(self, error: UpstreamError, up: UpstreamConnection | None) -> None:
@@ -560,12 +495,12 @@ class Exchange:
         (like nginx's send_timeout), so it cannot hold an upstream connection forever."""
         if self.finished:
             return
-        self.down.log_upstream_failure(
+        self.client.log_upstream_failure(
             self, UpstreamError("the client stopped reading the response", 502)
         )
         self._give_back(self.up, reusable=False)
         self._finish(False, abort=True)
-        self.down.transport.abort()  # a graceful close would wait for it to read
+        self.client.abort()  # a graceful close would wait for it to read
 
     def client_failed(self, status: int) -> None:
         """The client broke the protocol in the middle of its body (h11 raised)."""
@@ -579,7 +514,7 @@ class Exchange:
             self._finish(False, abort=True)
 
     def internal_error(self) -> None:
-        self.down.internal_error()
+        self.client.internal_error()
 
     def _body_too_large(self) -> None:
         self.pending.clear()
@@ -595,12 +530,10 @@ class Exchange:
         if self.up is not None or self.slot is not None:
             self._give_back(self.up, reusable=False)
         self.resp_started = True
-        head = self.method == b"HEAD"
-        data = error_response(status, close=True, head=head, retry_after=retry_after)
-        if self.hsts is not None:  # the site's own errors (502, 504) carry its policy too
-            end = data.index(_CRLF) + 2
-            data = data[:end] + self.hsts + data[end:]
-        self._write(data)
+        # The site's own errors (502, 504) carry its HSTS policy too.
+        self.bytes_out += self.client.send_error(
+            status, head=self.method == b"HEAD", retry_after=retry_after, hsts=self.hsts
+        )
         self._finish(False)
 
     def client_lost(self) -> None:
@@ -615,34 +548,16 @@ class Exchange:
             self.status = _CLIENT_CLOSED
         self._finish(False, notify=False)
 
-    # --- output ---------------------------------------------------------------------------
+    # --- the end -------------------------------------------------------------------------
 
-    def _write(self, data: bytes) -> None:
-        transport = self.down.transport
-        if transport.is_closing():  # the client left; uvloop raises on a closed transport
-            return
-        self.bytes_out += len(data)
-        transport.write(data)
-
-    def _write_parts(self, parts: tuple[bytes, ...]) -> None:
-        transport = self.down.transport
-        if transport.is_closing():
-            return
-        size = 0
-        for part in parts:
-            size += len(part)
-        self.bytes_out += size
-        if size <= _COALESCE:
-            transport.write(b"".join(parts))
-        else:
-            transport.writelines(parts)
-
-    def _finish(self, keep_alive: bool, *, abort: bool = False, notify: bool = True) -> None:
+    def _finish(self, complete: bool, *, abort: bool = False, notify: bool = True) -> None:
+        """`complete`: the request was read and the response sent in full, so the client side
+        may go on (an HTTP/1.1 connection to its next request, if the client wants that)."""
         if self.finished:
             return
         self.finished = True
-        down = self.down
-        if down.state.access_log.enabled:
-            down.log_access(self)
+        client = self.client
+        if client.state.access_log.enabled:
+            client.log_access(self)
         if notify:
-            down.exchange_done(self, keep_alive, abort=abort)
+            client.exchange_done(self, complete, abort=abort)
