@@ -34,6 +34,7 @@ import socket
 import ssl
 import stat
 import subprocess
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -336,7 +337,9 @@ def walk(components, tmp_path: Path) -> Walk:
     # Both CAs validate http-01 on the same port, the proxy's http listener; each has its own
     # named (same zone) and generates its own root.
     production = components(extra_config={"httpPort": staging.http_port})
-    root = tmp_path / "vps"
+    # A short root, as /var/lib is on a VPS: `tlsproxy check` refuses a data_dir whose worker
+    # sockets could pass the kernel's 107 bytes, and pytest's tmp_path is deep.
+    root = Path(tempfile.mkdtemp(prefix="vps-", dir="/tmp"))
     for d in ("opt", "srv", "etc/systemd/system", "var/lib", "var/backups", "tmp"):
         (root / d).mkdir(parents=True)
     roots = []
@@ -354,8 +357,11 @@ def walk(components, tmp_path: Path) -> Walk:
         staging_root=roots[0],
         production_root=roots[1],
     )
-    yield w
-    w.stop()
+    try:
+        yield w
+    finally:
+        w.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _match(table: dict[str, str], line: str) -> str | None:
