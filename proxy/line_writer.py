@@ -2,11 +2,14 @@
 
 stdout is often a pipe to journald or to another program, and a pipe that fills up blocks its
 writer: one slow reader would stall every client. So the event loop only appends each line to a
-list; once per loop iteration the lines go, as one block of bytes, to a thread that does the
-blocking write() calls. What the thread has not written yet is bounded (`max_pending` bytes): a
-line that would go beyond it is dropped and counted, and the count is logged (once every
-`report_every` seconds at most) instead of growing memory or stalling clients. close() (at the
-end of a drain) hands over what is left and waits a little for it to be written.
+list; every `flush_every` seconds (sooner once `flush_bytes` are waiting) the lines go, as one
+block of bytes, to a thread that does the blocking write() calls. Handing them over once per
+loop iteration instead woke that thread, on the proxy's own core, every few requests.
+
+What the thread has not written yet is bounded (`max_pending` bytes): a line that would go
+beyond it is dropped and counted, and the count is logged (once every `report_every` seconds at
+most) instead of growing memory or stalling clients. close() (at the end of a drain) hands over
+what is left and waits a little for it to be written.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import time
 from proxy.logs import log
 
 DEFAULT_MAX_PENDING = 4 * 1024 * 1024
+DEFAULT_FLUSH_EVERY = 0.05  # seconds a line may wait before its block goes to the thread
+DEFAULT_FLUSH_BYTES = 64 * 1024
 
 
 class LineWriter:
@@ -31,15 +36,19 @@ class LineWriter:
         *,
         max_pending: int = DEFAULT_MAX_PENDING,
         report_every: float = 10.0,
+        flush_every: float = DEFAULT_FLUSH_EVERY,
+        flush_bytes: int = DEFAULT_FLUSH_BYTES,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.fd = fd
         self.max_pending = max_pending
+        self.flush_every = flush_every
+        self.flush_bytes = flush_bytes
         self.report_every = report_every
         self._loop = loop or asyncio.get_running_loop()
         self._lines: list[str] = []
         self._size = 0  # characters in _lines (bytes, for ASCII lines, which these are)
-        self._scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
         # Two counters, each written by one thread only, so neither needs a lock: the bytes
         # handed to the writer thread, and the bytes it has written (or given up on).
         self._queued = 0
@@ -57,12 +66,15 @@ class LineWriter:
         size = len(line) + 1
         if self._queued - self._done + self._size + size > self.max_pending or self._closed:
             self.dropped += 1
+            if self._timer is None and not self._closed:  # the next flush reports the drops
+                self._timer = self._loop.call_later(self.flush_every, self._flush)
             return
         self._lines.append(line)
         self._size += size
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self._flush)
+        if self._size >= self.flush_bytes:
+            self._flush()
+        elif self._timer is None:
+            self._timer = self._loop.call_later(self.flush_every, self._flush)
 
     @property
     def pending(self) -> int:
@@ -70,7 +82,9 @@ class LineWriter:
         return self._queued - self._done + self._size
 
     def _flush(self) -> None:
-        self._scheduled = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._lines:
             lines, self._lines, self._size = self._lines, [], 0
             lines.append("")

@@ -39,10 +39,31 @@ async def test_lines_arrive_in_order_one_write_per_loop_iteration() -> None:
             os.close(w)
 
 
+async def test_lines_go_to_the_thread_in_blocks_by_time_or_size() -> None:
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    try:
+        writer = LineWriter(w, flush_every=0.2, flush_bytes=1000)
+        writer.write("first")
+        await asyncio.sleep(0.05)
+        with pytest.raises(BlockingIOError):  # not handed over yet: it waits for company
+            os.read(r, 65536)
+        await asyncio.sleep(0.3)
+        assert os.read(r, 65536) == b"first\n"  # flush_every passed
+        for i in range(20):
+            writer.write(f"{i:049d}")  # 50 bytes a line: the 20th reaches flush_bytes
+        await asyncio.sleep(0.05)
+        assert os.read(r, 65536).count(b"\n") == 20
+        await asyncio.to_thread(writer.close)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 async def test_a_reader_that_never_reads_costs_lines_not_the_loop(caplog) -> None:
     r, w = os.pipe()  # 64 KiB of pipe buffer, then write() blocks: in the thread only
     try:
-        writer = LineWriter(w, max_pending=256 * 1024, report_every=0.0)
+        writer = LineWriter(w, max_pending=256 * 1024, report_every=0.0, flush_every=0.0)
         line = "x" * 99
         started = time.monotonic()
         with caplog.at_level(logging.WARNING, logger="tlsproxy"):
