@@ -558,11 +558,9 @@ class DownstreamProtocol(asyncio.Protocol):
         self, status: int, *, head: bool, retry_after: int | None, hsts: bytes | None
     ) -> int:
         self._resp_head = None
-        data = error_response(status, close=True, head=head, retry_after=retry_after)
-        if hsts is not None:
-            end = data.index(_CRLF) + 2
-            data = data[:end] + hsts + data[end:]
-        return self._write(data)
+        return self._write(
+            error_response(status, close=True, head=head, retry_after=retry_after, hsts=hsts)
+        )
 
     def send_switch(self, phrase: bytes, headers: list[tuple[bytes, bytes]]) -> int:
         parts = [b"HTTP/1.1 101 ", phrase or b"Switching Protocols", _CRLF]

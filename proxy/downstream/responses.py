@@ -50,12 +50,15 @@ def plain_response(
     close: bool = False,
     head: bool = False,
     extra: tuple[tuple[bytes, bytes], ...] = (),
+    extra_lines: bytes = b"",
 ) -> bytes:
-    """A complete response with a text/plain body (omitted, length kept, when `head`)."""
+    """A complete response with a text/plain body (omitted, length kept, when `head`).
+    `extra_lines`: whole header lines made beforehand (a site's Strict-Transport-Security)."""
     lines = [
         b"HTTP/1.1 %d %s\r\n" % (status, reason(status)),
         b"content-type: text/plain; charset=utf-8\r\n",
         b"content-length: %d\r\n" % len(body),
+        extra_lines,
     ]
     lines.extend(name + b": " + value + b"\r\n" for name, value in extra)
     if close:
@@ -79,17 +82,26 @@ _ERRORS: dict[tuple[int, bool, bool], bytes] = {
 
 
 def error_response(
-    status: int, *, close: bool = True, retry_after: int | None = None, head: bool = False
+    status: int,
+    *,
+    close: bool = True,
+    retry_after: int | None = None,
+    head: bool = False,
+    hsts: bytes | None = None,
 ) -> bytes:
-    """A small text/plain error response; "connection: close" when `close`."""
+    """A small text/plain error response; "connection: close" when `close`; `hsts`: the
+    site's Strict-Transport-Security line."""
     if retry_after is None:
-        cached = _ERRORS.get((status, close, head))
-        if cached is not None:
-            return cached
+        if hsts is None:
+            cached = _ERRORS.get((status, close, head))
+            if cached is not None:
+                return cached
         extra: tuple[tuple[bytes, bytes], ...] = ()
     else:
         extra = ((b"retry-after", b"%d" % max(0, retry_after)),)
-    return plain_response(status, _error_body(status), close=close, head=head, extra=extra)
+    return plain_response(
+        status, _error_body(status), close=close, head=head, extra=extra, extra_lines=hsts or b""
+    )
 
 
 def split_target(target: bytes) -> tuple[bytes | None, bytes] | None:
