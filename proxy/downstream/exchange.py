@@ -207,9 +207,7 @@ class Exchange:
         if site is None:
             self._reply_error(status)
             return
-        hsts = site.hsts_header
-        if hsts is not None:
-            self.hsts = hsts
+        self.hsts = site.hsts_header
         client_auth = site.client_auth
         if client_auth is not None and not client_auth_allows(site, client.client_auth):
             self._reply_error(421)
