@@ -181,6 +181,7 @@ class ServerSettings:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     default_site: str | None = None
     shutdown_grace: float = 30.0
+    http2: bool = True  # ALPN offers h2 before http/1.1
     access_log: Literal["text", "json", "off"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -412,6 +413,7 @@ def _parse_server(table: _Table, base: Path) -> ServerSettings:
         trusted_proxies=tuple(trusted),
         default_site=default_site,
         shutdown_grace=table.duration("shutdown_grace", 30.0),
+        http2=table.boolean("http2", True),
         access_log=table.choice("access_log", "text", ("text", "json", "off")),  # type: ignore[arg-type]
         log_level=table.choice("log_level", "info", ("debug", "info", "warning", "error")),  # type: ignore[arg-type]
     )

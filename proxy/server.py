@@ -43,7 +43,12 @@ from proxy.listeners import ConnectionRegistry, HttpsListener, bind_socket, clos
 from proxy.logs import AccessLog, log, setup_logging
 from proxy.state import ProxyState
 from proxy.systemd import notify, notify_reloading, passed_sockets, runtime_directory
-from proxy.tls import CertificateSelector, normalize_server_name, server_context
+from proxy.tls import (
+    CertificateSelector,
+    normalize_server_name,
+    offer_http2,
+    server_context,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -86,6 +91,7 @@ class ProxyServer:
     async def start(self) -> None:
         config = self.config
         check_config(config, isolate_crypto=True)
+        offer_http2(config.server.http2)  # before any context is made
         # Nothing is served yet, so blocking here costs no client anything; it also keeps the
         # start-up's certificate work out of a worker thread's malloc arena (idle memory).
         try:
@@ -498,7 +504,7 @@ class ProxyServer:
             self.state = ProxyState.build(new, access_log, pools=reused)
             self._hook_pools()
             self.access_log = self.state.access_log
-            self.selector.update(cache, self.state.router)
+            self.selector.update(cache, self.state.router, http2=new.server.http2)
             self.config = new
             if uses_acme(new) and self.http01 is None:
                 from certs.challenges.http01 import Http01Responder

@@ -16,7 +16,7 @@ import os
 import ssl
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -38,7 +38,10 @@ TLS12_CIPHERS = ":".join(
         "ECDHE-RSA-CHACHA20-POLY1305",
     ]
 )
-ALPN_PROTOCOLS = ["http/1.1"]
+# ALPN, in the server's order of preference (OpenSSL picks the first the client also offers).
+ALPN_H2 = ["h2", "http/1.1"]
+ALPN_HTTP1 = ["http/1.1"]
+_alpn_protocols = ALPN_H2  # [server] http2; contexts take it when they are made
 
 # The raw socket of the handshake in progress, for the SNI callback. The accept loop sets it in
 # the task that runs one handshake; each task has its own context, and the event loop runs the
@@ -82,11 +85,22 @@ def _harden(context: ssl.SSLContext) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.maximum_version = ssl.TLSVersion.TLSv1_3
     context.set_ciphers(TLS12_CIPHERS)
-    context.set_alpn_protocols(ALPN_PROTOCOLS)
-    # Compression invites CRIME; renegotiation is a DoS lever and HTTP/1.1 here never needs it.
+    context.set_alpn_protocols(_alpn_protocols)
+    # Compression invites CRIME; renegotiation is a DoS lever (RFC 9113 9.2.1 forbids it in h2).
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     # Session tickets stay on (OpenSSL's default): resumption saves a full handshake per reconnect.
     return context
+
+
+def offer_http2(enabled: bool, contexts: Iterable[ssl.SSLContext] = ()) -> None:
+    """[server] http2: the ALPN list of every context made from now on, and of `contexts`
+    already made. OpenSSL asks for ALPN after the SNI callback switched the connection to its
+    certificate's context, so the front and the certificate contexts all need the same list;
+    a reload keeps certificate contexts (and their session tickets), so they change in place."""
+    global _alpn_protocols
+    _alpn_protocols = ALPN_H2 if enabled else ALPN_HTTP1
+    for context in contexts:
+        context.set_alpn_protocols(_alpn_protocols)
 
 
 def server_context(
@@ -262,14 +276,21 @@ class CertificateSelector:
         context.verify_mode = verify_mode
         return context
 
-    def update(self, cache: CertificateLookup, sites: SiteNames | None) -> None:
-        """A reload's certificates and sites; front contexts of sites gone are dropped."""
+    def update(
+        self, cache: CertificateLookup, sites: SiteNames | None, *, http2: bool | None = None
+    ) -> None:
+        """A reload's certificates and sites; front contexts of sites gone are dropped.
+        `http2`: the reload's [server] http2, for every context from the next handshake on."""
         self.cache = cache
         self.sites = sites
         entries = getattr(cache, "entries", None)
+        installed = entries() if entries is not None else []
         if entries is not None:
-            keep = {self._front_key(i) for i in entries() if i.client_auth is not None}
+            keep = {self._front_key(i) for i in installed if i.client_auth is not None}
             self._fronts = {k: v for k, v in self._fronts.items() if k in keep}
+        if http2 is not None:
+            contexts = [self.context, *self._fronts.values(), *(i.context for i in installed)]
+            offer_http2(http2, contexts)
 
     @property
     def asks_client_certificates(self) -> bool:

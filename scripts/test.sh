@@ -2,7 +2,8 @@
 # Installs what the test suite needs on a fresh Debian machine (run as root), then runs it all:
 #   apt: curl, openssl, pebble + bind9 (real ACME CA and DNS server for the ACME tests),
 #        nginx + wrk (the benchmark's smoke test), systemd + util-linux + passwd (the deploy
-#        tests: systemd-analyze, systemd-socket-activate, setpriv, useradd); pip: the project
+#        tests: systemd-analyze, systemd-socket-activate, setpriv, useradd), nghttp2-client (nghttp
+#        and h2load: HTTP/2 tests and benchmark); pip: the project
 #        with its [test] extra.
 # Arguments are passed to pytest (e.g. scripts/test.sh tests/unit -x).
 set -euo pipefail
@@ -11,7 +12,8 @@ cd "$(dirname "$0")/.."
 missing=()
 for pair in curl:curl openssl:openssl pebble:pebble named:bind9 dig:bind9-dnsutils \
             nginx:nginx wrk:wrk systemd-analyze:systemd systemd-socket-activate:systemd \
-            setpriv:util-linux useradd:passwd; do
+            setpriv:util-linux useradd:passwd \
+            nghttp:nghttp2-client h2load:nghttp2-client; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
