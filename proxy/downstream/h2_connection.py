@@ -433,6 +433,9 @@ class H2Protocol(asyncio.Protocol):
             # h2 has queued the GOAWAY with the error's code.
             self._end(getattr(exc, "error_code", ErrorCodes.PROTOCOL_ERROR), str(exc), queued=True)
             return
+        except Exception:
+            self.internal_error()
+            return
         try:
             for event in events:
                 self._on_event(event)
