@@ -544,6 +544,23 @@ def test_large_download(proxy: Proxy, tmp_path: Path) -> None:
     assert sha256(by_nghttp.stdout) == sha256(blob)
 
 
+def test_a_slow_reader_with_a_large_window_holds_the_app_back_not_the_proxys_memory(
+    make_proxy: MakeProxy, example_app: AppProcess
+) -> None:
+    """curl opens a 32 MiB window per stream; reading at 16 MB/s it takes bytes more slowly than
+    the app makes them. The window lets the proxy send, yet the TLS write buffer over its
+    high-water mark must pause the app's connection, as over HTTP/1.1 (+1.5 MiB there)."""
+    proxy = make_proxy(basic_config(example_app.server))
+    assert curl(proxy, "/healthz").version == "2"  # certificates, pools, imports: warm
+    time.sleep(0.2)
+    before = proxy.vm_hwm_kib()
+    total = 16 * MIB
+    slow = curl(proxy, f"/bytes/{total}?chunk=1048576", "--limit-rate", "16M", "-o", os.devnull)
+    assert (slow.status, slow.version) == (200, "2")
+    grown = proxy.vm_hwm_kib() - before
+    assert grown < 8 * 1024, f"peak RSS grew by {grown} KiB for a {total // MIB} MiB download"
+
+
 def test_body_without_content_length_reaches_the_app_complete(
     proxy: Proxy, scripted: ScriptedUpstream, tmp_path: Path
 ) -> None:
