@@ -912,11 +912,12 @@ def test_frames_in_flight_after_a_413_are_ignored(strict: Proxy) -> None:
     try:
         fields = (("content-length", str(32 * 1024)),)  # max_body_bytes is 16 KiB
         stream = raw.request("/echo", method="POST", fields=fields, end=False)
-        raw.send_data(stream, b"b" * 16384)  # what curl sends at once, the window allowing
-        raw.send_data(stream, b"b" * 16384, end=True)
-        raw.read_until(lambda: False, timeout=0.5)
+        raw.send_data(stream, b"b" * 16384)  # curl sends it all at once, the window allowing
+        raw.read_until(lambda: raw.ended(stream), timeout=5)
         assert raw.headers[stream][0][":status"] == "413"
-        assert raw.ended(stream)
+        raw.read_until(lambda: False, timeout=0.2)
+        raw.send_data(stream, b"b" * 16384, end=True)  # crossed the 413 on the wire
+        raw.read_until(lambda: False, timeout=0.3)
         codes = [f.error_code for f in raw.of(RstStreamFrame, stream)]
         assert codes in ([], [0]), codes  # nothing, or one NO_ERROR
         follow = raw.request("/healthz")  # the connection goes on
