@@ -8,12 +8,14 @@ alone on core 0; the load side (wrk, the nginx upstream, this script) shares cor
 terminators at once. Each workload is measured as wrk sees it (requests/s, p99) and per
 core-second of the terminator's own CPU (utime + stime from /proc/PID/stat of its processes),
 because wrk shares its core with the upstream and may saturate before the terminator does.
+HTTP/2 (issue 12) is driven by h2load the same way: many streams per connection, and one request
+per new connection.
 The end-to-end row puts examples/app.py (uvicorn, 2 workers) behind each terminator with
 nothing pinned: the number a user of a 2-core machine feels.
 
-Standard library only (plus nginx, wrk, openssl and taskset as commands). Everything listens on
-127.0.0.1, lives in a temporary directory, runs for a bounded time, and every process started
-here is stopped on exit, Ctrl-C or error. Results: a markdown table on stdout, JSON in
+Standard library only (plus nginx, wrk, h2load, openssl and taskset as commands). Everything
+listens on 127.0.0.1, lives in a temporary directory, runs for a bounded time, and every process
+started here is stopped on exit, Ctrl-C or error. Results: a markdown table on stdout, JSON in
 bench/results/ (or --out).
 """
 
