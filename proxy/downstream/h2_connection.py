@@ -795,7 +795,8 @@ class H2Protocol(asyncio.Protocol):
         frame = GoAwayFrame(0)
         frame.last_stream_id = self._last_stream
         frame.error_code = ErrorCodes.NO_ERROR
-        self.transport.write(frame.serialize())
+        if not self.transport.is_closing():
+            self.transport.write(frame.serialize())
 
     @property
     def idle(self) -> bool:
