@@ -68,6 +68,7 @@ class AccessLog:
         bytes_out: int,
         upstream: str,
         duration: float,
+        protocol: str = "http/1.1",
     ) -> None:
         if not self.enabled:
             return
@@ -82,7 +83,8 @@ class AccessLog:
                 f'"sni":{quote(sni) if sni is not None else "null"},"host":{quote(host_text)},'
                 f'"method":{quote(method_text)},"target":{quote(target_text)},'
                 f'"status":{status},"bytes_in":{bytes_in},"bytes_out":{bytes_out},'
-                f'"upstream":{quote(upstream)},"duration_ms":{round(duration * 1000, 3)!r}}}'
+                f'"upstream":{quote(upstream)},"duration_ms":{round(duration * 1000, 3)!r},'
+                f'"protocol":{quote(protocol)}}}'
             )
         else:
             second = int(time.time())
@@ -92,7 +94,7 @@ class AccessLog:
             line = (
                 f"{self._stamp} {client} sni={sni or '-'} host={host_text} "
                 f'"{method_text} {target_text}" {status} in={bytes_in} out={bytes_out} '
-                f"upstream={upstream} {duration * 1000:.1f}ms"
+                f"upstream={upstream} {duration * 1000:.1f}ms proto={protocol}"
             )
         self._write(line)
 

@@ -35,7 +35,7 @@ from proxy.certificates import (
 )
 from proxy.config import Config, Site, UpstreamConfig, UpstreamServer, load_config
 from proxy.control import ControlError, ControlServer
-from proxy.downstream.connection import DownstreamProtocol
+from proxy.downstream.negotiated import NegotiatedProtocol
 from proxy.downstream.redirect import RedirectProtocol
 from proxy.errors import ConfigError, StartupError
 from proxy.line_writer import LineWriter
@@ -271,9 +271,9 @@ class ProxyServer:
         assert self.state is not None
         return self.state.limits
 
-    def _new_downstream(self, client_ip: str) -> DownstreamProtocol:
+    def _new_downstream(self, client_ip: str) -> NegotiatedProtocol:
         assert self.state is not None
-        return DownstreamProtocol(self.state, self.registry.discard, client_ip)
+        return NegotiatedProtocol(self.state, self.registry.discard, client_ip)
 
     def _new_redirect(self, https_port: int) -> RedirectProtocol:
         lookup = self.http01.lookup if self.http01 is not None else None

@@ -13,7 +13,12 @@ the access log's byte count.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any, Protocol
+
+from proxy.logs import upstream_log
+from proxy.tls import client_cert_header
 
 if TYPE_CHECKING:
     from certs.models import ClientAuthSpec
@@ -102,3 +107,67 @@ class ClientSide(Protocol):
     def log_access(self, exchange: Exchange) -> None: ...
 
     def log_upstream_failure(self, exchange: Exchange, error: UpstreamError) -> None: ...
+
+
+class ClientIdentity(Protocol):
+    sni: str | None
+    client_ip: str
+    client_auth: tuple[str, ClientAuthSpec] | None
+    client_cert: bytes | None
+
+
+def client_identity(connection: ClientIdentity, transport: asyncio.BaseTransport) -> Any:
+    """Fill in what a new client connection knows of its client (SNI, the client_auth
+    site's verified certificate, the address if accept() did not give it); returns the
+    transport's SSLObject, None without TLS."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is not None:
+        connection.sni = getattr(ssl_object, "tlsproxy_sni", None)
+        installed = getattr(ssl_object, "tlsproxy_cert", None)
+        if installed is not None and installed.client_auth is not None:
+            # Once per connection: requests of other sites never pay for it.
+            connection.client_auth = (installed.spec_name, installed.client_auth)
+            connection.client_cert = client_cert_header(ssl_object)
+    if not connection.client_ip:
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            connection.client_ip = peer[0]
+    return ssl_object
+
+
+# --- what both client sides log the same way -------------------------------------------------
+
+
+def emit_access(
+    state: ProxyState,
+    client_ip: str,
+    sni: str | None,
+    exchange: Exchange,
+    protocol: str,
+    now: float,
+) -> None:
+    """The access log line of a finished exchange; `protocol` as ALPN names it."""
+    state.access_log.emit(
+        client=client_ip,
+        sni=sni,
+        host=exchange.host,
+        method=exchange.method,
+        target=exchange.target,
+        status=exchange.status,
+        bytes_in=exchange.body_in,
+        bytes_out=exchange.bytes_out,
+        upstream=exchange.label,
+        duration=now - exchange.started,
+        protocol=protocol,
+    )
+
+
+def log_upstream_failure(client_ip: str, exchange: Exchange, error: UpstreamError) -> None:
+    if upstream_log.isEnabledFor(logging.WARNING):
+        upstream_log.warning(
+            "%s %s for %s: %s",
+            exchange.method.decode("latin-1"),
+            exchange.target.decode("latin-1"),
+            client_ip,
+            error,
+        )

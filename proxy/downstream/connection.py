@@ -37,6 +37,7 @@ import h11
 from h11._readers import ChunkedReader, ContentLengthReader
 from h11._receivebuffer import ReceiveBuffer
 
+from proxy.downstream.client_side import client_identity, emit_access, log_upstream_failure
 from proxy.downstream.exchange import Exchange
 from proxy.downstream.flow import (
     PEER_BUSY,
@@ -46,12 +47,12 @@ from proxy.downstream.flow import (
     tune_write_buffer,
 )
 from proxy.downstream.forwarding import response_headers
-from proxy.downstream.request_head import RequestHead, read_request_head
+from proxy.downstream.request_head import CONTROL_BYTES, RequestHead, read_request_head
 from proxy.downstream.responses import error_response, reason
 from proxy.errors import UpstreamError
-from proxy.logs import log, upstream_log
+from proxy.logs import log
 from proxy.state import ProxyState
-from proxy.tls import DirectSSLObject, client_cert_header
+from proxy.tls import DirectSSLObject
 from proxy.upstream.response_parser import CHUNKED, UNTIL_CLOSE
 
 if TYPE_CHECKING:
@@ -77,9 +78,6 @@ _CLOSING = 3
 # for at most its ssl_shutdown_timeout (30 s, as nginx's lingering_time).
 _LINGER = 2.0
 _HEAD_END = re.compile(rb"\n\r?\n")  # where h11 ends a head
-# Control bytes other than HTAB (and the CR LF that end lines): h11 lets them through in field
-# values, RFC 9110 5.5 calls them invalid, and an app's parser may refuse or read them otherwise.
-_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 def head_problem(raw: bytes, max_bytes: int) -> int:
@@ -98,7 +96,7 @@ def head_problem(raw: bytes, max_bytes: int) -> int:
         return 400  # a bare LF
     if raw.find(b"\n ", 0, end) >= 0 or raw.find(b"\n\t", 0, end) >= 0:
         return 400  # obs-fold
-    if _CONTROL.search(raw, 0, end) is not None:
+    if CONTROL_BYTES.search(raw, 0, end) is not None:
         return 400
     return 0
 
@@ -187,22 +185,12 @@ class DownstreamProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self._loop = asyncio.get_running_loop()
-        ssl_object = transport.get_extra_info("ssl_object")
+        ssl_object = client_identity(self, transport)
         if ssl_object is not None:
             self._tls = True
-            self.sni = getattr(ssl_object, "tlsproxy_sni", None)
-            installed = getattr(ssl_object, "tlsproxy_cert", None)
-            if installed is not None and installed.client_auth is not None:
-                # Once per connection: requests of other sites never pay for it.
-                self.client_auth = (installed.spec_name, installed.client_auth)
-                self.client_cert = client_cert_header(ssl_object)
             if isinstance(ssl_object, DirectSSLObject):
                 self._ssl = ssl_object
                 ssl_object.on_close_notify = self._on_close_notify
-        if not self.client_ip:
-            peer = transport.get_extra_info("peername")
-            if isinstance(peer, tuple) and peer:
-                self.client_ip = peer[0]
         self.gate = ReadGate(transport, tls=self._tls)
         tune_write_buffer(transport)  # type: ignore[arg-type]
         if log.isEnabledFor(logging.DEBUG):
@@ -645,6 +633,9 @@ class DownstreamProtocol(asyncio.Protocol):
             bytes_out=size,
             upstream="-",
             duration=0.0,
+            protocol="http/1.0"
+            if request is not None and request.http_version == b"1.0"
+            else "http/1.1",
         )
 
     def _set_deadline(self, deadline: float) -> None:
@@ -748,25 +739,8 @@ class DownstreamProtocol(asyncio.Protocol):
     # --- logging --------------------------------------------------------------------------
 
     def log_access(self, exchange: Exchange) -> None:
-        self.state.access_log.emit(
-            client=self.client_ip,
-            sni=self.sni,
-            host=exchange.host,
-            method=exchange.method,
-            target=exchange.target,
-            status=exchange.status,
-            bytes_in=exchange.body_in,
-            bytes_out=exchange.bytes_out,
-            upstream=exchange.label,
-            duration=self._loop.time() - exchange.started,
-        )
+        protocol = "http/1.0" if exchange.http10 else "http/1.1"
+        emit_access(self.state, self.client_ip, self.sni, exchange, protocol, self._loop.time())
 
     def log_upstream_failure(self, exchange: Exchange, error: UpstreamError) -> None:
-        if upstream_log.isEnabledFor(logging.WARNING):
-            upstream_log.warning(
-                "%s %s for %s: %s",
-                exchange.method.decode("latin-1"),
-                exchange.target.decode("latin-1"),
-                self.client_ip,
-                error,
-            )
+        log_upstream_failure(self.client_ip, exchange, error)

@@ -522,6 +522,11 @@ class Exchange:
         else:
             self._reply_error(413)
 
+    def refuse(self, status: int) -> None:
+        """Answer a request its client side refused before routing (an HTTP/2 header block
+        that makes no HTTP/1.1 request): the error, and the access log line."""
+        self._reply_error(status)
+
     def _reply_error(self, status: int, *, retry_after: int | None = None) -> None:
         """Answer with a canned error and close the client connection after it."""
         self.status = status

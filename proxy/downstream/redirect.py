@@ -195,6 +195,7 @@ class RedirectProtocol(asyncio.Protocol):
                 bytes_out=len(response),
                 upstream="-",
                 duration=asyncio.get_running_loop().time() - self._started,
+                protocol="http/1.0" if request.http_version == b"1.0" else "http/1.1",
             )
 
     def _response(self, request: h11.Request) -> tuple[bytes, bool]:

@@ -14,10 +14,16 @@ compares every outcome with h11's own reader.
 
 from __future__ import annotations
 
+import re
+
 from h11._headers import normalize_and_validate
 from h11._readers import _decode_header_lines, request_line_re
 from h11._receivebuffer import ReceiveBuffer
 from h11._util import LocalProtocolError, validate
+
+# Control bytes other than HTAB (and the CR LF that end lines): h11 lets them through in field
+# values, RFC 9110 5.5 calls them invalid, and an app's parser may refuse or read them otherwise.
+CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 class RequestHead:

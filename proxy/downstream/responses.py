@@ -69,12 +69,13 @@ def plain_response(
     return b"".join(lines)
 
 
-def _error_body(status: int) -> bytes:
+def error_body(status: int) -> bytes:
+    """The text of the proxy's own error responses."""
     return b"%d %s\n" % (status, reason(status))
 
 
 _ERRORS: dict[tuple[int, bool, bool], bytes] = {
-    (status, close, head): plain_response(status, _error_body(status), close=close, head=head)
+    (status, close, head): plain_response(status, error_body(status), close=close, head=head)
     for status in ERROR_STATUSES
     for close in (False, True)
     for head in (False, True)
@@ -100,7 +101,7 @@ def error_response(
     else:
         extra = ((b"retry-after", b"%d" % max(0, retry_after)),)
     return plain_response(
-        status, _error_body(status), close=close, head=head, extra=extra, extra_lines=hsts or b""
+        status, error_body(status), close=close, head=head, extra=extra, extra_lines=hsts or b""
     )
 
 

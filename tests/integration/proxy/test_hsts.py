@@ -77,13 +77,15 @@ servers = ["127.0.0.1:{free_port()}"]
     return make_module_proxy(config)
 
 
-def head(proxy: Proxy, host: str, path: str, *, https: bool = True) -> list[str]:
-    """The response head's lines, as curl received them."""
+def head(
+    proxy: Proxy, host: str, path: str, *, https: bool = True, version: str = "--http1.1"
+) -> list[str]:
+    """The response head's lines, as curl received them (`version`: --http1.1 or --http2)."""
     port = proxy.port if https else proxy.http_port
     scheme = "https" if https else "http"
     result = subprocess.run(
         [
-            "curl", "--silent", "--show-error", "--max-time", "10", "--include",
+            "curl", "--silent", "--show-error", "--max-time", "10", "--include", version,
             "--cacert", str(proxy.ca),
             "--resolve", f"{host}:{port}:127.0.0.1",
             f"{scheme}://{host}:{port}{path}",
@@ -104,20 +106,26 @@ def sts(lines: list[str]) -> list[str]:
     ]
 
 
+STATUS_LINE = {"--http1.1": "HTTP/1.1", "--http2": "HTTP/2"}
+
+
+@pytest.mark.parametrize("version", ["--http1.1", "--http2"])
 @pytest.mark.parametrize("path", ["/plain", "/own", "/hop", "/http10"])
-def test_the_configured_header_and_only_it(proxy: Proxy, path: str) -> None:
-    lines = head(proxy, "hsts.test", path)
-    assert lines[0].startswith("HTTP/1.1 200")
+def test_the_configured_header_and_only_it(proxy: Proxy, path: str, version: str) -> None:
+    lines = head(proxy, "hsts.test", path, version=version)
+    assert lines[0].startswith(f"{STATUS_LINE[version]} 200")
     assert sts(lines) == [POLICY]
     if path == "/own":
-        assert "X-App: 1" in lines  # the other fields are untouched
+        # the other fields are untouched (HTTP/2 names are lowercase)
+        assert "x-app: 1" in [line.lower() for line in lines]
     if path == "/hop":
         assert not any(line.lower().startswith("x-drop") for line in lines)
 
 
-def test_the_proxys_own_error_carries_it(proxy: Proxy) -> None:
-    lines = head(proxy, "down.test", "/")
-    assert lines[0].startswith("HTTP/1.1 502")
+@pytest.mark.parametrize("version", ["--http1.1", "--http2"])
+def test_the_proxys_own_error_carries_it(proxy: Proxy, version: str) -> None:
+    lines = head(proxy, "down.test", "/", version=version)
+    assert lines[0].startswith(f"{STATUS_LINE[version]} 502")
     assert sts(lines) == [POLICY]
 
 

@@ -230,12 +230,17 @@ def test_tls_1_2_only_with_aead_ciphers(sni_proxy: Proxy) -> None:
     assert re.search(r"Cipher is ECDHE-\w+-AES128-GCM-SHA256", gcm.stdout)
 
 
-def test_alpn_offers_http_1_1_only(sni_proxy: Proxy) -> None:
-    both = s_client(sni_proxy.port, "-servername", "app.test", "-alpn", "h2,http/1.1")
+@pytest.mark.parametrize("name", ["app.test", "other.test", "x.wild.test", "unknown.test"])
+def test_alpn_prefers_h2_on_every_site(sni_proxy: Proxy, name: str) -> None:
+    # OpenSSL asks for ALPN after the SNI callback moved the connection to the site's own
+    # certificate context: each of those must offer h2 too (files, local CA, wildcard, default).
+    both = s_client(sni_proxy.port, "-servername", name, "-alpn", "http/1.1,h2")
     assert both.returncode == 0
-    assert "ALPN protocol: http/1.1" in both.stdout
-    h2 = s_client(sni_proxy.port, "-servername", "app.test", "-alpn", "h2")
-    assert "ALPN protocol: h2" not in h2.stdout
+    assert "ALPN protocol: h2" in both.stdout
+    http1 = s_client(sni_proxy.port, "-servername", name, "-alpn", "http/1.1")
+    assert "ALPN protocol: http/1.1" in http1.stdout
+    other = s_client(sni_proxy.port, "-servername", name, "-alpn", "spdy/3")
+    assert "ALPN protocol" not in other.stdout  # nothing in common: none, as OpenSSL does
 
 
 def test_session_resumption_works_and_is_logged(sni_proxy: Proxy) -> None:

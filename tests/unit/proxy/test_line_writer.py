@@ -125,6 +125,7 @@ def test_access_log_lines_keep_their_format(fmt: str) -> None:
     fields = dict(
         client="127.0.0.1", sni=None, host=b'a"b\\c', method=b"GET", target=b'/\xe9"',
         status=200, bytes_in=1, bytes_out=20, upstream="127.0.0.1:8000", duration=0.0012345,
+        protocol="h2",
     )  # fmt: skip
     AccessLog(fmt, Sink()).emit(**fields)  # type: ignore[arg-type]
     (line,) = lines
@@ -132,6 +133,7 @@ def test_access_log_lines_keep_their_format(fmt: str) -> None:
         parsed = json.loads(line)
         assert parsed["host"] == 'a"b\\c' and parsed["target"] == '/é"' and parsed["sni"] is None
         assert parsed["duration_ms"] == 1.234 and parsed["status"] == 200
+        assert parsed["protocol"] == "h2"
     else:
         assert line.endswith(' 127.0.0.1 sni=- host=a"b\\c "GET /é"" 200 in=1 out=20 '
-                             "upstream=127.0.0.1:8000 1.2ms")  # fmt: skip
+                             "upstream=127.0.0.1:8000 1.2ms proto=h2")  # fmt: skip

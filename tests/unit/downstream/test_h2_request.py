@@ -1,0 +1,92 @@
+"""HTTP/2 header blocks as the HTTP/1.1 request the upstream gets (h2_request.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.downstream.h2_connection import FloodGuard
+from proxy.downstream.h2_request import H2RequestError, header_list_size, request_from_h2
+
+BASE = [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/a?b=1")]
+
+
+def convert(extra, *, end_stream=True, authority=b"app.test", limit=65536, base=BASE):
+    headers = [*base, (b":authority", authority), *extra]
+    return request_from_h2(headers, end_stream=end_stream, max_header_bytes=limit)
+
+
+def test_authority_becomes_the_first_field_as_host() -> None:
+    request = convert([(b"accept", b"*/*"), (b"host", b"app.test")])
+    assert (request.method, request.target, request.http_version) == (b"GET", b"/a?b=1", b"1.1")
+    assert request.fields == [(b"host", b"app.test"), (b"accept", b"*/*")]
+
+
+def test_host_alone_is_kept_when_there_is_no_authority() -> None:
+    headers = [*BASE, (b"host", b"app.test")]
+    request = request_from_h2(headers, end_stream=True, max_header_bytes=65536)
+    assert request.fields == [(b"host", b"app.test")]
+
+
+def test_a_body_without_length_goes_upstream_chunked() -> None:
+    assert (b"transfer-encoding", b"chunked") in convert([], end_stream=False).fields
+    with_length = convert([(b"content-length", b"5")], end_stream=False).fields
+    assert (b"transfer-encoding", b"chunked") not in with_length
+    assert (b"transfer-encoding", b"chunked") not in convert([], end_stream=True).fields
+
+
+@pytest.mark.parametrize(
+    ("headers", "why"),
+    [
+        ([(b"x", b"a\x01b")], "a control byte in a value"),
+        ([(b"x(y", b"1")], "a name that is no token"),
+        ([(b"content-length", b"1, 2")], "two lengths"),
+        ([(b"content-length", b"-1")], "a length that is no number"),
+    ],
+)
+def test_what_h11_refuses_is_a_400(headers, why) -> None:
+    with pytest.raises(H2RequestError) as caught:
+        convert(headers)
+    assert caught.value.status == 400, why
+
+
+@pytest.mark.parametrize("path", [b"/a b", b"a", b"http://other.test/", b"*", b""], ids=repr)
+def test_a_path_that_is_no_origin_form_target_is_a_400(path: bytes) -> None:
+    base = [(b":method", b"GET"), (b":scheme", b"https"), (b":path", path)]
+    with pytest.raises(H2RequestError) as caught:
+        convert([], base=base)
+    assert caught.value.status == 400
+
+
+def test_options_star_is_allowed() -> None:
+    base = [(b":method", b"OPTIONS"), (b":scheme", b"https"), (b":path", b"*")]
+    assert convert([], base=base).target == b"*"
+
+
+def test_a_method_that_is_no_token_is_a_400() -> None:
+    base = [(b":method", b"G T"), (b":scheme", b"https"), (b":path", b"/")]
+    with pytest.raises(H2RequestError):
+        convert([], base=base)
+
+
+def test_connect_keeps_its_authority_for_the_exchanges_405() -> None:
+    base = [(b":method", b"CONNECT")]
+    request = convert([], base=base, authority=b"example.test:443")
+    assert (request.method, request.target) == (b"CONNECT", b"example.test:443")
+
+
+def test_a_header_list_over_the_limit_is_a_431() -> None:
+    extra = [(b"x-big", b"v" * 200)]
+    size = header_list_size([*BASE, (b":authority", b"app.test"), *extra])
+    assert convert(extra, limit=size).fields  # exactly the limit is fine
+    with pytest.raises(H2RequestError) as caught:
+        convert(extra, limit=size - 1)
+    assert caught.value.status == 431
+
+
+def test_flood_guard_counts_per_second_and_starts_over() -> None:
+    guard = FloodGuard({"ping": 3, "reset": 1})
+    assert all(guard.spend("ping", 10.0 + i / 10) for i in range(3))
+    assert guard.spend("reset", 10.5)
+    assert not guard.spend("ping", 10.6)  # the fourth within the second
+    assert not guard.spend("reset", 10.7)
+    assert guard.spend("ping", 11.1) and guard.spend("reset", 11.1)  # a new second
