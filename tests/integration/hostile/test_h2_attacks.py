@@ -6,7 +6,8 @@ connection must close. For the floods and rapid reset, a well-behaved client on 
 connection keeps requesting while attackers reconnect and attack again for a while; all its
 requests must be answered, and its latency is printed (`pytest -s`):
 
-    [h2-attacks] rapid reset: bystander 41 responses during the attack, median 12 ms, max 60 ms
+    [h2-attacks] rapid reset (18 attacking connections): bystander 406 responses during the
+    attack (1.5 s), median 1 ms, max 99 ms
 
 One proxy serves the module, with small limits so that the timeouts are quick:
 max_header_bytes 16 KiB, upstream_read_timeout 2 s (zero-window stall), idle_timeout 2 s and
@@ -67,7 +68,7 @@ pytestmark = pytest.mark.timeout(60)
 @pytest.fixture(scope="module")
 def proxy(make_module_proxy: MakeProxy, example_app: AppProcess, sink_app: AppProcess) -> Proxy:
     limits = (
-        f'max_header_bytes = "{MAX_HEADER_BYTES}"\n'
+        f"max_header_bytes = {MAX_HEADER_BYTES}\n"
         f'upstream_read_timeout = "{UPSTREAM_READ_TIMEOUT}s"\n'
         f'idle_timeout = "{IDLE_TIMEOUT}s"\n'
         f'header_read_timeout = "{HEADER_READ_TIMEOUT}s"\n'
