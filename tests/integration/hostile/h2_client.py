@@ -327,38 +327,28 @@ class RawH2:
         return self.poll_until(lambda: self.closed, timeout)
 
     def response(self, stream_id: int, timeout: float = 10.0) -> Response | int:
-        """The response on a stream, or the RST_STREAM code it was reset with."""
-        done = False
-        response: Response | None = None
-        reset: int | None = None
-
-        def complete() -> bool:
-            return done or reset is not None
-
-        start = 0
+        """The response on a stream once it ended, or the RST_STREAM code it was reset with
+        first (a reset after a complete response, RFC 9113 8.1, does not undo it)."""
         deadline = time.monotonic() + timeout
-        while not complete():
-            for index in range(start, len(self.frames)):
-                frame = self.frames[index]
+        while True:
+            response: Response | None = None
+            for index, frame in enumerate(self.frames):
                 if frame.stream_id != stream_id:
                     continue
+                if isinstance(frame, RstStreamFrame):
+                    return frame.error_code
                 if index in self.blocks and response is None:
                     fields = self.blocks[index]
                     status = int(dict(fields)[b":status"])
-                    if status >= 200:
+                    if status >= 200:  # not a 100 Continue
                         response = Response(status, fields, b"")
                 elif isinstance(frame, DataFrame) and response is not None:
                     response.body += frame.data
-                elif isinstance(frame, RstStreamFrame):
-                    reset = frame.error_code
-                done = done or (response is not None and "END_STREAM" in frame.flags)
-            start = len(self.frames)
-            if complete():
-                break
+                if response is not None and "END_STREAM" in frame.flags:
+                    return response
             if self.closed or self.goaway is not None or time.monotonic() > deadline:
                 raise ConnectionEnded(f"no response on stream {stream_id}: {self.describe()}")
             self.poll(min(0.2, max(deadline - time.monotonic(), 0)))
-        return reset if reset is not None else response  # type: ignore[return-value]
 
     def describe(self) -> str:
         kinds = [type(f).__name__.removesuffix("Frame") for f in self.frames[-8:]]

@@ -10,9 +10,10 @@ requests must be answered, and its latency is printed (`pytest -s`):
     attack (1.5 s), median 1 ms, max 99 ms
 
 One proxy serves the module, with small limits so that the timeouts are quick:
-max_header_bytes 16 KiB, upstream_read_timeout 2 s (zero-window stall), idle_timeout 2 s and
-header_read_timeout 1 s (idle before and after a first request). Two sites: localhost in front
-of examples/app.py and sink.test in front of the sink app, which counts the requests it saw.
+max_header_bytes 16 KiB, upstream_read_timeout 3 s (zero-window stall), idle_timeout 2 s,
+header_read_timeout 1 s (idle before and after a first request), body_read_timeout 1.5 s. Two
+sites: localhost in front of examples/app.py and sink.test in front of the sink app, which
+counts the requests it saw.
 """
 
 from __future__ import annotations
@@ -51,9 +52,10 @@ from tests.integration.proxy.conftest import MakeProxy
 from tests.integration.proxy.support import Proxy, proxy_config
 
 MAX_HEADER_BYTES = 16 * 1024
-UPSTREAM_READ_TIMEOUT = 2.0
+UPSTREAM_READ_TIMEOUT = 3.0
 IDLE_TIMEOUT = 2.0
 HEADER_READ_TIMEOUT = 1.0
+BODY_READ_TIMEOUT = 1.5  # under upstream_read_timeout: a stalled upload is a 408, not a 504
 MAX_STREAMS = 100
 FLOOD_LIMIT = 100  # SETTINGS, PING and streams reset in flight, per second
 PRIORITY_LIMIT = 1000
@@ -72,6 +74,7 @@ def proxy(make_module_proxy: MakeProxy, example_app: AppProcess, sink_app: AppPr
         f'upstream_read_timeout = "{UPSTREAM_READ_TIMEOUT}s"\n'
         f'idle_timeout = "{IDLE_TIMEOUT}s"\n'
         f'header_read_timeout = "{HEADER_READ_TIMEOUT}s"\n'
+        f'body_read_timeout = "{BODY_READ_TIMEOUT}s"\n'
     )
     config = proxy_config(
         [(["localhost"], "app"), (["sink.test"], "sink")],
@@ -217,12 +220,12 @@ def assert_alive(proxy: Proxy) -> None:
 
 def test_a_101st_concurrent_stream_is_a_protocol_error(proxy: Proxy) -> None:
     with RawH2(proxy.port, proxy.ca) as conn:
-        # 100 uploads whose bodies never come stay open for body_read_timeout (60 s): all
+        # 100 uploads whose bodies never come stay open for body_read_timeout (1.5 s): all
         # open at once, which is allowed...
         headers = request_headers("/echo", method="POST", extra=[(b"content-length", b"10")])
         opened = [conn.new_stream() for _ in range(MAX_STREAMS)]
         conn.send(*(conn.headers_frame(s, headers, end_stream=False) for s in opened))
-        conn.poll_until(lambda: conn.goaway is not None, 0.5)
+        conn.poll_until(lambda: conn.goaway is not None, 0.3)
         assert conn.goaway is None, f"GOAWAY with {MAX_STREAMS} streams: {conn.describe()}"
         # ... and one more is not.
         conn.send(conn.headers_frame(conn.new_stream(), headers, end_stream=False))
@@ -408,8 +411,9 @@ def test_zero_window_stall_is_cut_off(proxy: Proxy) -> None:
 
 def test_a_slow_reader_that_keeps_opening_its_window_is_served(proxy: Proxy) -> None:
     """The stall is about a window that stays shut, not about slowness: 40 KB every half
-    second, 3 s in all (over upstream_read_timeout), and the whole response arrives."""
-    size, step = 240_000, 40_000
+    second, for longer than upstream_read_timeout, and the whole response arrives."""
+    step = 40_000
+    size = step * (int(UPSTREAM_READ_TIMEOUT / 0.5) + 3)
     with RawH2(proxy.port, proxy.ca, settings={SettingCodes.INITIAL_WINDOW_SIZE: 0}) as conn:
         stream_id = conn.request(f"/bytes/{size}")
         received = 0
@@ -424,6 +428,57 @@ def test_a_slow_reader_that_keeps_opening_its_window_is_served(proxy: Proxy) -> 
             )
             assert conn.goaway is None, conn.describe()
     assert received == size, f"{received} of {size} bytes"
+
+
+def test_a_client_that_stops_reading_is_cut_off_in_bounded_memory(proxy: Proxy) -> None:
+    """Internal data buffering (CVE-2019-9517): the windows wide open, ten large responses
+    asked for, and the socket never read. The proxy may buffer no more than its per-stream
+    queues and its write buffer (a few MiB), and must let the connection go after
+    upstream_read_timeout, as it does over HTTP/1.1; its GOAWAY cannot be read, the client
+    reading nothing, so what is checked is that the proxy no longer holds the connection."""
+    streams, size = 10, 50_000_000
+    with H2Client(proxy.port, proxy.ca) as warm:  # the allocator's first large buffers
+        assert warm.get("/bytes/4000000").status == 200
+    before = procstats.rss_kib(proxy.pid), proxy.vm_hwm_kib()
+    big = 2**31 - 1
+    with RawH2(proxy.port, proxy.ca, settings={SettingCodes.INITIAL_WINDOW_SIZE: big}) as conn:
+        conn.send(WindowUpdateFrame(0, big - 65535))
+        for _ in range(streams):
+            conn.request(f"/bytes/{size}")
+        start = time.monotonic()
+        held, peak = 1, 0
+        while held and time.monotonic() - start < UPSTREAM_READ_TIMEOUT + 4:
+            time.sleep(0.2)
+            peak = max(peak, procstats.rss_kib(proxy.pid) - before[0])
+            held = procstats.tcp_connections(proxy.pid, local_port=proxy.port)
+        waited = time.monotonic() - start
+    hwm = proxy.vm_hwm_kib() - before[1]
+    print(
+        f"\n[h2-attacks] a client that stops reading ({streams} x {size // 1_000_000} MB): "
+        f"{'still held' if held else 'let go'} after {waited:.1f} s, proxy RSS up to "
+        f"+{peak / 1024:.1f} MiB, peak +{hwm / 1024:.1f} MiB"
+    )
+    assert not held, f"the proxy still holds the connection {waited:.1f} s after the stall"
+    assert peak < 8 * MiB and hwm < 8 * MiB, (peak, hwm)
+    assert_alive(proxy)
+
+
+def test_a_body_that_stops_arriving_is_408_on_the_stream(proxy: Proxy) -> None:
+    with RawH2(proxy.port, proxy.ca, sni="sink.test") as conn:
+        stream_id = conn.new_stream()
+        headers = request_headers(
+            "/sink", method="POST", authority="sink.test", extra=[(b"content-length", b"10")]
+        )
+        conn.send(
+            conn.headers_frame(stream_id, headers, end_stream=False), DataFrame(stream_id, b"12345")
+        )
+        start = time.monotonic()
+        response = conn.response(stream_id, timeout=BODY_READ_TIMEOUT + 5)
+        waited = time.monotonic() - start
+        assert isinstance(response, Response) and response.status == 408, response
+        assert BODY_READ_TIMEOUT * 0.75 <= waited <= BODY_READ_TIMEOUT + 3, waited
+        after = conn.response(conn.request("/count"))  # the connection goes on
+        assert isinstance(after, Response) and after.status == 200, after
 
 
 # --- idle ----------------------------------------------------------------------------------------
@@ -460,6 +515,7 @@ CONNECTION_ERRORS = {
     "nul-in-value": [*_GET, (b"x-nul", b"a\x00b")],
     "missing-path": [h for h in _GET if h[0] != b":path"],
     "host-not-authority": [*_GET, (b"host", b"other.test")],
+    "empty-name": [*_GET, (b"", b"x")],
 }
 
 
