@@ -118,11 +118,13 @@ def finish(conn: RawH2, sent: int) -> Outcome:
     return Outcome(code, closed, sent, f"{conn.describe()}, {sent} sent")
 
 
-def flood(conn: RawH2, unit: Callable[[], bytes], *, batch: int, cap: int) -> int:
+def flood(
+    conn: RawH2, unit: Callable[[], bytes], *, batch: int, cap: int, seconds: float = 10
+) -> int:
     """Send `unit()` `batch` at a time, reading between writes, until the server sends GOAWAY,
-    closes, stops reading, or `cap` units went out; how many went out."""
+    closes, stops reading, or `cap` units or `seconds` went by; how many went out."""
     sent = 0
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + seconds
     while sent < cap and conn.goaway is None and time.monotonic() < deadline:
         if not conn.send_raw(b"".join(unit() for _ in range(batch))):
             break
@@ -387,6 +389,30 @@ def test_control_frame_flood_is_refused(proxy: Proxy, kind: str) -> None:
     outcomes = attack_rounds(proxy, lambda: control_flood(proxy, kind), f"{kind} flood")
     check_all(outcomes, ErrorCodes.ENHANCE_YOUR_CALM)
     assert_alive(proxy)
+
+
+def test_empty_data_frames_flood_does_not_starve_other_connections(proxy: Proxy) -> None:
+    """Empty frames flood (CVE-2019-9518): DATA frames without payload or END_STREAM on an
+    upload, 9 bytes each, as fast as they go. H2_SPEC.md names no limit for them, so no
+    GOAWAY code is asserted; what is asserted is the issue's "the other connections are not
+    slowed": a bystander is served throughout, within the same bound as for the floods."""
+    with Bystander(proxy) as bystander:
+        start = time.monotonic()
+        with RawH2(proxy.port, proxy.ca) as conn:
+            stream_id = conn.new_stream()
+            conn.send(
+                conn.headers_frame(
+                    stream_id, request_headers("/echo", method="POST"), end_stream=False
+                )
+            )
+            empty = DataFrame(stream_id, b"").serialize()
+            # Longer than the other floods: the bystander must be served while it lasts,
+            # not once it is over.
+            sent = flood(conn, lambda: empty, batch=1000, cap=10**9, seconds=2 * ATTACK_SECONDS)
+            detail = conn.describe()
+        window = (start, time.monotonic())
+    print(f"\n[h2-attacks] empty DATA frames: {sent} sent; attacker: {detail}")
+    bystander.check("empty DATA frames flood", window)
 
 
 # --- zero-window stall ---------------------------------------------------------------------------
