@@ -8,12 +8,14 @@ alone on core 0; the load side (wrk, the nginx upstream, this script) shares cor
 terminators at once. Each workload is measured as wrk sees it (requests/s, p99) and per
 core-second of the terminator's own CPU (utime + stime from /proc/PID/stat of its processes),
 because wrk shares its core with the upstream and may saturate before the terminator does.
+HTTP/2 (issue 12) is driven by h2load the same way: many streams per connection, and one request
+per new connection.
 The end-to-end row puts examples/app.py (uvicorn, 2 workers) behind each terminator with
 nothing pinned: the number a user of a 2-core machine feels.
 
-Standard library only (plus nginx, wrk, openssl and taskset as commands). Everything listens on
-127.0.0.1, lives in a temporary directory, runs for a bounded time, and every process started
-here is stopped on exit, Ctrl-C or error. Results: a markdown table on stdout, JSON in
+Standard library only (plus nginx, wrk, h2load, openssl and taskset as commands). Everything
+listens on 127.0.0.1, lives in a temporary directory, runs for a bounded time, and every process
+started here is stopped on exit, Ctrl-C or error. Results: a markdown table on stdout, JSON in
 bench/results/ (or --out).
 """
 
@@ -26,6 +28,7 @@ import ctypes
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -52,6 +55,11 @@ MIB = 1 << 20
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 DEFAULT_PROXY_CMD = "{python} -m proxy run -c {config}"
 TERMINATORS = ("nginx", "tlsproxy")
+# What --workloads can pick: the measured workloads, in the order they run, and "memory" (idle
+# RSS and the idle-connection row, first round). --h2 picks the HTTP/2 rows and the HTTP/1.1
+# rows they are compared with.
+WORKLOADS = ("keepalive", "handshake", "bulk", "resume13", "resume12", "h2streams", "h2conn")
+H2_WORKLOADS = ("keepalive", "h2streams", "h2conn")
 
 # Targets from issues 2 and 11, as ratios tlsproxy / nginx(1 worker) unless absolute. The
 # handshake and resumption targets are ratios to the floor (issue 11), in floor_markdown().
@@ -65,6 +73,9 @@ TARGET_HANDSHAKE_OF_FLOOR = 0.93
 TARGET_RESUME_OF_FLOOR = 0.90
 # Issue 11: keep-alive with the access log on, per core-second, over the same with it off.
 TARGET_ACCESS_LOG_ON_OFF = 0.85
+# Issue 12: tlsproxy's HTTP/2 requests per core-second with many streams per connection, over its
+# own HTTP/1.1 keep-alive figure in the same run.
+TARGET_H2_OF_KEEPALIVE = 0.60
 # The access log formats each terminator writes in the "keepalive_log_*" runs.
 ACCESS_LOGS = {"nginx": ("combined",), "tlsproxy": ("text", "json")}
 TARGET_IDLE_RSS_MIB = 40.0
@@ -460,6 +471,9 @@ class Workload:
     connections: int
     headers: tuple[str, ...] = ()
     resume_tls: str | None = None  # "1.3" or "1.2": bench/resume.py instead of wrk
+    # HTTP/2 with h2load instead of wrk: this many concurrent streams per connection, or 0 for
+    # one request per new connection (issue 12).
+    h2_streams: int | None = None
 
 
 def run_load(
@@ -467,6 +481,8 @@ def run_load(
 ) -> dict[str, Any]:
     if workload.resume_tls is not None:
         return run_resume(port, workload, duration, cpus, pin)
+    if workload.h2_streams is not None:
+        return run_h2load(port, workload, duration, cpus, pin)
     return run_wrk(port, workload, duration, cpus, pin)
 
 
@@ -496,7 +512,12 @@ def _load_result(done: subprocess.CompletedProcess[bytes], what: str) -> dict[st
     line = next((x for x in out.splitlines() if x.startswith("BENCH_JSON ")), None)
     if done.returncode != 0 or line is None:
         raise BenchError(f"{what} failed ({done.returncode}): {out}{done.stderr.decode()}")
-    raw = json.loads(line.removeprefix("BENCH_JSON "))
+    return _result(json.loads(line.removeprefix("BENCH_JSON ")))
+
+
+def _result(raw: dict[str, Any]) -> dict[str, Any]:
+    """A load client's figures (wrk's report.lua line, or the same shape) as the bench's:
+    durations and latencies in microseconds in, seconds and milliseconds out."""
     seconds = raw.get("seconds") or raw["duration_us"] / 1e6
     result = {
         "requests": raw["requests"],
@@ -537,6 +558,118 @@ def run_wrk(
     return _load_result(done, "wrk")
 
 
+# The many-streams workload runs h2load count-based, one invocation after another, each sized to
+# last about this long at the rate seen so far (see run_h2load).
+H2LOAD_RUN_S = 2.0
+# h2load's summary lines; each must be there (one pattern, one line each).
+_H2LOAD_SUMMARY = re.compile(
+    r"^TLS Protocol: (?P<tls_version>\S+)$.*"
+    r"^Application protocol: (?P<alpn>\S+)$.*"
+    r"^requests: \d+ total, \d+ started, \d+ done, (?P<succeeded>\d+) succeeded, "
+    r"(?P<failed>\d+) failed, (?P<errored>\d+) errored, (?P<timeout>\d+) timeout$.*"
+    r"^status codes: \d+ 2xx, \d+ 3xx, (?P<c4xx>\d+) 4xx, (?P<c5xx>\d+) 5xx$.*"
+    r"^traffic: \S+ \((?P<bytes>\d+)\) total",
+    re.M | re.S,
+)
+
+
+def _h2load_once(argv: list[str], timeout: float) -> dict[str, Any]:
+    """One h2load run's counts, from its summary. A run that did not negotiate h2 is an error:
+    h2load would fall back to HTTP/1.1 and measure that."""
+    try:
+        done = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"h2load still running after {timeout:.0f} s: {shlex.join(argv)}") from exc
+    out = done.stdout.decode(errors="replace")
+    found = _H2LOAD_SUMMARY.search(out)
+    if done.returncode != 0 or found is None or found["alpn"] != "h2":
+        raise BenchError(
+            f"h2load failed ({done.returncode}; expected ALPN h2): {out[-1500:]}"
+            f"{done.stderr.decode(errors='replace')[-500:]}"
+        )
+    counts: dict[str, Any] = {
+        k: int(v) for k, v in found.groupdict().items() if k not in ("alpn", "tls_version")
+    }
+    counts["status"] = counts.pop("c4xx") + counts.pop("c5xx")
+    return {**counts, "alpn": found["alpn"], "tls_version": found["tls_version"]}
+
+
+def _percentiles(values: list[int]) -> dict[str, float]:
+    """wrk's latency figures (mean, p50, p90, p99, max) of a list of microseconds."""
+    if not values:
+        return {}
+    values = sorted(values)
+
+    def at(q: float) -> float:
+        return values[min(int(len(values) * q), len(values) - 1)]
+
+    mean = sum(values) / len(values)
+    return {"mean": mean, "p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": values[-1]}
+
+
+def run_h2load(
+    port: int, workload: Workload, duration: float, cpus: Sequence[int] | None, pin: bool
+) -> dict[str, Any]:
+    """HTTP/2 load: h2load runs back to back until `duration` is spent, each count-based (-n),
+    so every stream it starts is finished and a failure is a real one (h2load's timed mode
+    counts the streams it abandons at the end as failed).
+
+    Many streams (h2_streams > 0): `connections` connections with that many streams in flight
+    each; each run re-opens its connections, sized to last about H2LOAD_RUN_S at the rate seen
+    so far, so the handshakes are a few per thousands of requests. One request per connection
+    (h2_streams == 0): each run is `-c N -n N`, N new connections at once, each a TLS handshake,
+    the h2 preface and SETTINGS exchange, one request, and the close."""
+    streams = workload.h2_streams or 1
+    in_flight = workload.connections * streams
+    requests = in_flight if workload.h2_streams == 0 else in_flight * 20
+    base = [
+        "h2load", "-t1", f"-c{workload.connections}", f"-m{streams}",
+        "--npn-list", "h2", "--connect-to", f"{HOST}:{port}",
+        "-N", "10s",  # like wrk's --timeout
+        *(arg for header in workload.headers for arg in ("-H", header)),
+    ]  # fmt: skip
+    if cpus is not None and pin:
+        base = ["taskset", "-c", ",".join(map(str, cpus)), *base]
+    url = f"https://{SERVER_NAME}:{port}{workload.path}"
+    totals: Counter[str] = Counter()
+    latencies_us: list[int] = []
+    seen: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="tlsproxy-bench-h2load-") as tmp:
+        log = Path(tmp) / "requests.tsv"
+        started = time.monotonic()
+        deadline = started + max(duration, 1.0)
+        while True:
+            ran = time.monotonic()
+            counts = _h2load_once(
+                [*base, f"-n{requests}", "--log-file", str(log), url], H2LOAD_RUN_S * 2 + 60
+            )
+            seen = {"alpn": counts.pop("alpn"), "tls_version": counts.pop("tls_version")}
+            totals.update(counts)
+            totals["runs"] += 1
+            # Per request: start (us since the epoch), status (-1: failed), microseconds to
+            # the end of the response.
+            for line in log.read_text().splitlines():
+                fields = line.split("\t")
+                if len(fields) >= 3 and fields[1] != "-1":
+                    latencies_us.append(int(fields[2]))
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            if workload.h2_streams:
+                rate = counts["succeeded"] / max(now - ran, 1e-3)
+                requests = max(in_flight * 4, int(rate * min(deadline - now, H2LOAD_RUN_S)))
+    result = _result(
+        {
+            "seconds": time.monotonic() - started,
+            "requests": totals["succeeded"],
+            "bytes": totals["bytes"],
+            "errors": {k: totals[k] for k in ("failed", "errored", "timeout", "status")},
+            "latency_us": _percentiles(latencies_us),
+        }
+    )
+    return {**result, **seen, "h2load_runs": totals["runs"]}
+
+
 def measure(
     pids: Sequence[int],
     port: int,
@@ -561,6 +694,17 @@ def measure(
     work = result["bytes"] / MIB if workload.name == "bulk" else result["requests"]
     result["per_core_second"] = work / cpu if cpu > 0 else None
     return result
+
+
+def _nginx_http2() -> dict[str, str]:
+    """nginx-tls.conf's HTTP/2 switch for the installed nginx: `http2 on;` from 1.25.1, the
+    listen parameter (deprecated there) before."""
+    done = subprocess.run(["nginx", "-v"], capture_output=True, text=True, check=False)
+    found = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", done.stderr + done.stdout)
+    version = tuple(map(int, found.groups())) if found else (0, 0, 0)
+    if version >= (1, 25, 1):
+        return {"LISTEN_HTTP2": "", "HTTP2_ON": "http2 on;"}
+    return {"LISTEN_HTTP2": " http2", "HTTP2_ON": ""}
 
 
 # --- the bench ---------------------------------------------------------------------------------
@@ -602,6 +746,20 @@ class Bench:
                 "/",
                 args.resume_clients,
                 resume_tls="1.2",
+            ),
+            Workload(
+                "h2streams",
+                f"HTTP/2, {args.h2_connections} connections x {args.h2_streams} streams",
+                "/",
+                args.h2_connections,
+                h2_streams=args.h2_streams,
+            ),
+            Workload(
+                "h2conn",
+                "HTTP/2, one request per new TLS connection",
+                "/",
+                args.connections,
+                h2_streams=0,
             ),
         )
         (tmp / "tmp").mkdir()
@@ -714,6 +872,7 @@ servers = ["{HOST}:{upstream_port}"]
                 UPSTREAM_PORT=upstream_port,
                 CHAIN=self.chain,
                 KEY=self.key,
+                **_nginx_http2(),
                 ACCESS_LOG="access_log off;"
                 if access_log == "off"
                 else f"access_log {self.tmp / 'logs' / 'nginx-access.log'} {access_log};",
@@ -771,16 +930,21 @@ servers = ["{HOST}:{upstream_port}"]
             probe = http_get(self.port)
             self.tls_info.setdefault(which, {}).update(version=probe.version, cipher=probe.cipher)
             result: dict[str, Any] = {"processes": len(pids)}
-            if first:
+            memory = first and "memory" in self.args.workloads
+            if memory:
                 result["memory"] = self.idle_memory(pids)
             for workload in self.workloads:
+                if workload.name not in self.args.workloads:
+                    continue
+                if which == "floor" and workload.h2_streams is not None:
+                    continue  # the floor offers only http/1.1
                 if self.args.warmup > 0:
                     run_load(self.port, workload, self.args.warmup, self.load_cpus, self.pin)
                 result[workload.name] = measure(
                     pids, self.port, workload, self.args.duration, self.load_cpus, self.pin
                 )
                 self._say(f"  {which} {workload.name}: {_brief(result[workload.name])}")
-            if first:
+            if memory:
                 result["memory"]["peak_kib"] = memory_kib(pids)["hwm_kib"]
             if which == "tlsproxy" and first and self.args.profile:
                 result["profile"] = self.profile(proc.pid)
@@ -796,7 +960,7 @@ servers = ["{HOST}:{upstream_port}"]
         """The keep-alive workload again, with the access log on (issue 11)."""
         proc = self.start_terminator(which, self.upstream_port, self.terminator_cpus, fmt)
         try:
-            workload = self.workloads[0]
+            workload = next(w for w in self.workloads if w.name == "keepalive")
             if self.args.warmup > 0:
                 run_load(self.port, workload, self.args.warmup, self.load_cpus, self.pin)
             result = measure(
@@ -860,7 +1024,7 @@ servers = ["{HOST}:{upstream_port}"]
         )  # fmt: skip
         try:
             workload = next(w for w in self.workloads if w.name == self.args.perf_workload)
-            result = run_wrk(self.port, workload, seconds, self.load_cpus, self.pin)
+            result = run_load(self.port, workload, seconds, self.load_cpus, self.pin)
             _, err = recorder.communicate(timeout=seconds + 30)
         finally:
             if recorder.poll() is None:
@@ -933,7 +1097,7 @@ servers = ["{HOST}:{upstream_port}"]
             stderr=subprocess.PIPE,
         )
         try:
-            run_wrk(self.port, workload, seconds, self.load_cpus, self.pin)
+            run_load(self.port, workload, seconds, self.load_cpus, self.pin)
             _, err = spy.communicate(timeout=seconds + 30)
         finally:
             if spy.poll() is None:
@@ -1030,6 +1194,8 @@ def spread(results: dict[str, Any]) -> list[str]:
         "bulk",
         "resume13",
         "resume12",
+        "h2streams",
+        "h2conn",
         *(f"keepalive_log_{fmt}" for fmt in ("combined", "text", "json")),
     ):
         parts = []
@@ -1075,6 +1241,28 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         ("bulk", "per_core_second", "1 MiB responses: MiB/s per core-second", "{:,.0f}"),
         ("resume13", "per_core_second", "TLS 1.3 resumed: handshakes per core-second", "{:,.0f}"),
         ("resume12", "per_core_second", "TLS 1.2 resumed: handshakes per core-second", "{:,.0f}"),
+        ("h2streams", "rps", "HTTP/2, many streams per connection: requests/s", "{:,.0f}"),
+        ("h2streams", "latency_ms.p99", "HTTP/2 many streams: p99 latency (ms)", "{:.2f}"),
+        (
+            "h2streams",
+            "terminator_cores_busy",
+            "HTTP/2 many streams: terminator cores busy",
+            "{:.2f}",
+        ),
+        (
+            "h2streams",
+            "per_core_second",
+            "HTTP/2 many streams: requests per core-second",
+            "{:,.0f}",
+        ),
+        ("h2conn", "rps", "HTTP/2, one request per new TLS connection: conn/s", "{:,.0f}"),
+        (
+            "h2conn",
+            "terminator_cores_busy",
+            "HTTP/2 new connection: terminator cores busy",
+            "{:.2f}",
+        ),
+        ("h2conn", "per_core_second", "HTTP/2 new connection: requests per core-second", "{:,.0f}"),
         ("memory", "idle_kib", "idle RSS (MiB)", "mib"),
         ("memory", "with_connections_kib", "RSS with the idle TLS connections (MiB)", "mib"),
         ("memory", "per_connection_kib", "RSS per idle TLS connection (KiB)", "{:.1f}"),
@@ -1147,6 +1335,58 @@ def floor_markdown(results: dict[str, Any], floor: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def h2_summary(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 12: each HTTP/2 workload per core-second, both terminators, tlsproxy / nginx; and
+    for many streams, each terminator's figure over its own HTTP/1.1 keep-alive one of the same
+    run (tlsproxy's: the target). The new-connection row has no HTTP/1.1 ratio: h2load cannot
+    keep a terminator busy with new connections the way wrk does (see bench/README.md), and a
+    busy terminator does more per core-second than an idle one."""
+    out = []
+    for h2, title in (
+        ("h2streams", "many streams per connection"),
+        ("h2conn", "one request per new TLS connection"),
+    ):
+        row: dict[str, Any] = {"metric": title, "workload": h2}
+        for which in TERMINATORS:
+            a = _get(results, which, h2, "per_core_second")
+            b = _get(results, which, "keepalive", "per_core_second")
+            row[which] = a
+            if h2 == "h2streams":
+                row[f"{which}_h2_over_keepalive"] = a / b if a is not None and b else None
+        n, t = row["nginx"], row["tlsproxy"]
+        row["ratio"] = t / n if t is not None and n else None
+        if h2 == "h2streams":
+            mine = row["tlsproxy_h2_over_keepalive"]
+            row["target"] = f">= {TARGET_H2_OF_KEEPALIVE:.2f}"
+            row["met"] = None if mine is None else mine >= TARGET_H2_OF_KEEPALIVE
+        if n is not None or t is not None:
+            out.append(row)
+    return out
+
+
+def h2_markdown(summary: list[dict[str, Any]]) -> str:
+    def show(v: float | None, fmt: str = "{:,.0f}") -> str:
+        return "-" if v is None else fmt.format(v)
+
+    lines = [
+        "| HTTP/2, requests per core-second | nginx | tlsproxy | tlsproxy / nginx"
+        " | nginx h2 / its keep-alive | tlsproxy h2 / its keep-alive | target |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in summary:
+        target = ""
+        if "target" in row:
+            mark = {True: " (met)", False: " (NOT met)", None: ""}[row["met"]]
+            target = f"tlsproxy h2 / keep-alive {row['target']}{mark}"
+        lines.append(
+            f"| {row['metric']} | {show(row['nginx'])} | {show(row['tlsproxy'])}"
+            f" | {show(row['ratio'], '{:.2f}')}"
+            f" | {show(row.get('nginx_h2_over_keepalive'), '{:.2f}')}"
+            f" | {show(row.get('tlsproxy_h2_over_keepalive'), '{:.2f}')} | {target} |"
+        )
+    return "\n".join(lines)
+
+
 def access_log_markdown(results: dict[str, Any]) -> str:
     """Keep-alive per core-second with each terminator's access log on, over the same with it
     off, in the same rounds (issue 11: tlsproxy's >= 0.85, text and json)."""
@@ -1201,6 +1441,7 @@ def _versions(python: str) -> dict[str, str]:
     return {
         "nginx": first_line(["nginx", "-v"]),
         "wrk": first_line(["wrk", "-v"]),
+        "h2load": first_line(["h2load", "--version"]),
         "python": first_line([python, "--version"]),
         "openssl": first_line(["openssl", "version"]),
         "commit": commit,
@@ -1238,6 +1479,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="openssl",
         help="the resumption workloads' client (bench/resume.py): openssl s_time (default; C,\n"
         "no SNI) or Python's ssl (with SNI, but too slow to keep the terminator busy)",
+    )
+    p.add_argument(
+        "--h2-connections",
+        type=int,
+        default=2,
+        help="h2load connections of the many-streams HTTP/2 workload (default 2)",
+    )
+    p.add_argument(
+        "--h2-streams",
+        type=int,
+        default=25,
+        help="concurrent streams per connection in that workload (default 25: 50 in flight,\n"
+        "as many as the keep-alive workload's connections)",
+    )
+    p.add_argument(
+        "--workloads",
+        default=",".join((*WORKLOADS, "memory")),
+        help="comma list of what to measure (default all): " + ", ".join(WORKLOADS) + ",\n"
+        "memory (the RSS rows)",
+    )
+    p.add_argument(
+        "--h2",
+        action="store_true",
+        help="only the HTTP/2 rows and the HTTP/1.1 rows they are compared with:\n"
+        f"--workloads {','.join(H2_WORKLOADS)} --no-access-log --no-e2e",
     )
     p.add_argument(
         "--no-access-log",
@@ -1282,13 +1548,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--perf-workload",
-        choices=("keepalive", "handshake", "bulk"),
+        choices=("keepalive", "handshake", "bulk", "h2streams", "h2conn"),
         default="keepalive",
         help="the workload --perf runs under (default keepalive)",
     )
     p.add_argument(
         "--profile-workload",
-        choices=("keepalive", "handshake", "bulk"),
+        choices=("keepalive", "handshake", "bulk", "h2streams", "h2conn"),
         default="keepalive",
         help="the workload --profile runs under (default keepalive)",
     )
@@ -1322,6 +1588,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.idle_connections = args.idle_connections or 1000
     args.rounds = max(args.rounds or 3, 1)
     args.only = [t.strip() for t in args.only.split(",") if t.strip()]
+    if args.h2:
+        args.workloads, args.access_log, args.e2e = ",".join(H2_WORKLOADS), False, False
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = set(args.workloads) - {*WORKLOADS, "memory"}
+    if unknown:
+        p.error(f"--workloads: unknown workload(s) {', '.join(sorted(unknown))}")
+    if args.h2_connections < 1 or args.h2_streams < 1:
+        p.error("--h2-connections and --h2-streams must be at least 1")
     unknown = set(args.only) - set(TERMINATORS)
     if unknown:
         p.error(f"--only: unknown terminator(s) {', '.join(sorted(unknown))}")
@@ -1352,10 +1626,14 @@ def _sigterm_as_exit() -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    missing = [c for c in ("nginx", "wrk", "openssl") if shutil.which(c) is None]
+    needed = ["nginx", "wrk", "openssl"]
+    if {"h2streams", "h2conn"} & set(args.workloads):
+        needed.append("h2load")
+    missing = [c for c in needed if shutil.which(c) is None]
     if missing:
         print(
-            f"missing commands: {', '.join(missing)} (apt-get install -y nginx wrk openssl)",
+            f"missing commands: {', '.join(missing)}"
+            " (apt-get install -y nginx wrk openssl nghttp2-client)",
             file=sys.stderr,
         )
         return 2
@@ -1439,6 +1717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "results": results,
         "floor": floor,
         "table": [{k: v for k, v in row.items() if k != "format"} for row in table],
+        "h2": h2_summary(results),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -1451,7 +1730,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(r[w], dict) and r[w].get("errors")
     }
     if errors:
-        print(f"\nwrk reported errors: {errors}")
+        print(f"\nthe load clients reported errors: {errors}")
+    if report["h2"]:
+        print("\nHTTP/2 (issue 12), beside HTTP/1.1 keep-alive of the same rounds:")
+        print(h2_markdown(report["h2"]))
     logged = access_log_markdown(results)
     if logged:
         print("\nThe access log, on and off (same rounds):")

@@ -56,7 +56,7 @@ from proxy.downstream.client_side import client_identity, emit_access, log_upstr
 from proxy.downstream.exchange import Exchange
 from proxy.downstream.flow import PEER_BUSY, ReadGate, tune_write_buffer
 from proxy.downstream.forwarding import response_headers
-from proxy.downstream.h2_request import H2RequestError, request_from_h2
+from proxy.downstream.h2_request import H2RequestError, MalformedRequest, request_from_h2
 from proxy.downstream.responses import error_body
 from proxy.errors import UpstreamError
 from proxy.logs import log
@@ -224,7 +224,10 @@ class H2Stream:
             return sent
         self.out.append(data)
         self.out_size += len(data)
-        self.conn.pump(self)
+        if self.out_size > _QUEUE_LOW:
+            self.conn.pump(self)
+        # else it waits for the end of this read (flush_head) or the response's end: a small
+        # response then goes as HEADERS and one DATA frame that ends the stream.
         return sent + len(data)
 
     def send_end(self) -> int:
@@ -236,7 +239,10 @@ class H2Stream:
         return sent
 
     def flush_head(self) -> int:
-        return self._send_head(False) if self.head is not None else 0
+        sent = self._send_head(False) if self.head is not None else 0
+        if self.out:
+            self.conn.pump(self)
+        return sent
 
     def send_error(
         self, status: int, *, head: bool, retry_after: int | None, hsts: bytes | None
@@ -363,6 +369,9 @@ class H2Protocol(asyncio.Protocol):
             h2.config.H2Configuration(
                 client_side=False,
                 header_encoding=None,
+                # Checked in one pass by h2_request (h2's own checks walk the fields six times).
+                validate_inbound_headers=False,
+                normalize_inbound_headers=False,  # h2_request joins cookies itself
                 # What goes out is built here from validated upstream fields.
                 validate_outbound_headers=False,
                 normalize_outbound_headers=False,
@@ -423,6 +432,9 @@ class H2Protocol(asyncio.Protocol):
         except h2.exceptions.ProtocolError as exc:
             # h2 has queued the GOAWAY with the error's code.
             self._end(getattr(exc, "error_code", ErrorCodes.PROTOCOL_ERROR), str(exc), queued=True)
+            return
+        except Exception:
+            self.internal_error()
             return
         try:
             for event in events:
@@ -539,6 +551,9 @@ class H2Protocol(asyncio.Protocol):
                 end_stream=end_stream,
                 max_header_bytes=self.limits.max_header_bytes,
             )
+        except MalformedRequest as exc:
+            self._end(ErrorCodes.PROTOCOL_ERROR, f"stream {stream_id}: {exc}")
+            return
         except H2RequestError as exc:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s: HTTP/2 stream %d refused: %s", self.client_ip, stream_id, exc)
@@ -780,7 +795,8 @@ class H2Protocol(asyncio.Protocol):
         frame = GoAwayFrame(0)
         frame.last_stream_id = self._last_stream
         frame.error_code = ErrorCodes.NO_ERROR
-        self.transport.write(frame.serialize())
+        if not self.transport.is_closing():
+            self.transport.write(frame.serialize())
 
     @property
     def idle(self) -> bool:

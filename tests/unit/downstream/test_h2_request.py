@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from proxy.downstream.h2_connection import FloodGuard
-from proxy.downstream.h2_request import H2RequestError, header_list_size, request_from_h2
+from proxy.downstream.h2_request import (
+    H2RequestError,
+    MalformedRequest,
+    header_list_size,
+    request_from_h2,
+)
 
 BASE = [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/a?b=1")]
 
@@ -38,9 +43,11 @@ def test_a_body_without_length_goes_upstream_chunked() -> None:
     ("headers", "why"),
     [
         ([(b"x", b"a\x01b")], "a control byte in a value"),
-        ([(b"x(y", b"1")], "a name that is no token"),
-        ([(b"content-length", b"1, 2")], "two lengths"),
+        ([(b"content-length", b"1, 2")], "two lengths in one field"),
+        ([(b"content-length", b"1"), (b"content-length", b"2")], "two lengths"),
         ([(b"content-length", b"-1")], "a length that is no number"),
+        ([(b"content-length", b"+5")], "a sign Python's int() would take"),
+        ([(b"content-length", b"5_0")], "an underscore Python's int() would take"),
     ],
 )
 def test_what_h11_refuses_is_a_400(headers, why) -> None:
@@ -90,3 +97,45 @@ def test_flood_guard_counts_per_second_and_starts_over() -> None:
     assert not guard.spend("ping", 10.6)  # the fourth within the second
     assert not guard.spend("reset", 10.7)
     assert guard.spend("ping", 11.1) and guard.spend("reset", 11.1)  # a new second
+
+
+@pytest.mark.parametrize(
+    ("headers", "why"),
+    [
+        ([*BASE, (b":authority", b"a"), (b"X-Up", b"1")], "an uppercase name"),
+        ([*BASE, (b":authority", b"a"), (b"x(y", b"1")], "a name that is no token"),
+        ([*BASE, (b":authority", b"a"), (b"connection", b"close")], "connection-specific"),
+        ([*BASE, (b":authority", b"a"), (b"keep-alive", b"5")], "connection-specific"),
+        ([*BASE, (b":authority", b"a"), (b"transfer-encoding", b"chunked")], "smuggling"),
+        ([*BASE, (b":authority", b"a"), (b"upgrade", b"websocket")], "connection-specific"),
+        ([*BASE, (b":authority", b"a"), (b"te", b"gzip")], "TE other than trailers"),
+        ([*BASE, (b":authority", b"a"), (b"x", b"a\r\nb: c")], "CR LF in a value"),
+        ([*BASE, (b":authority", b"a"), (b"x", b" a")], "whitespace around a value"),
+        ([*BASE, (b":authority", b"a"), (b"x", b"a\x00")], "NUL in a value"),
+        ([*BASE, (b"x", b"1"), (b":authority", b"a")], "a pseudo-header after a field"),
+        ([*BASE, (b":path", b"/b"), (b":authority", b"a")], "a repeated pseudo-header"),
+        ([*BASE, (b":protocol", b"websocket")], "an unknown pseudo-header"),
+        ([(b":scheme", b"https"), (b":path", b"/")], "no :method"),
+        ([(b":method", b"GET"), (b":scheme", b"https")], "no :path"),
+        ([(b":method", b"GET"), (b":path", b"/")], "no :scheme"),
+        ([*BASE, (b":authority", b"a"), (b"host", b"b")], "Host disagrees with :authority"),
+        ([*BASE, (b"host", b"a"), (b"host", b"a")], "two Host fields"),
+    ],
+)
+def test_malformed_requests_end_the_connection(headers, why) -> None:
+    with pytest.raises(MalformedRequest):
+        request_from_h2(headers, end_stream=True, max_header_bytes=65536)
+
+
+def test_te_trailers_and_a_repeated_equal_length_pass() -> None:
+    request = convert([(b"te", b"trailers"), (b"content-length", b"3"), (b"content-length", b"3")])
+    assert request.fields == [
+        (b"host", b"app.test"),
+        (b"te", b"trailers"),
+        (b"content-length", b"3"),
+    ]
+
+
+def test_split_cookies_are_joined_in_the_first_ones_place() -> None:
+    request = convert([(b"cookie", b"a=1"), (b"accept", b"*/*"), (b"cookie", b"b=2")])
+    assert request.fields == [(b"host", b"app.test"), (b"cookie", b"a=1; b=2"), (b"accept", b"*/*")]
