@@ -22,8 +22,8 @@ GOAWAY carrying the code below, and costs the other connections nothing more tha
     malformed header block                  PROTOCOL_ERROR (h2's validation)
     header block over 2 x max_header_bytes  ENHANCE_YOUR_CALM (HPACK bomb, CONTINUATION flood)
     over 64 CONTINUATION frames             PROTOCOL_ERROR (h2)
-    streams reset while in flight, SETTINGS, PING or PRIORITY frames over their rate (FloodGuard:
-    rapid reset, CVE-2023-44487; control frame floods, CVE-2019-9512/9515)   ENHANCE_YOUR_CALM
+    streams reset while in flight, SETTINGS, PING, PRIORITY or empty DATA frames over their rate
+    (FloodGuard: rapid reset, CVE-2023-44487; floods, CVE-2019-9512/9515/9518) ENHANCE_YOUR_CALM
     a response waiting on a closed window for upstream_read_timeout (zero-window stall; nginx's
     send_timeout)                           ENHANCE_YOUR_CALM
     no stream for idle_timeout (header_read_timeout before the first)        NO_ERROR
@@ -77,6 +77,10 @@ RESETS_PER_SECOND = 100
 SETTINGS_PER_SECOND = 100
 PINGS_PER_SECOND = 100
 PRIORITIES_PER_SECOND = 1000
+EMPTY_FRAMES_PER_SECOND = 100  # DATA frames with no byte that do not end the stream
+# h2 parses all it is given before it returns events: what a read brings is fed in slices, so a
+# flood of tiny frames is stopped after one slice, not after the whole read.
+_FEED_SLICE = 16 * 1024
 _STATUS = [b"%d" % n for n in range(600)]
 _TEXT_PLAIN = (b"content-type", b"text/plain; charset=utf-8")
 
@@ -383,6 +387,7 @@ class H2Protocol(asyncio.Protocol):
         self._goaway_sent = False
         self._last_stream = 0  # after a graceful GOAWAY: streams above it are refused
         self._flush_scheduled = False
+        self._unflushed = 0  # DATA bytes h2 holds that are not in the transport yet
         self._touched: list[H2Stream] = []
         self._guard = FloodGuard(
             {
@@ -390,6 +395,7 @@ class H2Protocol(asyncio.Protocol):
                 "settings": SETTINGS_PER_SECOND,
                 "ping": PINGS_PER_SECOND,
                 "priority": PRIORITIES_PER_SECOND,
+                "empty": EMPTY_FRAMES_PER_SECOND,
             }
         )
         self._requests = 0
@@ -424,6 +430,16 @@ class H2Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closed:
             return
+        if len(data) > _FEED_SLICE:
+            view = memoryview(data)
+            for start in range(0, len(data), _FEED_SLICE):
+                self._receive(view[start : start + _FEED_SLICE])
+                if self._closed:
+                    return
+            return
+        self._receive(data)
+
+    def _receive(self, data: bytes | memoryview) -> None:
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.DenialOfServiceError as exc:
@@ -580,6 +596,10 @@ class H2Protocol(asyncio.Protocol):
 
     def _on_data(self, event: h2.events.DataReceived) -> None:
         size = event.flow_controlled_length
+        now = self._loop.time()
+        if not size and event.stream_ended is None and not self._guard.spend("empty", now):
+            self._end(ErrorCodes.ENHANCE_YOUR_CALM, "empty DATA frames in a flood")
+            return
         stream = self.streams.get(event.stream_id)
         exchange = stream.exchange if stream is not None else None
         if exchange is None:
@@ -588,7 +608,7 @@ class H2Protocol(asyncio.Protocol):
                 self.h2.acknowledge_received_data(size, event.stream_id)
             return
         assert stream is not None
-        stream.last_read = self._loop.time()
+        stream.last_read = now
         data = event.data
         if data:
             exchange.on_request_data(data)
@@ -638,6 +658,7 @@ class H2Protocol(asyncio.Protocol):
         stream_id = stream.stream_id
         if stream.ended:
             return
+        queued = stream.out_size
         while out:
             window = conn.local_flow_control_window(stream_id)
             if window <= 0:
@@ -660,17 +681,25 @@ class H2Protocol(asyncio.Protocol):
             if stream.end_queued and not stream.ended:
                 conn.end_stream(stream_id)
                 stream._ended()
+        sent = queued - stream.out_size
         if stream.ended:
             if stream.exchange is None:
                 self._forget(stream)
         elif out:
-            if not stream.blocked_since:
+            # The stall clock runs from the last byte the client's window let through.
+            if sent or not stream.blocked_since:
                 stream.blocked_since = self._loop.time()
                 self._arm(stream.blocked_since + self.limits.upstream_read_timeout)
         else:
             stream.blocked_since = 0.0
         self._update_write_paused(stream)
-        self.want_flush()
+        self._unflushed += sent
+        if self._unflushed > _QUEUE_LOW:
+            # Much to send: into the transport now, so that a client that does not read
+            # shows in its write buffer (pause_writing) before h2's grows.
+            self._flush()
+        else:
+            self.want_flush()
 
     def _pump_all(self) -> None:
         for stream in list(self.streams.values()):
@@ -717,6 +746,7 @@ class H2Protocol(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._unflushed = 0
         data = self.h2.data_to_send()
         if data and not self._closed and not self.transport.is_closing():
             self.transport.write(data)
@@ -836,7 +866,12 @@ class H2Protocol(asyncio.Protocol):
                 exchange.client_lost()
         self.active = 0
         self.gate.open()
-        self.transport.close()
+        if self.write_blocked:
+            # The client reads nothing: a graceful close would wait on it (and hold what is
+            # buffered) until ssl_shutdown_timeout. It was sent the GOAWAY, if it ever reads.
+            self.transport.abort()
+        else:
+            self.transport.close()
 
     def internal_error(self) -> None:
         log.exception("unexpected error in an HTTP/2 connection from %s", self.client_ip)
