@@ -15,30 +15,22 @@ import os
 import re
 import signal
 import socket
-import ssl
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import h11
-import hpack
 import httpx
 import pytest
-from hyperframe.frame import (
-    DataFrame,
-    Frame,
-    GoAwayFrame,
-    HeadersFrame,
-    RstStreamFrame,
-    SettingsFrame,
-)
+from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, RstStreamFrame
 from websockets.asyncio.client import connect as ws_connect
 
 from tests.integration.harness import AppProcess, basic_config, free_port, running
+from tests.integration.hostile.h2_client import RawH2, request_headers
 from tests.integration.proxy.conftest import MakeProxy
 from tests.integration.proxy.support import Proxy, TcpServer, proxy_config
 
@@ -65,7 +57,7 @@ class Seen:
 TRAILER_BODY = b"".join(b"part %d;" % i for i in range(2000))
 
 
-class ScriptedUpstream(TcpServer):
+class H11Upstream(TcpServer):
     """An HTTP/1.1 upstream parsed with h11, for what uvicorn will not do on demand.
 
     /die        reads the request and closes the connection without a word (the proxy: 502)
@@ -132,8 +124,8 @@ class ScriptedUpstream(TcpServer):
 
 
 @pytest.fixture(scope="module")
-def scripted() -> Iterator[ScriptedUpstream]:
-    with running(ScriptedUpstream()) as upstream:
+def h11_upstream() -> Iterator[H11Upstream]:
+    with running(H11Upstream()) as upstream:
         yield upstream
 
 
@@ -153,10 +145,10 @@ def proxy(
     example_app: AppProcess,
     sink_app: AppProcess,
     statuses_app: AppProcess,
-    scripted: ScriptedUpstream,
+    h11_upstream: H11Upstream,
 ) -> Proxy:
     """http2 at its default (on): example app on localhost and app.test, second.test (another
-    site, same app), sink.test, codes.test (statuses app), raw.test (the scripted upstream)."""
+    site, same app), sink.test, codes.test (statuses app), raw.test (the hand-written h11 upstream)."""
     config = proxy_config(
         [
             (["localhost", "app.test"], "app"),
@@ -169,7 +161,7 @@ def proxy(
             "app": example_app.server,
             "sink": sink_app.server,
             "codes": statuses_app.server,
-            "raw": scripted.server,
+            "raw": h11_upstream.server,
         },
         default_site="localhost",
         limits='max_body_bytes = "200MiB"',
@@ -189,7 +181,7 @@ def strict(
     make_module_proxy: MakeProxy,
     example_app: AppProcess,
     sink_app: AppProcess,
-    scripted: ScriptedUpstream,
+    h11_upstream: H11Upstream,
 ) -> Proxy:
     """Small limits for the error statuses, and the access log in JSON."""
     config = proxy_config(
@@ -202,7 +194,7 @@ def strict(
         {
             "app": example_app.server,
             "sink": sink_app.server,
-            "raw": scripted.server,
+            "raw": h11_upstream.server,
             "down": f"127.0.0.1:{free_port()}",  # nothing listens there
         },
         default_site="localhost",
@@ -344,95 +336,44 @@ def distinct_blocks(total: int, block: int = 256 * 1024) -> Iterator[bytes]:
         yield (n.to_bytes(8, "big") + seed[8:])[: total - n]
 
 
-class RawH2:
-    """An HTTP/2 client written frame by frame (hyperframe, hpack), for what client libraries
-    hide: the GOAWAY itself, and a request sent after the server's GOAWAY went out but before
-    the client read it. (h2's own client state machine accepts no frame after a GOAWAY, so it
-    cannot read the responses a graceful GOAWAY promises.)"""
+def raw_h2(proxy: Proxy) -> RawH2:
+    """The hostile tests' frame-by-frame client, for what client libraries hide: the GOAWAY
+    itself, RST_STREAM codes, a request sent after the server's GOAWAY went out. (h2's own
+    client state machine takes no frame after a GOAWAY, so it cannot even read the responses
+    a graceful GOAWAY promises.)"""
+    return RawH2(proxy.port, proxy.ca)
 
-    def __init__(self, proxy: Proxy, sni: str = "localhost") -> None:
-        context = proxy.context()
-        context.set_alpn_protocols(["h2"])
-        raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
-        self.sock = context.wrap_socket(raw, server_hostname=sni)
-        assert self.sock.selected_alpn_protocol() == "h2"
-        self.encoder, self.decoder = hpack.Encoder(), hpack.Decoder()
-        self.frames: list[Frame] = []
-        self.headers: dict[int, list[dict[str, str]]] = {}
-        self.closed = False
-        self._buf = bytearray()
-        self._next_id = 1
-        self.sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + SettingsFrame(0).serialize())
 
-    def request(
-        self,
-        path: str,
-        authority: str = "localhost",
-        *,
-        method: str = "GET",
-        fields: tuple[tuple[str, str], ...] = (),
-        end: bool = True,
-    ) -> int:
-        stream_id, self._next_id = self._next_id, self._next_id + 2
-        frame = HeadersFrame(stream_id, flags=["END_HEADERS", *(["END_STREAM"] if end else [])])
-        pseudo = [(":method", method), (":scheme", "https"), (":authority", authority)]
-        frame.data = self.encoder.encode([*pseudo, (":path", path), *fields])
-        self.sock.sendall(frame.serialize())
-        return stream_id
+def on_stream(raw: RawH2, kind: type, stream_id: int) -> list[Any]:
+    return [f for f in raw.frames if isinstance(f, kind) and f.stream_id == stream_id]
 
-    def send_data(self, stream_id: int, data: bytes, *, end: bool = False) -> None:
-        frame = DataFrame(stream_id, data, flags=["END_STREAM"] if end else [])
-        self.sock.sendall(frame.serialize())
 
-    def read_until(self, done: Callable[[], bool], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        self.sock.settimeout(0.2)
-        while not done() and not self.closed and time.monotonic() < deadline:
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            except (ConnectionResetError, ssl.SSLError):
-                data = b""
-            if not data:
-                self.closed = True
-                return
-            self._buf += data
-            self._parse()
+def ended(raw: RawH2, stream_id: int) -> bool:
+    frames = on_stream(raw, HeadersFrame, stream_id) + on_stream(raw, DataFrame, stream_id)
+    return any("END_STREAM" in f.flags for f in frames)
 
-    def _parse(self) -> None:
-        while len(self._buf) >= 9:
-            frame, length = Frame.parse_frame_header(memoryview(bytes(self._buf[:9])))
-            if len(self._buf) < 9 + length:
-                return
-            frame.parse_body(memoryview(bytes(self._buf[9 : 9 + length])))
-            del self._buf[: 9 + length]
-            self.frames.append(frame)
-            if isinstance(frame, SettingsFrame) and "ACK" not in frame.flags:
-                self.sock.sendall(SettingsFrame(0, flags=["ACK"]).serialize())
-            elif isinstance(frame, HeadersFrame):
-                assert "END_HEADERS" in frame.flags  # small answers: no CONTINUATION
-                fields = dict(self.decoder.decode(frame.data, raw=False))
-                self.headers.setdefault(frame.stream_id, []).append(fields)
 
-    def of(self, kind: type, stream_id: int | None = None) -> list[Any]:
-        return [
-            f
-            for f in self.frames
-            if isinstance(f, kind) and (stream_id is None or f.stream_id == stream_id)
-        ]
+def statuses(raw: RawH2, stream_id: int) -> list[int]:
+    """The :status of each header block the server sent on the stream."""
+    blocks = [raw.blocks[i] for i, f in enumerate(raw.frames) if i in raw.blocks]
+    ids = [f.stream_id for i, f in enumerate(raw.frames) if i in raw.blocks]
+    return [int(dict(b)[b":status"]) for b, s in zip(blocks, ids, strict=True) if s == stream_id]
 
-    def ended(self, stream_id: int) -> bool:
-        return any(
-            "END_STREAM" in f.flags
-            for f in self.of(HeadersFrame, stream_id) + self.of(DataFrame, stream_id)
+
+def body_of(raw: RawH2, stream_id: int) -> bytes:
+    return b"".join(f.data for f in on_stream(raw, DataFrame, stream_id))
+
+
+def post_head(raw: RawH2, path: str, length: int) -> int:
+    """A POST's HEADERS with a content-length and no END_STREAM: its DATA is the test's."""
+    stream = raw.new_stream()
+    extra = [(b"content-length", str(length).encode())]
+    raw.send(
+        raw.headers_frame(
+            stream, request_headers(path, method="POST", extra=extra), end_stream=False
         )
-
-    def body(self, stream_id: int) -> bytes:
-        return b"".join(f.data for f in self.of(DataFrame, stream_id))
-
-    def close(self) -> None:
-        self.sock.close()
+    )
+    return stream
 
 
 # --- negotiation --------------------------------------------------------------------------------
@@ -592,7 +533,7 @@ def test_a_slow_reader_with_a_large_window_holds_the_app_back_not_the_proxys_mem
 
 
 def test_body_without_content_length_reaches_the_app_complete(
-    proxy: Proxy, scripted: ScriptedUpstream, tmp_path: Path
+    proxy: Proxy, h11_upstream: H11Upstream, tmp_path: Path
 ) -> None:
     body = b"".join(distinct_blocks(3 * MIB))
     upload = tmp_path / "upload"
@@ -606,7 +547,7 @@ def test_body_without_content_length_reaches_the_app_complete(
         chunks = (body[i : i + 100_000] for i in range(0, 1_000_000, 100_000))
         response = h2(client.post(**at("raw.test", proxy, f"/record?t={token}", content=chunks)))
     assert response.status_code == 200
-    (seen,) = [s for s in scripted.seen if token.encode() in s.target]
+    (seen,) = [s for s in h11_upstream.seen if token.encode() in s.target]
     assert seen.header(b"transfer-encoding") == [b"chunked"]
     assert seen.header(b"content-length") == []
     assert seen.body == body[:1_000_000]
@@ -640,20 +581,16 @@ def test_no_reset_after_a_request_whose_body_arrived_whole(proxy: Proxy) -> None
     is complete before the END_STREAM arrives is not "before the whole request was read" when
     every byte of the Content-Length came: a RST_STREAM then (even NO_ERROR) makes h2 raise
     StreamClosedError in httpx when it sends its END_STREAM, and the request fails."""
-    raw = RawH2(proxy)
-    try:
-        stream = raw.request("/echo", method="POST", fields=(("content-length", "2"),), end=False)
-        raw.send_data(stream, b"ab")
-        raw.read_until(lambda: raw.ended(stream), timeout=10)
-        assert raw.headers[stream][0][":status"] == "200"
-        assert raw.body(stream) == b"ab"
-        raw.read_until(lambda: bool(raw.of(RstStreamFrame, stream)), timeout=0.5)
-        raw.send_data(stream, b"", end=True)  # what httpx does next
-        raw.read_until(lambda: False, timeout=0.3)
-        assert [f.error_code for f in raw.of(RstStreamFrame, stream)] == []
-        assert raw.of(GoAwayFrame) == []
-    finally:
-        raw.close()
+    with raw_h2(proxy) as raw:
+        stream = post_head(raw, "/echo", 2)
+        raw.send(DataFrame(stream, b"ab"))
+        raw.poll_until(lambda: ended(raw, stream), timeout=10)
+        assert (statuses(raw, stream), body_of(raw, stream)) == ([200], b"ab")
+        raw.poll_until(lambda: bool(on_stream(raw, RstStreamFrame, stream)), timeout=0.5)
+        raw.send(DataFrame(stream, b"", flags=["END_STREAM"]))  # what httpx does next
+        raw.poll_until(lambda: False, timeout=0.3)
+        assert [f.error_code for f in on_stream(raw, RstStreamFrame, stream)] == []
+        assert raw.goaway is None
 
 
 def test_nghttp_many_uris_on_one_connection(proxy: Proxy) -> None:
@@ -807,7 +744,7 @@ def test_expect_100_continue(proxy: Proxy, tmp_path: Path) -> None:
 
 
 def test_trailers_are_dropped_and_the_body_is_intact(
-    proxy: Proxy, scripted: ScriptedUpstream, tmp_path: Path
+    proxy: Proxy, h11_upstream: H11Upstream, tmp_path: Path
 ) -> None:
     # From the app: the body arrives whole, the trailer field does not.
     verbose = nghttp(proxy, "/trailers", "-v", host="raw.test")
@@ -831,10 +768,10 @@ def test_trailers_are_dropped_and_the_body_is_intact(
         host="raw.test",
     )
     assert sent.returncode == 0, sent.stderr
-    (seen,) = [s for s in scripted.seen if token.encode() in s.target]
+    (seen,) = [s for s in h11_upstream.seen if token.encode() in s.target]
     assert seen.body == b"t" * 70_000
     assert seen.trailers == []
-    assert b"x-client-trailer" not in scripted.data
+    assert b"x-client-trailer" not in h11_upstream.data
 
 
 # --- errors, each on its own stream -------------------------------------------------------------
@@ -908,23 +845,19 @@ def test_frames_in_flight_after_a_413_are_ignored(strict: Proxy) -> None:
     an endpoint MUST ignore frames it receives on closed streams after it sent RST_STREAM), not
     answered with RST_STREAM STREAM_CLOSED. curl 7.88 fails such an upload now and then with
     "(92) Stream error in the HTTP/2 framing layer", without showing the 413."""
-    raw = RawH2(strict)
-    try:
-        fields = (("content-length", str(32 * 1024)),)  # max_body_bytes is 16 KiB
-        stream = raw.request("/echo", method="POST", fields=fields, end=False)
-        raw.send_data(stream, b"b" * 16384)  # curl sends it all at once, the window allowing
-        raw.read_until(lambda: raw.ended(stream), timeout=5)
-        assert raw.headers[stream][0][":status"] == "413"
-        raw.read_until(lambda: False, timeout=0.2)
-        raw.send_data(stream, b"b" * 16384, end=True)  # crossed the 413 on the wire
-        raw.read_until(lambda: False, timeout=0.3)
-        codes = [f.error_code for f in raw.of(RstStreamFrame, stream)]
+    with raw_h2(strict) as raw:
+        stream = post_head(raw, "/echo", 32 * 1024)  # max_body_bytes is 16 KiB
+        raw.send(DataFrame(stream, b"b" * 16384))  # curl sends it all at once, the window allowing
+        raw.poll_until(lambda: ended(raw, stream), timeout=5)
+        assert statuses(raw, stream) == [413]
+        raw.poll_until(lambda: False, timeout=0.2)
+        raw.send(DataFrame(stream, b"b" * 16384, flags=["END_STREAM"]))  # crossed the 413
+        raw.poll_until(lambda: False, timeout=0.3)
+        codes = [f.error_code for f in on_stream(raw, RstStreamFrame, stream)]
         assert codes in ([], [0]), codes  # nothing, or one NO_ERROR
         follow = raw.request("/healthz")  # the connection goes on
-        raw.read_until(lambda: raw.ended(follow), timeout=5)
-        assert raw.body(follow) == b"ok"
-    finally:
-        raw.close()
+        raw.poll_until(lambda: ended(raw, follow), timeout=5)
+        assert body_of(raw, follow) == b"ok"
 
 
 async def test_431_on_its_stream_while_another_succeeds(strict: Proxy) -> None:
@@ -1005,8 +938,7 @@ def test_sigterm_sends_goaway_and_lets_the_open_stream_finish(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    raw = RawH2(proxy)
-    try:
+    with raw_h2(proxy) as raw:
         slow = raw.request("/slow/2")
         time.sleep(0.7)  # both slow requests are at the app
         signalled = time.monotonic()
@@ -1015,20 +947,19 @@ def test_sigterm_sends_goaway_and_lets_the_open_stream_finish(
         time.sleep(0.2)
         # A new stream after the GOAWAY went out (this client has not read it yet).
         late = raw.request(f"/healthz?t={token}")
-        raw.read_until(lambda: raw.ended(slow), timeout=10)
+        raw.poll_until(lambda: ended(raw, slow), timeout=10)
         finished = time.monotonic() - signalled
-        goaways = [(f.error_code, f.last_stream_id) for f in raw.of(GoAwayFrame)]
+        goaways = [
+            (f.error_code, f.last_stream_id) for f in raw.frames if isinstance(f, GoAwayFrame)
+        ]
         assert goaways[:1] == [(0, slow)], goaways  # NO_ERROR, the last stream taken
-        assert raw.ended(slow), raw.frames
-        assert raw.headers[slow][0][":status"] == "200"
-        assert json.loads(raw.body(slow))["slept"] == 2
+        assert ended(raw, slow), raw.describe()
+        assert statuses(raw, slow) == [200]
+        assert json.loads(body_of(raw, slow))["slept"] == 2
         assert finished < 5, finished  # within shutdown_grace
         # Then the connection closes and the process exits; the late stream got no answer.
-        raw.read_until(lambda: False, timeout=5)
-        assert raw.closed
-        assert late not in raw.headers
-    finally:
-        raw.close()
+        assert raw.wait_closed(5)
+        assert statuses(raw, late) == []
     out, _ = watcher.communicate(timeout=15)
     assert watcher.returncode == 0, out[-3000:]
     assert re.search(rb"recv GOAWAY frame .*\n.*error_code=NO_ERROR", out), out[-3000:]
@@ -1038,5 +969,5 @@ def test_sigterm_sends_goaway_and_lets_the_open_stream_finish(
     assert "Traceback" not in proxy.log()
     # A second GOAWAY may follow the first, never naming a higher stream (RFC 9113 6.8): the
     # late stream was refused, not taken.
-    goaways = [(f.error_code, f.last_stream_id) for f in raw.of(GoAwayFrame)]
+    goaways = [(f.error_code, f.last_stream_id) for f in raw.frames if isinstance(f, GoAwayFrame)]
     assert all(goaway == (0, slow) for goaway in goaways), goaways
