@@ -148,7 +148,7 @@ def proxy(
     h11_upstream: H11Upstream,
 ) -> Proxy:
     """http2 at its default (on): example app on localhost and app.test, second.test (another
-    site, same app), sink.test, codes.test (statuses app), raw.test (the hand-written h11 upstream)."""
+    site, same app), sink.test, codes.test (statuses app), raw.test (the h11 upstream)."""
     config = proxy_config(
         [
             (["localhost", "app.test"], "app"),
@@ -813,38 +813,41 @@ async def test_504_on_its_stream_while_another_succeeds(strict: Proxy) -> None:
 
 
 def test_413_on_its_stream_while_another_succeeds(strict: Proxy, tmp_path: Path) -> None:
-    """curl, not httpx: after a 413 that comes before the whole body, the proxy may tell the
-    client to stop sending with RST_STREAM NO_ERROR (RFC 9113 8.1); curl takes that, httpx
-    raises StreamClosedError when it next writes to the stream."""
+    """curl, a client that sends a whole small body at once, must see the 413 as over
+    HTTP/1.1. A RST_STREAM NO_ERROR after an early response (RFC 9113 8.1 allows it) costs
+    exactly that: curl 7.88 (Debian 12) then fails about one such upload in seven with "(92)
+    Stream error in the HTTP/2 framing layer" and no status (against a bare h2 server too,
+    0 of 40 without the RST_STREAM); httpx raises StreamClosedError. Three rounds, so that a
+    one-in-seven failure rarely slips through."""
     big = tmp_path / "big"
     big.write_bytes(b"b" * 32 * 1024)  # max_body_bytes 16 KiB; under one stream window
-    results = curl_together(
-        strict,
-        {
-            "sized": ["/sink", "--data-binary", f"@{big}"],
-            "unsized": ["/sink", "-T", "-", "-X", "POST"],  # from stdin: no content-length
-            "ok": ["/sink", "--data-binary", "small"],
-            "count": ["/count"],
-        },
-        host="sink.test",
-        stdin=b"u" * 32 * 1024,
-    )
-    assert {tag: status for tag, (status, _, _) in results.items()} == {
-        "sized": 413,
-        "unsized": 413,
-        "ok": 200,
-        "count": 200,
-    }
-    assert {version for _, version, _ in results.values()} == {"2"}
-    assert sum(connects for _, _, connects in results.values()) == 1  # one connection
+    for _ in range(3):
+        results = curl_together(
+            strict,
+            {
+                "sized": ["/sink", "--data-binary", f"@{big}"],
+                "unsized": ["/sink", "-T", "-", "-X", "POST"],  # from stdin: no content-length
+                "ok": ["/sink", "--data-binary", "small"],
+                "count": ["/count"],
+            },
+            host="sink.test",
+            stdin=b"u" * 32 * 1024,
+        )
+        assert {tag: status for tag, (status, _, _) in results.items()} == {
+            "sized": 413,
+            "unsized": 413,
+            "ok": 200,
+            "count": 200,
+        }
+        assert {version for _, version, _ in results.values()} == {"2"}
+        assert sum(connects for _, _, connects in results.values()) == 1  # one connection
 
 
 def test_frames_in_flight_after_a_413_are_ignored(strict: Proxy) -> None:
     """The 413 comes before the body: the proxy may end the stream with RST_STREAM NO_ERROR, but
     the DATA frames the client had already sent must then be ignored (RFC 9113 5.1, "closed":
     an endpoint MUST ignore frames it receives on closed streams after it sent RST_STREAM), not
-    answered with RST_STREAM STREAM_CLOSED. curl 7.88 fails such an upload now and then with
-    "(92) Stream error in the HTTP/2 framing layer", without showing the 413."""
+    answered with RST_STREAM STREAM_CLOSED (h2's habit for frames on a stream it reset)."""
     with raw_h2(strict) as raw:
         stream = post_head(raw, "/echo", 32 * 1024)  # max_body_bytes is 16 KiB
         raw.send(DataFrame(stream, b"b" * 16384))  # curl sends it all at once, the window allowing
