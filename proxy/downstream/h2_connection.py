@@ -72,6 +72,7 @@ STREAM_WINDOW = 65535  # RFC 9113's initial window: what one stream's request ma
 CONNECTION_WINDOW = 1024 * 1024  # ... and all of a connection's together
 _QUEUE_HIGH = 256 * 1024  # response bytes waiting for a stream's window: stop its upstream
 _QUEUE_LOW = 64 * 1024
+_DISCARD_LIMIT = 1024 * 1024  # request body read and dropped after an early response
 # FloodGuard's limits: how many of each in one second.
 RESETS_PER_SECOND = 100
 SETTINGS_PER_SECOND = 100
@@ -144,6 +145,8 @@ class H2Stream:
         "client_cert",
         "client_ip",
         "conn",
+        "discarded",
+        "discarding",
         "end_queued",
         "ended",
         "exchange",
@@ -153,7 +156,6 @@ class H2Stream:
         "out_size",
         "read_paused",
         "request_done",
-        "reset_after_end",
         "sni",
         "state",
         "stream_id",
@@ -175,7 +177,8 @@ class H2Stream:
         self.out_size = 0
         self.end_queued = False
         self.ended = False  # END_STREAM (or RST_STREAM) sent: nothing more goes out
-        self.reset_after_end = False
+        self.discarding = False  # answered before its whole body: the rest is read and dropped
+        self.discarded = 0
         self.request_done = False
         self.read_paused = False
         self.unacked = 0  # request bytes received but not yet acknowledged (window held)
@@ -296,11 +299,12 @@ class H2Stream:
         if abort:
             self.reset(ErrorCodes.INTERNAL_ERROR)  # the response must look incomplete
         elif not self.request_done:
-            # RFC 9113 8.1: a complete response before the whole request; the client is
-            # told to stop sending, without error, once the response is out.
-            self.reset_after_end = True
-            if self.ended:
-                self.reset(ErrorCodes.NO_ERROR)
+            # Answered before the whole request body came (a 413, an early error). RFC 9113
+            # 8.1 allows RST_STREAM NO_ERROR after the response, but curl 7.88 and httpx then
+            # report a stream error instead of the response: the rest is read and dropped, as
+            # nginx's lingering close does, up to _DISCARD_LIMIT bytes or body_read_timeout.
+            self.discarding = True
+            self.conn.discard_from(self)
         self.conn.stream_finished(self)
 
     def start_tunnel(self, exchange: Exchange) -> bytes:
@@ -330,13 +334,12 @@ class H2Stream:
         self.out.clear()
         self.out_size = 0
         self.blocked_since = 0.0
-        if self.reset_after_end:
-            self.reset(ErrorCodes.NO_ERROR)
 
     def reset(self, code: ErrorCodes) -> None:
         """RST_STREAM, unless the stream is over on both sides already."""
         conn = self.conn
         self.ended = True
+        self.request_done = True  # nothing more is read of it
         self.out.clear()
         self.out_size = 0
         self.head = None
@@ -520,6 +523,8 @@ class H2Protocol(asyncio.Protocol):
                 if stream.exchange is not None:
                     stream.exchange.on_request_end()
                     self._touched.append(stream)
+                else:
+                    self._forget_if_over(stream)
         elif kind is h2.events.WindowUpdated:
             stream_id = event.stream_id  # type: ignore[attr-defined]
             if stream_id:
@@ -606,6 +611,12 @@ class H2Protocol(asyncio.Protocol):
             # A stream answered already (or refused): its bytes are dropped, the window kept.
             if size:
                 self.h2.acknowledge_received_data(size, event.stream_id)
+            if stream is not None and stream.discarding and not stream.request_done:
+                stream.discarded += size
+                stream.last_read = now
+                if stream.discarded > _DISCARD_LIMIT:
+                    stream.reset(ErrorCodes.NO_ERROR)  # enough: the client is told to stop
+                    self._forget_if_over(stream)
             return
         assert stream is not None
         stream.last_read = now
@@ -683,8 +694,7 @@ class H2Protocol(asyncio.Protocol):
                 stream._ended()
         sent = queued - stream.out_size
         if stream.ended:
-            if stream.exchange is None:
-                self._forget(stream)
+            self._forget_if_over(stream)
         elif out:
             # The stall clock runs from the last byte the client's window let through.
             if sent or not stream.blocked_since:
@@ -723,13 +733,24 @@ class H2Protocol(asyncio.Protocol):
     def stream_finished(self, stream: H2Stream) -> None:
         """The stream's exchange is over (its response may still be queued)."""
         self.active -= 1
-        if stream.ended:
-            self._forget(stream)
+        self._forget_if_over(stream)
         self._idle_check()
 
-    def _forget(self, stream: H2Stream) -> None:
-        self.streams.pop(stream.stream_id, None)
-        self._idle_check()
+    def _forget_if_over(self, stream: H2Stream) -> None:
+        """Drop a stream whose exchange, response and request are all over."""
+        if stream.ended and stream.exchange is None and stream.request_done:
+            self.streams.pop(stream.stream_id, None)
+            self._idle_check()
+
+    def discard_from(self, stream: H2Stream) -> None:
+        stream.last_read = self._loop.time()
+        self._arm(stream.last_read + self.limits.body_read_timeout)
+        # A client that got the whole response may stop its upload with END_STREAM short of
+        # its Content-Length (curl does): h2 would call that a connection error and fail the
+        # other streams with it. The body is dropped anyway: its length no longer matters.
+        h2_stream = self.h2.streams.get(stream.stream_id)
+        if h2_stream is not None:
+            h2_stream._expected_content_length = None
 
     def _idle_check(self) -> None:
         if self.active == 0 and not self.streams:
@@ -790,6 +811,13 @@ class H2Protocol(asyncio.Protocol):
                     return
                 upcoming.append(deadline)
             exchange = stream.exchange
+            if exchange is None and stream.discarding and not stream.request_done:
+                deadline = stream.last_read + limits.body_read_timeout
+                if now >= deadline:
+                    stream.reset(ErrorCodes.NO_ERROR)
+                    self._forget_if_over(stream)
+                    continue
+                upcoming.append(deadline)
             if exchange is not None and not stream.request_done:
                 if stream.read_paused:  # the upstream is slow to take the body, not the client
                     stream.last_read = now
@@ -853,7 +881,8 @@ class H2Protocol(asyncio.Protocol):
             )
         if code is not None and not queued:
             try:
-                self.h2.close_connection(code, last_stream_id=self.h2.highest_inbound_stream_id)
+                last = self._last_stream if self._goaway_sent else self.h2.highest_inbound_stream_id
+                self.h2.close_connection(code, last_stream_id=last)
             except h2.exceptions.ProtocolError:
                 pass  # a GOAWAY went out already
         self._flush()

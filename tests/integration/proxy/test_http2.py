@@ -843,6 +843,22 @@ def test_413_on_its_stream_while_another_succeeds(strict: Proxy, tmp_path: Path)
         assert sum(connects for _, _, connects in results.values()) == 1  # one connection
 
 
+def test_an_upload_stopped_short_after_its_413_fails_no_other_stream(strict: Proxy) -> None:
+    """curl, once it has the whole 413, ends its upload with END_STREAM short of the
+    Content-Length it announced. The body is dropped anyway: that must not be the connection
+    error h2 makes of a length mismatch (it failed curl's other transfers, one run in three)."""
+    with raw_h2(strict) as raw:
+        stream = post_head(raw, "/echo", 32 * 1024)  # over max_body_bytes: 413 at once
+        raw.poll_until(lambda: ended(raw, stream), timeout=5)
+        assert statuses(raw, stream) == [413]
+        raw.send(DataFrame(stream, b"", flags=["END_STREAM"]))  # 0 of 32 KiB: stopped short
+        other = raw.new_stream()
+        raw.send(raw.headers_frame(other, request_headers("/healthz"), end_stream=True))
+        raw.poll_until(lambda: ended(raw, other), timeout=5)
+        assert statuses(raw, other) == [200]
+        assert raw.goaway is None
+
+
 def test_frames_in_flight_after_a_413_are_ignored(strict: Proxy) -> None:
     """The 413 comes before the body: the proxy may end the stream with RST_STREAM NO_ERROR, but
     the DATA frames the client had already sent must then be ignored (RFC 9113 5.1, "closed":
