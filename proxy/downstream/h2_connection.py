@@ -19,7 +19,7 @@ Defences (RFC 9113 and the HTTP/2 attacks of recent years). Each ends the connec
 GOAWAY carrying the code below, and costs the other connections nothing more than its frames:
 
     more than 100 streams open at once      PROTOCOL_ERROR (h2's SETTINGS_MAX_CONCURRENT_STREAMS)
-    malformed header block                  PROTOCOL_ERROR (h2's validation)
+    malformed header block                  PROTOCOL_ERROR (h2_request.py's checks)
     header block over 2 x max_header_bytes  ENHANCE_YOUR_CALM (HPACK bomb, CONTINUATION flood)
     over 64 CONTINUATION frames             PROTOCOL_ERROR (h2)
     streams reset while in flight, SETTINGS, PING, PRIORITY or empty DATA frames over their rate
@@ -29,8 +29,9 @@ GOAWAY carrying the code below, and costs the other connections nothing more tha
     no stream for idle_timeout (header_read_timeout before the first)        NO_ERROR
 
 A header list over max_header_bytes (but not a bomb) is a 431 on its stream; a request h11's
-grammar refuses is a 400 (h2_request.py). SIGTERM sends GOAWAY with the last stream taken, lets
-those streams finish, then closes.
+grammar refuses is a 400 (h2_request.py). A stream answered before its whole request body (413)
+reads and drops the rest, up to 1 MiB or body_read_timeout, then RST_STREAM NO_ERROR. SIGTERM
+sends GOAWAY with the last stream taken, lets those streams finish, then closes.
 
 HTTP/2 has no 101: WebSocket clients open an HTTP/1.1 connection (no RFC 8441 extended CONNECT,
 so SETTINGS_ENABLE_CONNECT_PROTOCOL is not sent and a CONNECT stream gets 405).
@@ -82,7 +83,7 @@ EMPTY_FRAMES_PER_SECOND = 100  # DATA frames with no byte that do not end the st
 # h2 parses all it is given before it returns events: what a read brings is fed in slices, so a
 # flood of tiny frames is stopped after one slice, not after the whole read.
 _FEED_SLICE = 16 * 1024
-_STATUS = [b"%d" % n for n in range(600)]
+_STATUS = [b"%d" % n for n in range(1000)]  # the upstream parser takes 100 to 999
 _TEXT_PLAIN = (b"content-type", b"text/plain; charset=utf-8")
 
 
@@ -116,7 +117,9 @@ def _h2_settings(max_header_list: int) -> dict[int, int]:
     }
 
 
-def response_fields(parser: ResponseParser, headers: list[tuple[bytes, bytes]] | None) -> list:
+def response_fields(
+    parser: ResponseParser, headers: list[tuple[bytes, bytes]] | None
+) -> list[tuple[bytes, bytes]]:
     """The upstream response's fields for an HTTP/2 client: hop-by-hop fields out (as for
     HTTP/1.1), names lowercase (HTTP/2 requires it; the raw head keeps the app's case)."""
     if headers is not None:
