@@ -139,3 +139,25 @@ def test_te_trailers_and_a_repeated_equal_length_pass() -> None:
 def test_split_cookies_are_joined_in_the_first_ones_place() -> None:
     request = convert([(b"cookie", b"a=1"), (b"accept", b"*/*"), (b"cookie", b"b=2")])
     assert request.fields == [(b"host", b"app.test"), (b"cookie", b"a=1; b=2"), (b"accept", b"*/*")]
+
+
+def test_static_encoder_blocks_decode_with_hpack_and_use_no_table() -> None:
+    from hpack import Decoder
+
+    from proxy.downstream.h2_hpack import StaticEncoder
+
+    encoder, decoder = StaticEncoder(), Decoder()
+    heads = [
+        [(b":status", b"200"), (b"content-type", b"text/html"), (b"x-" + b"n" * 300, b"v" * 200)],
+        [(b":status", b"404"), (b"set-cookie", b"a=1"), (b"set-cookie", b"b=2")],
+    ]
+    first = encoder.encode(heads[0])
+    assert first[:1] == b"\x20"  # a dynamic table size update to 0, once
+    assert [tuple(f) for f in decoder.decode(first, raw=True)] == heads[0]
+    for head in heads * 2:
+        block = encoder.encode(head)
+        assert block[:1] != b"\x20"
+        assert [tuple(f) for f in decoder.decode(block, raw=True)] == head
+    assert len(decoder.header_table.dynamic_entries) == 0  # nothing was ever indexed
+    encoder.header_table_size = 100  # the client's SETTINGS_HEADER_TABLE_SIZE changed
+    assert encoder.encode(heads[1])[:1] == b"\x20"
