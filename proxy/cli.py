@@ -23,8 +23,9 @@ EXIT_NOT_RUNNING, EXIT_STATUS_UNKNOWN = 3, 4
 
 DESCRIPTION = """\
 A TLS-terminating reverse proxy for Python web apps. It owns the https port, picks each
-connection's certificate by SNI (from files, a built-in local CA or ACME), and forwards
-HTTP/1.1 to your app's workers over pooled keep-alive connections."""
+connection's certificate by SNI (from files, a built-in local CA or ACME), speaks HTTP/2 or
+HTTP/1.1 with clients, and forwards each request as HTTP/1.1 to your app's workers over pooled
+keep-alive connections."""
 
 
 EPILOG = """\
