@@ -319,6 +319,25 @@ def test_required_httpx_with_and_without_a_client_certificate(env: Env) -> None:
     assert "CERTIFICATE_REQUIRED" in str(info.value)
 
 
+def test_over_http2_every_stream_carries_the_verified_certificate(env: Env) -> None:
+    # The certificate is read once per connection; each HTTP/2 stream's request gets its lines,
+    # and a client's own Client-Cert fields are replaced, as over HTTP/1.1.
+    with httpx.Client(verify=env.context(env.alice), timeout=10, http2=True) as client:
+        responses = [
+            client.get(
+                f"https://127.0.0.1:{env.port}/",
+                headers={"host": "req.test", "client-cert": ":c3Bvb2Y=:"},
+                extensions={"sni_hostname": "req.test"},
+            )
+            for _ in range(3)
+        ]
+    for response in responses:
+        assert response.status_code == 200 and response.http_version == "HTTP/2"
+        (leaf,) = seen(response.json(), "client-cert")
+        cert = x509.load_der_x509_certificate(base64.b64decode(leaf.strip(":")))
+        assert cert.subject.rfc4514_string() == "CN=alice"
+
+
 def test_required_with_a_certificate_from_another_ca_is_refused(env: Env) -> None:
     result = env.curl("req.test", "--cert", str(env.mallory[0]), "--key", str(env.mallory[1]))
     assert result.returncode != 0
