@@ -10,6 +10,8 @@ the handshake on the event loop, so it only reads a dict: no disk, no issuance, 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import logging
 import os
@@ -189,6 +191,55 @@ class DirectSSLObject(ssl.SSLObject):
         outgoing = self._outgoing
         if isinstance(outgoing, ssl.MemoryBIO) and outgoing.pending:
             _write_raw(outgoing.read())
+            _linger_after_alert()
+
+
+# How long a socket refused with an alert is kept open, reading and dropping what comes, and
+# how many at once (each holds a file descriptor that max_connections does not count).
+ALERT_LINGER = 1.0
+ALERT_LINGER_MAX = 64
+_lingering = 0
+
+
+def _linger_after_alert() -> None:
+    """Keep the socket of a refused handshake open a moment after its alert. A TLS 1.3 client
+    learns that its certificate was refused only after it finished the handshake, and it sends
+    its first bytes at once (an HTTP/2 client its preface): the TLS layer's close, with those
+    bytes unread, would send a reset, and a reset can reach the client before it read the
+    alert (curl then says "getpeername() failed"). A duplicate of the socket outlives the TLS
+    layer's close; it reads and drops what the client sends until the client closes, or
+    ALERT_LINGER, and then closes with nothing unread: a FIN, not a reset."""
+    global _lingering
+    fd = handshake_socket_fd.get()
+    if fd is None or _lingering >= ALERT_LINGER_MAX:
+        return
+    try:
+        loop = asyncio.get_running_loop()
+        held = os.dup(fd)
+    except (OSError, RuntimeError):
+        return
+    _lingering += 1
+
+    def close() -> None:
+        global _lingering
+        _lingering -= 1
+        loop.remove_reader(held)
+        timer.cancel()
+        with contextlib.suppress(OSError):
+            os.close(held)
+
+    def drain() -> None:
+        try:
+            data = os.read(held, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            close()
+
+    timer = loop.call_later(ALERT_LINGER, close)
+    loop.add_reader(held, drain)
 
 
 class CertificateLookup(Protocol):

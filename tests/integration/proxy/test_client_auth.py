@@ -177,11 +177,9 @@ class Env:
                 str(self.proxy.ca),
                 "--resolve",
                 f"{host}:{self.port}:127.0.0.1",
-                # A refused certificate is told by an alert after the TLS 1.3 handshake, and the
-                # socket is then closed. Over h2, curl 7.88 sends its preface at once and asks
-                # the socket for its peer before it reads: the close's reset can beat it and it
-                # prints "getpeername() failed" instead of the alert (a known gap, see README).
-                "--http1.1",
+                # curl's default, h2: it sends its preface right after the handshake, before it
+                # reads the alert of a refused certificate (see tls._linger_after_alert).
+                "--http2",
                 *args,
                 f"https://{host}:{self.port}/",
             ],
