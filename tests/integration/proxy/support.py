@@ -498,12 +498,15 @@ _PEM = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re
 
 
 def s_client(port: int, *args: str, timeout: float = 15.0) -> subprocess.CompletedProcess[str]:
-    """`openssl s_client` to the proxy; stdin is empty so it ends right after the handshake."""
+    """`openssl s_client` to the proxy; stdin is empty so it ends right after the handshake.
+    What the server sends first is printed raw (an HTTP/2 server's SETTINGS frame, when ALPN
+    chose h2): bytes that are no UTF-8 are replaced."""
     return subprocess.run(
         ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", *args],
         stdin=subprocess.DEVNULL,
         capture_output=True,
-        text=True,
+        encoding="utf-8",
+        errors="replace",
         timeout=timeout,
     )
 
