@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -134,8 +135,10 @@ def response_fields(
     return fields
 
 
+@functools.lru_cache(maxsize=256)
 def _hsts_field(line: bytes) -> tuple[bytes, bytes]:
-    """A site's Strict-Transport-Security line ("name: value\\r\\n") as a field."""
+    """A site's Strict-Transport-Security line ("name: value\\r\\n") as a field: once per
+    configured line, not per response (a config has a few)."""
     name, _, value = line.partition(b":")
     return name.strip().lower(), value.strip()
 
@@ -261,12 +264,10 @@ class H2Stream:
         self.head = None
         if self.ended:
             return 0
-        body = b"" if head else error_body(status)
-        fields = [
-            (b":status", _STATUS[status]),
-            _TEXT_PLAIN,
-            (b"content-length", b"%d" % len(error_body(status))),
-        ]
+        text = error_body(status)
+        body = b"" if head else text
+        length = (b"content-length", b"%d" % len(text))
+        fields = [(b":status", _STATUS[status]), _TEXT_PLAIN, length]
         if retry_after is not None:
             fields.append((b"retry-after", b"%d" % max(0, retry_after)))
         if hsts is not None:
