@@ -58,6 +58,10 @@ class UpstreamServer:
         return self.label
 
 
+# The admin endpoint's address has the same two shapes as an upstream server's.
+AdminAddress = UpstreamServer
+
+
 @dataclass(frozen=True)
 class Limits:
     handshake_timeout: float = 10.0
@@ -184,6 +188,9 @@ class ServerSettings:
     http2: bool = True  # ALPN offers h2 before http/1.1
     access_log: Literal["text", "json", "off"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # GET /metrics (and /status, /certs): TCP on loopback, or a unix socket; None is off.
+    admin: AdminAddress | None = None
+    admin_allow_remote: bool = False
 
 
 @dataclass(frozen=True)
@@ -406,6 +413,11 @@ def _parse_server(table: _Table, base: Path) -> ServerSettings:
     default_site = table.string("default_site")
     if default_site is not None:
         default_site = parse_host_pattern(default_site, "server.default_site")
+    allow_remote = table.boolean("admin_allow_remote", False)
+    admin = None
+    admin_text = table.string("admin")
+    if admin_text is not None:
+        admin = parse_admin_address(admin_text, base, allow_remote=allow_remote)
     settings = ServerSettings(
         https=https,
         http=http,
@@ -416,6 +428,8 @@ def _parse_server(table: _Table, base: Path) -> ServerSettings:
         http2=table.boolean("http2", True),
         access_log=table.choice("access_log", "text", ("text", "json", "off")),  # type: ignore[arg-type]
         log_level=table.choice("log_level", "info", ("debug", "info", "warning", "error")),  # type: ignore[arg-type]
+        admin=admin,
+        admin_allow_remote=allow_remote,
     )
     table.finish()
     return settings
@@ -610,6 +624,29 @@ def parse_upstream_server(value: object, key: str, base: Path) -> UpstreamServer
             text = text[len(prefix) :].rstrip("/")
     address = parse_address(text, key)
     return UpstreamServer(host=address.host, port=address.port)
+
+
+def parse_admin_address(value: str, base: Path, *, allow_remote: bool) -> AdminAddress:
+    """`[server] admin`: metrics and status with no authentication, so loopback or a unix
+    socket (file permissions guard it) unless the user says otherwise."""
+    address = parse_upstream_server(value, "server.admin", base)
+    if address.path is not None or allow_remote or _is_loopback(address.host or ""):
+        return address
+    raise ConfigError(
+        "server.admin",
+        f"{address.label} is not a loopback address: /metrics and /status have no "
+        "authentication; use 127.0.0.1, ::1 or unix:/path, or set "
+        "server.admin_allow_remote = true (and firewall the port)",
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve anywhere
 
 
 def _parse_upstream(name: str, table: _Table, base: Path) -> UpstreamConfig:
