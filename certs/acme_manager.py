@@ -104,6 +104,9 @@ class AcmeManager:
         # order was asked for and not yet started, and whether one is running.
         self._wake: dict[str, asyncio.Event] = {}
         self._forced: set[str] = set()
+        # Failed orders per spec since this process started, for the metrics (the stored
+        # state's count starts over after each success).
+        self.renewal_failures: dict[str, int] = {}
         self._ordering: set[str] = set()
 
     # -- `tlsproxy certs renew` --------------------------------------------------------------
@@ -322,6 +325,7 @@ class AcmeManager:
         retry_after: float | None,
     ) -> None:
         state = state.failed(started, error, retry_after, self._rng())
+        self.renewal_failures[spec.name] = self.renewal_failures.get(spec.name, 0) + 1
         now = self._clock()
         decision = self._decide(now, stored, spec, state)
         serving = (

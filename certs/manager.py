@@ -213,6 +213,9 @@ class CertificateManager:
         self._issuers: dict[str, Issuer] = dict(issuers or {})
         self._specs: dict[str, CertSpec] = {}
         self._attempts: dict[str, _Attempts] = {}
+        # Failed attempts per spec since this process started, for the metrics (the stored
+        # state's count starts over after each success).
+        self.renewal_failures: dict[str, int] = {}
         self._ari: dict[str, tuple[int, AriWindow | None, float]] = {}
         self._local_ca: LocalCA | None = None
         # One per running maintain(): a reload may start a new one before the old one has
@@ -714,6 +717,7 @@ class CertificateManager:
         """Count the failure, schedule the retry, log it and record it for `tlsproxy certs`."""
         attempts = self._attempts.setdefault(name, _Attempts())
         attempts.failures += 1
+        self.renewal_failures[name] = self.renewal_failures.get(name, 0) + 1
         delay = retry_delay(attempts.failures, base=self.retry_base, cap=self.retry_cap)
         attempts.next_attempt = self._clock() + delay
         attempts.last_error = describe_error(error)

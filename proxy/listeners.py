@@ -21,8 +21,10 @@ from proxy.client_hello import MAX_CLIENT_HELLO, HelloVerdict, parse_client_hell
 from proxy.config import Address
 from proxy.errors import StartupError
 from proxy.logs import log, tls_log
+from proxy.metrics import Metrics
 from proxy.systemd import same_address
 from proxy.tls import (
+    CLIENT_CERT_REASONS,
     NOTHING_IN_COMMON_REASONS,
     PLAIN_HTTP_REASONS,
     CertificateSelector,
@@ -140,6 +142,7 @@ class HttpsListener:
         self.max_connections = max_connections
         self.loop = asyncio.get_running_loop()
         self.tasks: set[asyncio.Task] = set()
+        self.metrics: Metrics | None = None  # set by the server while `[server] admin` is on
         self.accepting = False
         self.address = sock.getsockname()
 
@@ -178,6 +181,8 @@ class HttpsListener:
             if self.registry.count >= limit:
                 # Closing at once costs almost nothing and keeps the process responsive.
                 conn.close()
+                if self.metrics is not None:
+                    self.metrics.connections_refused += 1
                 if tls_log.isEnabledFor(logging.DEBUG):
                     tls_log.debug("%s: refused, max_connections=%d reached", peer, limit)
                 continue
@@ -215,6 +220,8 @@ class HttpsListener:
             )
         except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
             conn.close()
+            if self.metrics is not None:
+                self.metrics.handshake_failed(failure_reason(exc))
             if isinstance(exc, ssl.SSLError) and exc.reason in PLAIN_HTTP_REASONS:
                 client = peer[0] if isinstance(peer, tuple) else str(peer)
                 if _plain_http_clients.first_time(client):
@@ -236,6 +243,15 @@ class HttpsListener:
             # A connection that already closed (its on_close ran) must not be counted again.
             if not transport.is_closing():
                 self.registry.add(transport.get_protocol())
+            metrics = self.metrics
+            if metrics is not None:
+                ssl_object = transport.get_extra_info("ssl_object")
+                if ssl_object is not None:
+                    metrics.handshake_done(
+                        ssl_object.version(),
+                        ssl_object.selected_alpn_protocol(),
+                        ssl_object.session_reused,
+                    )
             if tls_log.isEnabledFor(logging.DEBUG):  # nothing formatted when debug is off
                 log_handshake(transport.get_extra_info("ssl_object"), _peer_text(peer))
         finally:
@@ -320,6 +336,26 @@ def _reason(exc: BaseException) -> str:
             "default_site, or a client_auth site's ClientHello that could not be read first"
         )
     return str(exc) or type(exc).__name__
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The `reason` label of tlsproxy_handshake_failures_total for a failed handshake."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLEOFError):
+        reason = exc.reason
+        if reason == "CALLBACK_FAILED":
+            return "no_certificate"
+        if reason in PLAIN_HTTP_REASONS:
+            return "plain_http"
+        if reason in CLIENT_CERT_REASONS:
+            return "client_certificate"
+        if reason in NOTHING_IN_COMMON_REASONS:
+            version = "version" in NOTHING_IN_COMMON_REASONS[reason]
+            return "protocol_version" if version else "no_shared_cipher"
+        return "other"
+    # EOFError, resets, SSLEOFError: the client went away before finishing.
+    return "client_closed"
 
 
 async def close_plain_server(server: asyncio.base_events.Server) -> None:

@@ -13,6 +13,7 @@ from proxy.config import Config, Limits
 from proxy.downstream.forwarding import TrustedProxies
 from proxy.downstream.routing import Router
 from proxy.logs import AccessLog
+from proxy.metrics import Metrics
 from proxy.upstream.pool import UpstreamPool
 
 
@@ -23,6 +24,12 @@ class ProxyState:
     trusted: TrustedProxies
     pools: dict[str, UpstreamPool]
     access_log: AccessLog
+    metrics: Metrics | None = None  # None while `[server] admin` is off: nothing counted
+
+    @property
+    def timed(self) -> bool:
+        """Whether a request's start time is wanted (for the access log or the metrics)."""
+        return self.access_log.enabled or self.metrics is not None
 
     @classmethod
     def build(
@@ -30,6 +37,7 @@ class ProxyState:
         config: Config,
         access_log: AccessLog,
         pools: dict[str, UpstreamPool] | None = None,
+        metrics: Metrics | None = None,
     ) -> ProxyState:
         given = pools or {}
         return cls(
@@ -41,6 +49,7 @@ class ProxyState:
                 for name, upstream in config.upstreams.items()
             },
             access_log=access_log,
+            metrics=metrics,
         )
 
     async def close(self) -> None:

@@ -51,6 +51,7 @@ from proxy.downstream.request_head import CONTROL_BYTES, RequestHead, read_reque
 from proxy.downstream.responses import error_response, reason
 from proxy.errors import UpstreamError
 from proxy.logs import log
+from proxy.metrics import NO_SITE
 from proxy.state import ProxyState
 from proxy.tls import DirectSSLObject
 from proxy.upstream.response_parser import CHUNKED, UNTIL_CLOSE
@@ -401,7 +402,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self._wait = _BUSY
         self._request_done = False
         self._opened = None  # it had a request: not worth the closing line
-        started = self._loop.time() if self.state.access_log.enabled else 0.0
+        started = self._loop.time() if self.state.timed else 0.0
         exchange = self.exchange = Exchange(self, request, started)
         exchange.start(request)
         return exchange if self.exchange is exchange else None
@@ -610,6 +611,9 @@ class DownstreamProtocol(asyncio.Protocol):
         self.transport.write(response)
         if self.state.access_log.enabled:
             self._log_refusal(status, len(response), request)
+        if self.state.metrics is not None:
+            method = request.method if request is not None else b"-"
+            self.state.metrics.request_done(NO_SITE, method, status, 0, len(response), 0.0)
         self._close(linger=linger)
 
     def _log_refusal(self, status: int, size: int, request: RequestHead | None) -> None:

@@ -29,6 +29,7 @@ from proxy.downstream.forwarding import (
 from proxy.downstream.responses import split_target
 from proxy.downstream.routing import client_auth_allows
 from proxy.errors import UpstreamError
+from proxy.metrics import NO_SITE
 
 if TYPE_CHECKING:
     from proxy.config import Site
@@ -99,6 +100,7 @@ class Exchange:
         "req_done",
         "resp_started",
         "retried",
+        "site",
         "slot",
         "started",
         "status",
@@ -113,6 +115,7 @@ class Exchange:
         self.target = request.target
         self.started = started
         self.host: bytes | None = None
+        self.site = NO_SITE  # the name of the site that took the request, for the metrics
         self.pool: UpstreamPool | None = None
         self.slot: ServerSlot | None = None
         self.label = "-"  # the upstream server, for the access log
@@ -208,6 +211,7 @@ class Exchange:
             self._reply_error(status)
             return
         self.hsts = site.hsts_header
+        self.site = site.name
         client_auth = site.client_auth
         if client_auth is not None and not client_auth_allows(site, client.client_auth):
             self._reply_error(421)
@@ -450,6 +454,9 @@ class Exchange:
         self._report_failure(error, up)
         if self._may_retry(error, up):
             failed_slot = self.slot if not error.request_sent else None
+            pool = self.pool
+            if pool is not None and self.slot is not None:
+                pool.count(pool.retries, self.slot.server)
             self._give_back(up, reusable=False)
             self.retried = True
             self.head_sent = False
@@ -560,7 +567,18 @@ class Exchange:
             return
         self.finished = True
         client = self.client
-        if client.state.access_log.enabled:
+        state = client.state
+        if state.access_log.enabled:
             client.log_access(self)
+        metrics = state.metrics
+        if metrics is not None:
+            metrics.request_done(
+                self.site,
+                self.method,
+                self.status,
+                self.body_in,
+                self.bytes_out,
+                asyncio.get_running_loop().time() - self.started,
+            )
         if notify:
             client.exchange_done(self, complete, abort=abort)

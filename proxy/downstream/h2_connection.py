@@ -571,7 +571,7 @@ class H2Protocol(asyncio.Protocol):
         stream.last_read = now
         self._requests += 1
         self.active += 1
-        started = now if self.state.access_log.enabled else 0.0
+        started = now if self.state.timed else 0.0
         try:
             request = request_from_h2(
                 event.headers,  # type: ignore[arg-type]

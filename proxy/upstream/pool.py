@@ -69,6 +69,10 @@ class UpstreamPool:
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweep: asyncio.TimerHandle | None = None
+        # For the metrics, by server: kept across set_servers (a restarted worker's socket is
+        # the same server), lost with the pool when its upstream's config changes.
+        self.connect_failures: dict[UpstreamServer, int] = {}
+        self.retries: dict[UpstreamServer, int] = {}
         self.set_servers(config.servers)
 
     # --- servers --------------------------------------------------------------------------
@@ -161,10 +165,12 @@ class UpstreamPool:
                 else:
                     await loop.create_connection(lambda: conn, server.host, server.port)
         except TimeoutError:
+            self.count(self.connect_failures, server)
             raise UpstreamError(
                 f"connecting to {server.label} took longer than {timeout:g}s", 504
             ) from None
         except OSError as exc:
+            self.count(self.connect_failures, server)
             raise UpstreamError(
                 f"cannot connect to {server.label}: {exc.strerror or exc}", 502
             ) from None
@@ -216,6 +222,10 @@ class UpstreamPool:
         return health_retry_after(
             [slot.health for slot in self.slots], time.monotonic(), self.config.health_interval
         )
+
+    @staticmethod
+    def count(counters: dict[UpstreamServer, int], server: UpstreamServer) -> None:
+        counters[server] = counters.get(server, 0) + 1
 
     def health_map(self) -> dict[UpstreamServer, ServerHealth]:
         """Each current server's health, for the active probes."""
