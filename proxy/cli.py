@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError, StartupError
@@ -132,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     certs = add(
         "certs",
-        "one line per managed certificate: hosts, issuer, not-after, next renewal, error; "
-        "`certs renew HOST` asks the running proxy to renew HOST's certificate now",
+        "one line per managed certificate: hosts, issuer, not-after, next renewal, error (the "
+        "running proxy's view through [server] admin when it answers there, else read from "
+        "data_dir); `certs renew HOST` asks the running proxy to renew HOST's certificate now",
     )
     certs.add_argument(
         "action",
@@ -155,9 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead of -c: the data_dir of the proxy to ask (say, a reverse-proxy's)",
     )
     status.epilog = (
-        "exit status: 0 when a proxy runs on the config's data_dir (asked through "
-        "DATA_DIR/control.sock); 3 when none does; 4 when one may run but cannot be asked "
-        "(permissions)"
+        "exit status: 0 when a proxy runs on the config's data_dir (asked through its "
+        "[server] admin endpoint when the config has one, else DATA_DIR/control.sock); 3 when "
+        "none does; 4 when one may run but cannot be asked (permissions)"
     )
     _add_reverse_proxy(sub)
     return parser
@@ -329,10 +330,37 @@ def _when(moment: datetime | None) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _from_admin(config: Config, path: str) -> Any:
+    """The running proxy's answer on its admin endpoint, or None when the config has none or
+    nothing answers there (the caller then asks the control socket or storage)."""
+    address = config.server.admin
+    if address is None:
+        return None
+    from proxy.admin import AdminUnreachable, fetch_json
+
+    try:
+        return fetch_json(address, path)
+    except AdminUnreachable:
+        return None
+    except (OSError, ValueError) as exc:
+        print(f"tlsproxy: admin endpoint {address.label}: {exc}; asking directly", file=sys.stderr)
+        return None
+
+
 def cmd_certs(config: Config) -> int:
+    from certs.models import CertStatus
     from proxy.certificates import acme_settings, cert_specs, certificate_manager
     from proxy.tls import server_context
 
+    served = _from_admin(config, "/certs")
+    if served is not None:  # the running proxy's view, including what it serves now
+        for doc in served["certificates"]:
+            doc["hosts"] = tuple(doc["hosts"])
+            for key in ("not_after", "next_renewal"):
+                if doc[key] is not None:
+                    doc[key] = datetime.fromisoformat(doc[key])
+        _print_certs([CertStatus(**doc) for doc in served["certificates"]])
+        return EXIT_OK
     specs = cert_specs(config)
     manager = certificate_manager(config)
     statuses = manager.status([s for s in specs if s.source != "acme"])
@@ -345,13 +373,17 @@ def cmd_certs(config: Config) -> int:
             config.server.data_dir, acme_settings(config.acme), server_context, Http01Responder()
         )
         statuses += acme.status(acme_specs)
+    _print_certs(statuses)
+    return EXIT_OK
+
+
+def _print_certs(statuses: Sequence[Any]) -> None:
     for st in statuses:
         print(
             f"{','.join(st.hosts)}  source={st.source}  issuer={st.issuer or '-'}  "
             f"not_after={_when(st.not_after)}  next_renewal={_when(st.next_renewal)}"
             f" ({st.renewal_reason})  last_error={st.last_error or '-'}"
         )
-    return EXIT_OK
 
 
 def cmd_certs_renew(config: Config, host: str | None) -> int:
@@ -383,10 +415,14 @@ def cmd_certs_renew(config: Config, host: str | None) -> int:
     return EXIT_OK
 
 
-def cmd_status(data_dir: Path) -> int:
+def cmd_status(data_dir: Path, config: Config | None = None) -> int:
     from proxy.control import ControlError, NoProxy, ask
     from proxy.status import format_report
 
+    doc = _from_admin(config, "/status") if config is not None else None
+    if doc is not None:
+        print(format_report(doc), end="")
+        return EXIT_OK
     try:
         doc = ask(data_dir, {"op": "status"}, timeout=10.0)
     except NoProxy:
@@ -489,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return cmd_certs_renew(config, args.host)
             return cmd_certs(config)
         if args.command == "status":
-            return cmd_status(config.server.data_dir)
+            return cmd_status(config.server.data_dir, config)
         return cmd_run(config, args.loop, args.log_level)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_CONFIG)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import sys
@@ -22,6 +23,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from certs.errors import CertError
+from proxy.admin import AdminServer, Page
 from proxy.certificates import (
     acme_settings,
     cert_specs,
@@ -33,7 +35,7 @@ from proxy.certificates import (
     root_files,
     uses_acme,
 )
-from proxy.config import Config, Site, UpstreamConfig, UpstreamServer, load_config
+from proxy.config import AdminAddress, Config, Site, UpstreamConfig, UpstreamServer, load_config
 from proxy.control import ControlError, ControlServer
 from proxy.downstream.negotiated import NegotiatedProtocol
 from proxy.downstream.redirect import RedirectProtocol
@@ -41,6 +43,15 @@ from proxy.errors import ConfigError, StartupError
 from proxy.line_writer import LineWriter
 from proxy.listeners import ConnectionRegistry, HttpsListener, bind_socket, close_plain_server
 from proxy.logs import AccessLog, log, setup_logging
+from proxy.metrics import (
+    CONTENT_TYPE,
+    CertificateSample,
+    Metrics,
+    Snapshot,
+    UpstreamSample,
+    read_process,
+    render,
+)
 from proxy.state import ProxyState
 from proxy.systemd import notify, notify_reloading, passed_sockets, runtime_directory
 from proxy.tls import (
@@ -85,6 +96,10 @@ class ProxyServer:
             config.server.data_dir,
             {"renew": self._control_renew, "status": self._control_status},
         )
+        # Counting starts with the admin endpoint: without it nobody could read the counts.
+        self.metrics: Metrics | None = Metrics() if config.server.admin else None
+        pages = {"/metrics": self._metrics_page, "/status": self._status_page}
+        self.admin = AdminServer({**pages, "/certs": self._certs_page})
 
     # --- start-up -------------------------------------------------------------------------
 
@@ -99,7 +114,7 @@ class ProxyServer:
         except CertError as exc:  # data_dir unusable, an issuance that failed: one line, exit 2
             raise ConfigError(key_of_cert_error(config, exc), str(exc)) from None
         _warn_broken(config)
-        self.state = ProxyState.build(config, self.access_log)
+        self.state = ProxyState.build(config, self.access_log, metrics=self.metrics)
         self.selector = CertificateSelector(cache, self.state.router)
         if uses_acme(config):
             from certs.challenges.http01 import Http01Responder
@@ -107,8 +122,11 @@ class ProxyServer:
             self.http01 = Http01Responder()
         await self._bind(config)
         try:
+            if config.server.admin is not None:
+                await self.admin.start(config.server.admin)
             await self._start_workers(config)
         except BaseException:
+            await self.admin.stop()
             await self._stop_workers()
             for listener in self.https_listeners:
                 listener.stop_accepting()
@@ -160,6 +178,7 @@ class ProxyServer:
                     max_connections=lambda: self._limits().max_connections,
                     selector=self.selector,
                 )
+                listener.metrics = self.metrics
                 self.https_listeners.append(listener)
         https_port = self.https_listeners[0].address[1]
         for kind, sock in socks:
@@ -288,6 +307,8 @@ class ProxyServer:
             acme = AcmeManager(
                 config.server.data_dir, acme_settings(config.acme), server_context, self.http01
             )
+            if self.acme is not None:  # a reload: the counts are the process's
+                acme.renewal_failures = self.acme.renewal_failures
             acme_specs = [s for s in specs if s.source == "acme"]
             self.acme = acme
             self._restart_task("acme", lambda: acme.maintain(acme_specs, self._current_cache))
@@ -455,6 +476,111 @@ class ProxyServer:
             "workers": workers,
         }
 
+    # --- the admin endpoint -----------------------------------------------------------------
+
+    async def _apply_admin(self, address: AdminAddress | None) -> None:
+        """A reload's `[server] admin`: moved, turned on or off. The new address is bound
+        before the old one is let go, so a bad one leaves the endpoint where it was."""
+        if address == self.admin.address:
+            return
+        if address is None:
+            await self.admin.stop()
+            log.info("admin endpoint off: nothing is counted from now on")
+            self.metrics = None
+        else:
+            moved = AdminServer(self.admin.pages)
+            try:
+                await moved.start(address)
+            except StartupError as exc:
+                log.error("reload: %s; the admin endpoint stays where it was", exc)
+                return
+            await self.admin.stop()
+            self.admin = moved
+            if self.metrics is None:
+                self.metrics = Metrics()
+        for listener in self.https_listeners:
+            listener.metrics = self.metrics
+
+    async def _metrics_page(self) -> Page:
+        metrics = self.metrics
+        if metrics is None:  # turned off by a reload while this scrape waited
+            return CONTENT_TYPE, b""
+        connections = {"h2": 0, "http/1.1": 0}
+        for protocol in self.registry.protocols:
+            name = "h2" if type(protocol).__name__ == "H2Protocol" else "http/1.1"
+            connections[name] = connections.get(name, 0) + 1
+        workers = [w for sup in self.supervisors.values() for w in sup.snapshot()]
+        snapshot = Snapshot(
+            connections=connections,
+            handshakes_in_progress=self.registry.pending,
+            certificates=await asyncio.to_thread(self._certificate_samples),
+            upstreams=self._upstream_samples(),
+            workers=workers,
+            access_log_dropped=self.access_writer.dropped if self.access_writer else 0,
+            version=_version(),
+            process=read_process(),
+        )
+        return CONTENT_TYPE, render(metrics, snapshot)
+
+    def _certificate_samples(self) -> list[CertificateSample]:
+        """Per host of each site's certificate: what is served (the in-memory cache) and what
+        the renewal side decided (storage). Runs in a thread: it reads files."""
+        config = self.config
+        cache = self._current_cache()
+        failures = dict(self.certs.renewal_failures)
+        if self.acme is not None:
+            failures.update(self.acme.renewal_failures)
+        samples = []
+        for status in self._cert_statuses(config):
+            installed = cache.get(status.name)
+            not_after = installed.info.not_after.timestamp() if installed is not None else None
+            last_success = None
+            if installed is not None:
+                with contextlib.suppress(OSError):
+                    last_success = installed.cert_file.stat().st_mtime
+            nxt = status.next_renewal.timestamp() if status.next_renewal is not None else None
+            for host in status.hosts:
+                samples.append(
+                    CertificateSample(
+                        host, not_after, nxt, failures.get(status.name, 0), last_success
+                    )
+                )
+        return samples
+
+    def _cert_statuses(self, config: Config) -> list:
+        specs = cert_specs(config)
+        statuses = self.certs.status([s for s in specs if s.source != "acme"])
+        if self.acme is not None:
+            statuses += self.acme.status([s for s in specs if s.source == "acme"])
+        return statuses
+
+    def _upstream_samples(self) -> list[UpstreamSample]:
+        assert self.state is not None
+        now = time.monotonic()
+        samples = []
+        for name, pool in self.state.pools.items():
+            for slot in pool.slots:
+                server = slot.server
+                samples.append(
+                    UpstreamSample(
+                        name,
+                        server.label,
+                        slot.health.is_up(now),
+                        slot.outstanding,
+                        pool.connect_failures.get(server, 0),
+                        pool.retries.get(server, 0),
+                    )
+                )
+        return samples
+
+    async def _status_page(self) -> Page:
+        return "application/json", json.dumps(await self._control_status({})).encode() + b"\n"
+
+    async def _certs_page(self) -> Page:
+        statuses = await asyncio.to_thread(self._cert_statuses, self.config)
+        doc = {"certificates": [cert_status_json(s) for s in statuses]}
+        return "application/json", json.dumps(doc).encode() + b"\n"
+
     # --- SIGHUP ---------------------------------------------------------------------------
 
     async def reload(self) -> bool:
@@ -485,6 +611,8 @@ class ProxyServer:
                     log.error("reload failed, still running the previous config: %s", exc)
                 else:
                     log.exception("reload failed, still running the previous config")
+                if self.metrics is not None:
+                    self.metrics.reloads["failure"] += 1
                 return False
             _warn_broken(new)
             old = self.config
@@ -501,7 +629,8 @@ class ProxyServer:
                 if old.upstreams.get(name) == new.upstreams.get(name)
             }
             access_log = self._access_log(new.server.access_log)
-            self.state = ProxyState.build(new, access_log, pools=reused)
+            await self._apply_admin(new.server.admin)
+            self.state = ProxyState.build(new, access_log, pools=reused, metrics=self.metrics)
             self._hook_pools()
             self.access_log = self.state.access_log
             self.selector.update(cache, self.state.router, http2=new.server.http2)
@@ -516,6 +645,8 @@ class ProxyServer:
             retired = [p for name, p in old_state.pools.items() if reused.get(name) is not p]
             if retired:
                 asyncio.get_running_loop().create_task(self._retire_pools(retired, new))
+            if self.metrics is not None:
+                self.metrics.reloads["success"] += 1
             source = self.config_path or "reverse-proxy's flags"
             log.info("reloaded %s: %d site(s)", source, len(new.sites))
             return True
@@ -578,6 +709,7 @@ class ProxyServer:
         for name in list(self.background):
             self._stop_task(name)
         await self.control.stop()
+        await self.admin.stop()
         await self._stop_workers()
         if self.state is not None:
             with contextlib.suppress(Exception):
@@ -590,6 +722,24 @@ class ProxyServer:
         self.install_signal_handlers()
         await self.stopping.wait()
         await self.drain()
+
+
+def _version() -> str:
+    from proxy import __version__
+
+    return __version__
+
+
+def cert_status_json(status: object) -> dict:
+    """One `tlsproxy certs` line (certs.models.CertStatus) as JSON: times in ISO 8601."""
+    from dataclasses import asdict
+
+    doc = asdict(status)  # type: ignore[call-overload]
+    doc["hosts"] = list(doc["hosts"])
+    for key in ("not_after", "next_renewal"):
+        if doc[key] is not None:
+            doc[key] = doc[key].isoformat()
+    return doc
 
 
 def _warn_broken(config: Config) -> None:
