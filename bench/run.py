@@ -34,10 +34,12 @@ import shutil
 import signal
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -76,6 +78,9 @@ TARGET_ACCESS_LOG_ON_OFF = 0.85
 # Issue 12: tlsproxy's HTTP/2 requests per core-second with many streams per connection, over its
 # own HTTP/1.1 keep-alive figure in the same run.
 TARGET_H2_OF_KEEPALIVE = 0.60
+# Issue 13: keep-alive with `[server] admin` on (metrics counted), over the same with it off,
+# as the median of adjacent off/on pairs.
+TARGET_METRICS_ON_OFF = 0.97
 # The access log formats each terminator writes in the "keepalive_log_*" runs.
 ACCESS_LOGS = {"nginx": ("combined",), "tlsproxy": ("text", "json")}
 TARGET_IDLE_RSS_MIB = 40.0
@@ -782,12 +787,16 @@ class Bench:
         path.write_text(text)
         return path
 
-    def _tlsproxy_conf(self, upstream_port: int, name: str, access_log: str = "off") -> Path:
+    def _tlsproxy_conf(
+        self, upstream_port: int, name: str, access_log: str = "off", admin: int | None = None
+    ) -> Path:
         path = self.tmp / name
+        admin_line = f'admin = "{HOST}:{admin}"' if admin is not None else ""
         path.write_text(
             f"""[server]
 https = ["{HOST}:{self.port}"]
 http = []
+{admin_line}
 data_dir = "{self.tmp / "tlsproxy-data"}"
 default_site = "{SERVER_NAME}"
 access_log = "{access_log}"
@@ -854,10 +863,16 @@ servers = ["{HOST}:{upstream_port}"]
         wait_ready(ready, proc, "app", self.procs, timeout=60)
 
     def start_terminator(
-        self, which: str, upstream_port: int, cpus: Sequence[int] | None, access_log: str = "off"
+        self,
+        which: str,
+        upstream_port: int,
+        cpus: Sequence[int] | None,
+        access_log: str = "off",
+        admin: int | None = None,
     ) -> subprocess.Popen[bytes]:
         """`access_log`: "off", or the format to log in (nginx: "combined", unbuffered, to a
-        file; tlsproxy: "text" or "json", to its stdout, a file here too)."""
+        file; tlsproxy: "text" or "json", to its stdout, a file here too). `admin`: tlsproxy's
+        admin port (metrics on), None for off."""
         if which == "floor":
             argv = [
                 self.args.python, str(BENCH / "floor.py"), "--cert", str(self.chain),
@@ -880,7 +895,7 @@ servers = ["{HOST}:{upstream_port}"]
             argv = self._nginx_argv(conf)
         else:
             conf = self._tlsproxy_conf(
-                upstream_port, f"tlsproxy-{upstream_port}.toml", access_log=access_log
+                upstream_port, f"tlsproxy-{upstream_port}.toml", access_log=access_log, admin=admin
             )
             argv = shlex.split(
                 self.args.proxy_cmd.format(
@@ -954,7 +969,53 @@ servers = ["{HOST}:{upstream_port}"]
             self.procs.stop(proc)
         for fmt in ACCESS_LOGS.get(which, ()) if self.args.access_log else ():
             result[f"keepalive_log_{fmt}"] = self.keepalive_logged(which, fmt)
+        if (
+            which == "tlsproxy"
+            and first
+            and self.args.metrics_pairs > 0
+            and "keepalive" in self.args.workloads
+        ):
+            result["metrics_ab"] = self.metrics_pairs()
         return result
+
+    def metrics_pairs(self) -> dict[str, Any]:
+        """Keep-alive with tlsproxy's metrics off, then on, `--metrics-pairs` times (issue 13:
+        on / off >= 0.97). Adjacent pairs: this machine's throughput drifts by more than the
+        3% looked for between runs minutes apart. After each "on" run, one scrape checks that
+        the requests were counted."""
+        workload = next(w for w in self.workloads if w.name == "keepalive")
+        pairs = []
+        for n in range(self.args.metrics_pairs):
+            pair: dict[str, Any] = {}
+            for side in ("off", "on"):
+                admin = free_port() if side == "on" else None
+                proc = self.start_terminator(
+                    "tlsproxy", self.upstream_port, self.terminator_cpus, admin=admin
+                )
+                try:
+                    if self.args.warmup > 0:
+                        run_load(self.port, workload, self.args.warmup, self.load_cpus, self.pin)
+                    pids = process_tree(proc.pid)
+                    result = measure(
+                        pids, self.port, workload, self.args.duration, self.load_cpus, self.pin
+                    )
+                    pair[side] = result["per_core_second"]
+                    if admin is not None:
+                        pair["counted"] = counted_requests(admin)
+                        pair["requests"] = result["requests"]
+                finally:
+                    self.procs.stop(proc)
+            pair["ratio"] = pair["on"] / pair["off"] if pair["off"] and pair["on"] else None
+            self._say(
+                f"  tlsproxy keep-alive, metrics off/on pair {n + 1}: {pair['off']:,.0f} / "
+                f"{pair['on']:,.0f} per core-second"
+            )
+            pairs.append(pair)
+        ratios = sorted(p["ratio"] for p in pairs if p["ratio"])
+        return {
+            "pairs": pairs,
+            "median_ratio": statistics.median(ratios) if ratios else None,
+        }
 
     def keepalive_logged(self, which: str, fmt: str) -> dict[str, Any]:
         """The keep-alive workload again, with the access log on (issue 11)."""
@@ -1387,6 +1448,41 @@ def h2_markdown(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def counted_requests(admin_port: int) -> int:
+    """tlsproxy_requests_total summed over its series, scraped from the admin endpoint."""
+    with urllib.request.urlopen(f"http://{HOST}:{admin_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return int(
+        sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("tlsproxy_requests_total{")
+        )
+    )
+
+
+def metrics_markdown(results: dict[str, Any]) -> str:
+    """Issue 13: keep-alive per core-second with the metrics on, over off, pair by pair."""
+    ab = results.get("tlsproxy", {}).get("metrics_ab")
+    if not ab or not ab.get("pairs"):
+        return ""
+    lines = [
+        "| metrics (`[server] admin`) | keep-alive per core-second, off | on | on / off |",
+        "|---|---|---|---|",
+    ]
+    for n, pair in enumerate(ab["pairs"], 1):
+        ratio = f"{pair['ratio']:.3f}" if pair.get("ratio") else "-"
+        lines.append(f"| pair {n} | {pair['off']:,.0f} | {pair['on']:,.0f} | {ratio} |")
+    median = ab.get("median_ratio")
+    if median is not None:
+        met = "met" if median >= TARGET_METRICS_ON_OFF else "NOT met"
+        lines.append(
+            f"| median of the pairs | | | **{median:.3f}** (target >= {TARGET_METRICS_ON_OFF}: "
+            f"{met}) |"
+        )
+    return "\n".join(lines)
+
+
 def access_log_markdown(results: dict[str, Any]) -> str:
     """Keep-alive per core-second with each terminator's access log on, over the same with it
     off, in the same rounds (issue 11: tlsproxy's >= 0.85, text and json)."""
@@ -1512,6 +1608,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="skip the keep-alive runs with the access log on",
     )
     p.add_argument(
+        "--metrics-pairs",
+        type=int,
+        default=3,
+        help="keep-alive runs of tlsproxy with metrics off then on ([server] admin), this many\n"
+        "pairs (default 3; 0 skips them)",
+    )
+    p.add_argument(
         "--idle-connections",
         type=int,
         default=None,
@@ -1584,12 +1687,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.idle_connections = args.idle_connections or 100
         args.warmup = 0.0 if args.warmup is None else args.warmup
         args.rounds = args.rounds or 1
+        args.metrics_pairs = min(args.metrics_pairs, 1)
     args.warmup = 2.0 if args.warmup is None else args.warmup
     args.idle_connections = args.idle_connections or 1000
     args.rounds = max(args.rounds or 3, 1)
     args.only = [t.strip() for t in args.only.split(",") if t.strip()]
     if args.h2:
         args.workloads, args.access_log, args.e2e = ",".join(H2_WORKLOADS), False, False
+        args.metrics_pairs = 0
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     unknown = set(args.workloads) - {*WORKLOADS, "memory"}
     if unknown:
@@ -1738,6 +1843,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if logged:
         print("\nThe access log, on and off (same rounds):")
         print(logged)
+    counted = metrics_markdown(results)
+    if counted:
+        print("\nThe metrics, off and on (adjacent pairs, first round):")
+        print(counted)
     resumed = {
         f"{t}.{w}": f"{r[w].get('resumed', 0)}/{r[w]['requests']}"
         for t, r in {**results, **({"floor": floor} if floor else {})}.items()

@@ -19,6 +19,7 @@ truncated body looks complete.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING
 
 from proxy.downstream.forwarding import (
@@ -578,7 +579,9 @@ class Exchange:
                 self.status,
                 self.body_in,
                 self.bytes_out,
-                asyncio.get_running_loop().time() - self.started,
+                # The loop's clock (started) is both loops' CLOCK_MONOTONIC, uvloop's read at
+                # the start of the iteration: never ahead of this, which costs a tenth.
+                time.monotonic() - self.started,
             )
         if notify:
             client.exchange_done(self, complete, abort=abort)

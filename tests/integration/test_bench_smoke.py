@@ -119,6 +119,16 @@ def test_keepalive_runs_with_the_access_log_on(report: dict, terminator: str, fm
     assert result["errors"] == {}
 
 
+def test_keepalive_runs_with_the_metrics_off_and_on(report: dict) -> None:
+    """Issue 13's pair: the "on" run really counted (its scrape saw at least the requests the
+    load made), so the ratio compares counting with not counting."""
+    ab = report["results"]["tlsproxy"]["metrics_ab"]
+    (pair,) = ab["pairs"]
+    assert pair["off"] > 0 and pair["on"] > 0
+    assert pair["counted"] >= pair["requests"] > 0
+    assert ab["median_ratio"] == pair["ratio"]
+
+
 @pytest.mark.parametrize("terminator", ["nginx", "tlsproxy"])
 def test_the_h2_workloads_speak_h2(report: dict, terminator: str) -> None:
     """h2load would fall back to HTTP/1.1 if the terminator did not pick h2: the rows must
