@@ -67,9 +67,7 @@ def test_the_histogram_is_cumulative_and_le_includes_its_bound() -> None:
     for duration in (0.001, 0.005, 0.006, 0.3, 61.0):
         m.request_done("a", b"GET", 200, 0, 0, duration)
     s = scrape(m)
-    buckets = {
-        dict(k)["le"]: v for k, v in s["tlsproxy_request_duration_seconds_bucket"].items()
-    }
+    buckets = {dict(k)["le"]: v for k, v in s["tlsproxy_request_duration_seconds_bucket"].items()}
     assert buckets["0.005"] == 2  # 0.005 itself is "less or equal"
     assert buckets["0.01"] == 3
     assert buckets["0.25"] == 3
