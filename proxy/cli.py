@@ -262,6 +262,8 @@ def cmd_check(config: Config) -> int:
     plain = ", ".join(str(a) for a in s.http) or "(none)"
     print(f"  http:  {plain} (redirect to https, ACME http-01)")
     print(f"  data_dir: {s.data_dir}")
+    if s.admin is not None:
+        print(f"  admin: http://{s.admin.label} (GET /metrics, /status, /certs)")
     if s.default_site:
         print(
             f"  default_site: {s.default_site} (answers clients without SNI or with unknown names)"
