@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -535,6 +536,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), getattr(exc, "exit_code", EXIT_FAILURE))
     except KeyboardInterrupt:
         return EXIT_FAILURE
+    except BrokenPipeError:
+        # `tlsproxy check | head`: the reader has what it wanted. Python would report the
+        # same error again flushing stdout at exit, so stdout goes to /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":
