@@ -131,6 +131,8 @@ class AdminServer:
                 writer.write(conn.send(h11.Data(data=b"" if head else body)) or b"")
                 writer.write(conn.send(h11.EndOfMessage()) or b"")
                 await writer.drain()
+                if conn.our_state is h11.MUST_CLOSE:  # the client said Connection: close
+                    return
                 continue
             if isinstance(event, h11.EndOfMessage | h11.Data):
                 continue
