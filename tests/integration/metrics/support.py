@@ -1,0 +1,101 @@
+"""Reading a real proxy's admin endpoint: /metrics through prometheus_client's text parser,
+the JSON pages, and waiting for a value to change."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.metrics.spec import METRICS, sample_names
+
+T = TypeVar("T")
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def admin_request(port: int, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path)
+        response = conn.getresponse()
+        headers = {k.lower(): v for k, v in response.getheaders()}
+        return response.status, headers, response.read()
+    finally:
+        conn.close()
+
+
+def admin_json(port: int, path: str) -> Any:
+    status, headers, body = admin_request(port, path)
+    assert status == 200, (path, status, body)
+    assert headers["content-type"].startswith("application/json"), headers
+    return json.loads(body)
+
+
+class Scrape:
+    """One /metrics page, parsed."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.families = list(text_string_to_metric_families(text))
+        self.samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+        for family in self.families:
+            for sample in family.samples:
+                self.samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+
+    def value(self, name: str, **labels: str) -> float | None:
+        return self.samples.get((name, frozenset(labels.items())))
+
+    def get(self, name: str, **labels: str) -> float:
+        """The value, 0 for a series not there yet (a counter nothing has counted)."""
+        return self.value(name, **labels) or 0.0
+
+    def series(self, name: str) -> list[tuple[dict[str, str], float]]:
+        return [(dict(labels), v) for (n, labels), v in self.samples.items() if n == name]
+
+    def names(self) -> set[str]:
+        return {name for name, _ in self.samples}
+
+
+def scrape(port: int) -> Scrape:
+    status, headers, body = admin_request(port, "/metrics")
+    assert status == 200, body
+    assert headers["content-type"] == CONTENT_TYPE
+    return Scrape(body.decode("utf-8"))
+
+
+def eventually(probe: Callable[[], T], done: Callable[[T], bool], timeout: float, what: str) -> T:
+    """probe() until done(value); the last value on success, an AssertionError naming `what`
+    and the last value after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if done(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"after {timeout} s: {what}; last: {value!r}")
+        time.sleep(0.1)
+
+
+def check_against_spec(page: Scrape) -> set[str]:
+    """Every family on the page is one of the spec's, with its TYPE, a HELP line and its
+    labels; returns the spec's names the page has."""
+    known = sample_names()
+    seen = set()
+    for family in page.families:
+        for sample in family.samples:
+            assert sample.name in known, f"not in the spec: {sample.name}"
+            base = sample.name
+            for suffix in ("_bucket", "_sum", "_count"):
+                if base.endswith(suffix) and base.removesuffix(suffix) in METRICS:
+                    base = base.removesuffix(suffix)
+            kind, labels = METRICS[base]
+            assert family.type == kind, (sample.name, family.type, kind)
+            assert family.documentation, f"{family.name}: no HELP text"
+            got = set(sample.labels) - ({"le"} if sample.name.endswith("_bucket") else set())
+            assert got == labels, (sample.name, sorted(got), sorted(labels))
+            seen.add(base)
+    return seen
