@@ -1,0 +1,194 @@
+"""A real Prometheus (Debian's /usr/bin/prometheus) scraping a real `tlsproxy run` with
+deploy/prometheus's alert rules loaded (their `for:` shortened in a copy): the series arrive
+over its HTTP API, the upstream-down alert fires when the app stops, and every query of the
+Grafana dashboard runs without an error. Bounded: the whole test takes well under a minute."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.harness import AppProcess, free_port, running, stop_process, wait_for_port
+from tests.integration.metrics.spec import require
+from tests.integration.metrics.support import eventually
+from tests.integration.metrics.test_deploy_assets import RULES, dashboard, dashboard_queries
+from tests.integration.metrics.test_metrics import FAST_HEALTH, start
+from tests.integration.proxy.conftest import MakeProxy
+
+IDENTITY = ("__name__", "job", "instance")
+# The dashboard's variables as Grafana would fill them with "All".
+DASHBOARD_VARIABLES = {
+    "$__rate_interval": "1m",
+    "$job": ".*",
+    "$instance": ".*",
+    "$site": ".*",
+}
+
+
+class Prometheus:
+    def __init__(self, directory: Path, admin_port: int) -> None:
+        self.port = free_port()
+        # The rules as shipped, with every `for:` a second so the alert fires within the test.
+        rules = re.sub(r"(?m)^(\s+for:) \S+$", r"\1 1s", RULES.read_text())
+        (directory / RULES.name).write_text(rules)
+        (directory / "prometheus.yml").write_text(
+            f"""
+global:
+  scrape_interval: 1s
+  evaluation_interval: 1s
+rule_files:
+  - {RULES.name}
+scrape_configs:
+  - job_name: tlsproxy
+    static_configs:
+      - targets: ["127.0.0.1:{admin_port}"]
+"""
+        )
+        self.log = open(directory / "prometheus.log", "wb")
+        self.proc = subprocess.Popen(
+            [
+                require("prometheus"),
+                f"--config.file={directory / 'prometheus.yml'}",
+                f"--storage.tsdb.path={directory / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=directory,
+        )
+
+    def api(self, path: str, **params: str) -> Any:
+        url = f"http://127.0.0.1:{self.port}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                document = json.load(response)
+        except urllib.error.HTTPError as exc:  # a bad query: 400 with the error as JSON
+            document = json.load(exc)
+        return document
+
+    def query(self, expr: str) -> list[dict]:
+        document = self.api("query", query=expr)
+        assert document["status"] == "success", (expr, document)
+        return document["data"]["result"]
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.log.close()
+
+
+@pytest.fixture
+def prometheus_for(tmp_path: Path) -> Iterator[Any]:
+    started: list[Prometheus] = []
+
+    def start_prometheus(admin_port: int) -> Prometheus:
+        directory = tmp_path / "prometheus"
+        directory.mkdir()
+        server = Prometheus(directory, admin_port)
+        started.append(server)
+        wait_for_port(server.port, timeout=20)
+        eventually(lambda: _ready(server), bool, 20, "Prometheus ready (GET /-/ready)")
+        return server
+
+    try:
+        yield start_prometheus
+    finally:
+        for server in started:
+            server.stop()
+
+
+def _ready(server: Prometheus) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/-/ready", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def values(result: list[dict]) -> dict[tuple[tuple[str, str], ...], float]:
+    return {
+        tuple(
+            sorted(
+                (k, v) for k, v in r["metric"].items() if k not in ("__name__", "job", "instance")
+            )
+        ): float(r["value"][1])
+        for r in result
+    }
+
+
+def test_prometheus_scrapes_the_proxy_and_fires_the_upstream_down_alert(
+    make_proxy: MakeProxy, prometheus_for: Any, tmp_path: Path
+) -> None:
+    began = time.monotonic()
+    (tmp_path / "app").mkdir()
+    with running(AppProcess(tmp_path / "app")) as app:
+        proxy, admin = start(make_proxy, f'servers = ["{app.server}"]\n{FAST_HEALTH}')
+        prometheus = prometheus_for(admin)
+        with proxy.client() as client:
+            for _ in range(3):
+                assert client.get(proxy.url("/")).status_code == 200
+
+        up = 'tlsproxy_upstream_up{job="tlsproxy"}'
+        server = (("server", app.server), ("upstream", "app"))
+        eventually(lambda: values(prometheus.query(up)), lambda v: v.get(server) == 1, 15, "up=1")
+        requests = 'tlsproxy_requests_total{job="tlsproxy", site="localhost", code="200"}'
+        eventually(
+            lambda: values(prometheus.query(requests)),
+            lambda v: v.get((("code", "200"), ("site", "localhost"))) == 3,
+            10,
+            "3 requests scraped",
+        )
+        targets = prometheus.api("targets")["data"]["activeTargets"]
+        assert [t["health"] for t in targets] == ["up"], targets
+
+        # Every dashboard query is valid PromQL for this Prometheus, and the traffic panels
+        # have data once rate() has two samples.
+        eventually(
+            lambda: prometheus.query("rate(tlsproxy_requests_total[1m])"), bool, 10, "a rate"
+        )
+        empty = []
+        for expr in dashboard_queries(dashboard()):
+            if expr.startswith("label_values("):
+                metric = expr.removeprefix("label_values(").rsplit(",", 1)[0]
+                expr = metric
+            for name, value in DASHBOARD_VARIABLES.items():
+                expr = expr.replace(name, value)
+            if not prometheus.query(expr):
+                empty.append(expr)
+        assert not [e for e in empty if "tlsproxy_requests_total" in e and "5.." not in e], empty
+        assert not [e for e in empty if "tlsproxy_certificate_not_after_seconds" in e], empty
+
+        app.stop()
+        alert = 'ALERTS{alertname="TLSProxyUpstreamServerDown", alertstate="firing"}'
+        firing = eventually(
+            lambda: prometheus.query(alert), bool, 20, "TLSProxyUpstreamServerDown firing"
+        )
+        labels = firing[0]["metric"]
+        assert (labels["upstream"], labels["server"], labels["severity"]) == (
+            "app",
+            app.server,
+            "warning",
+        )
+        alerts = prometheus.api("alerts")["data"]["alerts"]
+        (shown,) = [a for a in alerts if a["labels"]["alertname"] == "TLSProxyUpstreamServerDown"]
+        assert shown["annotations"]["summary"] == f"Upstream app server {app.server} is down"
+        # The only server of its upstream: that alert fires too.
+        eventually(
+            lambda: prometheus.query(
+                'ALERTS{alertname="TLSProxyUpstreamAllServersDown", alertstate="firing"}'
+            ),
+            bool,
+            10,
+            "TLSProxyUpstreamAllServersDown firing",
+        )
+        assert not prometheus.query('ALERTS{alertname="TLSProxyDown"}')
+    assert time.monotonic() - began < 60
