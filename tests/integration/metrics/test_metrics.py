@@ -242,24 +242,48 @@ def test_handshakes_resumed_and_refused_are_counted(
         proxy.port, "-servername", "app.test", "-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0"
     )
     assert old.returncode != 0
+    # Plain HTTP to the HTTPS port.
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as plain:
+        plain.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        plain.recv(65536)
 
-    def done(page: Scrape) -> bool:
-        return (
-            delta(before, page, "tlsproxy_handshake_failures_total", reason="protocol_version") >= 1
-            and delta(before, page, "tlsproxy_handshake_failures_total", reason="no_certificate")
-            >= 1
-        )
+    failures = "tlsproxy_handshake_failures_total"
+    expected = {"no_certificate": 1, "protocol_version": 1, "plain_http": 1}
 
-    after = eventually(lambda: scrape(admin), done, 5, "both failures counted")
+    def counted(page: Scrape) -> dict[str, float]:
+        return {r: delta(before, page, failures, reason=r) for r in HANDSHAKE_FAILURE_REASONS}
+
+    after = eventually(
+        lambda: counted(scrape(admin)),
+        lambda got: all(got[r] >= 1 for r in expected),
+        5,
+        f"failures counted: {expected}",
+    )
+    assert after == {r: expected.get(r, 0) for r in HANDSHAKE_FAILURE_REASONS}
+    page = scrape(admin)
     handshakes = "tlsproxy_handshakes_total"
     tls12 = {"version": "TLSv1.2", "alpn": "http/1.1"}
-    assert delta(before, after, handshakes, resumed="false", **tls12) == 1
-    assert delta(before, after, handshakes, resumed="true", **tls12) == 1
+    assert delta(before, page, handshakes, resumed="false", **tls12) == 1
+    assert delta(before, page, handshakes, resumed="true", **tls12) == 1
+
+
+def test_a_handshake_timeout_is_counted_as_timeout(
+    make_proxy: MakeProxy, example_app: AppProcess
+) -> None:
+    proxy, admin = start(
+        make_proxy,
+        f'servers = ["{example_app.server}"]',
+        upstreams='[limits]\nhandshake_timeout = "1s"\n',
+    )
     failures = "tlsproxy_handshake_failures_total"
-    assert delta(before, after, failures, reason="no_certificate") == 1
-    assert delta(before, after, failures, reason="protocol_version") == 1
-    others = HANDSHAKE_FAILURE_REASONS - {"no_certificate", "protocol_version"}
-    assert all(delta(before, after, failures, reason=r) == 0 for r in others)
+    before = scrape(admin)
+    # A client that connects and never says hello.
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as silent:
+        assert silent.recv(65536) == b""  # closed by the proxy after handshake_timeout
+    proxy.wait_for_log(r"handshake failed: SSL handshake is taking longer than 1\.0 seconds")
+    after = scrape(admin)
+    counted = {r: delta(before, after, failures, reason=r) for r in HANDSHAKE_FAILURE_REASONS}
+    assert counted == {r: float(r == "timeout") for r in HANDSHAKE_FAILURE_REASONS}
 
 
 def test_certificate_gauges_are_those_of_the_served_certificates(
