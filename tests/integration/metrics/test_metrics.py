@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import shutil
 import signal
 import socket
@@ -37,7 +38,7 @@ from tests.integration.metrics.support import (
     scrape,
 )
 from tests.integration.proxy.conftest import MakeProxy
-from tests.integration.proxy.support import Proxy, s_client, served_certificate
+from tests.integration.proxy.support import Proxy, proc_status_kib, s_client, served_certificate
 
 pytestmark = pytest.mark.skipif(
     shutil.which("curl") is None or shutil.which("openssl") is None,
@@ -481,3 +482,59 @@ def _version() -> str:
     from proxy import __version__
 
     return __version__
+
+
+def _proc_start_time(pid: int) -> float:
+    """The process's start (Unix time) as the kernel has it: boot time plus its start ticks."""
+    ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    boot = next(
+        int(line.split()[1])
+        for line in Path("/proc/stat").read_text().splitlines()
+        if line.startswith("btime ")
+    )
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def test_process_metrics_reloads_and_methods(
+    make_proxy: MakeProxy, example_app: AppProcess
+) -> None:
+    proxy, admin = start(make_proxy, f'servers = ["{example_app.server}"]')
+    page = scrape(admin)
+    started = _proc_start_time(proxy.pid)
+    assert abs(page.get("process_start_time_seconds") - started) < 0.1
+    assert started - 1 <= page.get("tlsproxy_start_time_seconds") <= time.time()
+    rss_kib = proc_status_kib(proxy.pid, "VmRSS")
+    assert 0.5 < page.get("process_resident_memory_bytes") / (rss_kib * 1024) < 2
+    assert abs(page.get("process_open_fds") - len(os.listdir(f"/proc/{proxy.pid}/fd"))) <= 5
+    limits = Path(f"/proc/{proxy.pid}/limits").read_text()
+    soft = re.search(r"Max open files\s+(\d+)", limits)
+    assert soft is not None and page.get("process_max_fds") == int(soft.group(1))
+    assert page.get("process_cpu_seconds_total") > 0
+
+    with proxy.client() as client:
+        assert client.request("PROPFIND", proxy.url("/")).status_code == 405  # the app's
+        assert client.get(proxy.url("/")).status_code == 200
+    methods = "tlsproxy_requests_by_method_total"
+    after = eventually(
+        lambda: scrape(admin),
+        lambda p: p.get(methods, site="localhost", method="OTHER") == 1,
+        5,
+        "PROPFIND counted as OTHER",
+    )
+    assert after.value(methods, site="localhost", method="PROPFIND") is None
+    assert after.get("tlsproxy_requests_total", site="localhost", code="405") == 1
+
+    # Reloads by result; the request counts survive them.
+    good = proxy.config_file.read_text()
+    proxy.config_file.write_text(good + "\n[bogus]\nkey = 1\n")
+    mark = len(proxy.log())
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_for_log("reload failed", start=mark)
+    proxy.config_file.write_text(good)
+    mark = len(proxy.log())
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_for_log(r"reloaded .*: 2 site", start=mark)
+    page = scrape(admin)
+    assert page.get("tlsproxy_config_reloads_total", result="failure") == 1
+    assert page.get("tlsproxy_config_reloads_total", result="success") == 1
+    assert page.get("tlsproxy_requests_total", site="localhost", code="200") == 1
