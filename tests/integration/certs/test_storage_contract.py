@@ -31,7 +31,10 @@ from certs.storage.redis import RedisBackend
 from tests.integration.redis_server import PASSWORD, RedisServer
 
 REPO = Path(__file__).resolve().parents[3]
-KEY_PEM = b"-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----\n"
+KEY_PEM = (
+    b"-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n"
+    b"-----END PRIVATE KEY-----\n"
+)
 CERT_PEM = b"-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIU\n-----END CERTIFICATE-----\n"
 
 
@@ -275,7 +278,7 @@ def test_a_lost_lock_is_noticed_and_not_released(redis_server: RedisServer) -> N
         # As if it had expired while the holder stalled, and another instance took it.
         redis_server.cli("SET", "tlsproxy:lock:lost.test", "someone else")
         assert eventually(lock.lost.is_set, timeout=3)
-        with pytest.raises(LockLost, match="lost.test"):
+        with pytest.raises(LockLost, match=r"lost\.test"):
             lock.check()
         backend.unlock("lost.test")
         assert redis_server.cli("GET", "tlsproxy:lock:lost.test").strip() == "someone else"
