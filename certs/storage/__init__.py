@@ -65,7 +65,7 @@ from .file import (
 from .file import fsync_dir as _fsync_dir
 from .file import overwrite_in_place as _overwrite_in_place
 from .keys import safe_name
-from .open import open_backend
+from .open import copy_all, open_backend
 
 __all__ = [
     "CERT_MODE",
@@ -82,6 +82,7 @@ __all__ = [
     "StorageError",
     "StorageSettings",
     "StoredCertificate",
+    "copy_all",
     "ensure_dir",
     "keys",
     "locked",

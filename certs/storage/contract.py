@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
+from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import CertError
 
@@ -142,11 +143,34 @@ def locked(
         backend.unlock(name)
 
 
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs, errors and `tlsproxy check`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:" if parts.username else ":"
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 @dataclass(frozen=True)
 class StorageSettings:
     """What `[storage]` says (proxy.config builds it; certs never imports proxy)."""
 
     backend: Literal["file", "redis"] = "file"
-    url: str | None = None  # redis only; TLSPROXY_STORAGE_URL replaces it when set
+    url: str | None = None  # redis only; TLSPROXY_STORAGE_URL when set, else [storage] url
     prefix: str = "tlsproxy"
     encryption_key_file: Path | None = None
+
+    def describe(self) -> str:
+        """What `tlsproxy check` prints (no password)."""
+        if self.backend == "file":
+            return "file (data_dir)"
+        assert self.url is not None
+        text = f"redis {redact_url(self.url)} (prefix {self.prefix!r})"
+        if self.encryption_key_file is not None:
+            text += f", private keys encrypted with {self.encryption_key_file}"
+        return text

@@ -30,3 +30,19 @@ def open_backend(settings: StorageSettings, data_dir: Path) -> Backend:
 
         backend = EncryptedBackend(backend, read_secret(settings.encryption_key_file))
     return backend
+
+
+def copy_all(source: Backend, target: Backend) -> int:
+    """Copy every key of `source` into `target` (overwriting what is there); the count.
+    Everything is read before anything is written, so that a source that fails (a value that
+    does not decrypt, Redis gone) leaves the target as it was. A storage of certificates is
+    small: megabytes for thousands of names. Locks are not copied: they belong to running
+    instances, which should be stopped."""
+    values = []
+    for key in source.list("", recursive=True):
+        value = source.load(key)
+        if value is not None:  # else deleted since it was listed
+            values.append((key, value))
+    for key, value in values:
+        target.store(key, value)
+    return len(values)

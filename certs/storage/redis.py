@@ -23,7 +23,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -39,6 +38,7 @@ from .contract import (
     Lock,
     StorageError,
     notify,
+    redact_url,
 )
 
 log = logging.getLogger("tlsproxy.certs")
@@ -59,19 +59,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for logs and errors."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = f"{parts.username}:" if parts.username else ":"
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _glob_escape(text: str) -> str:
@@ -96,7 +83,7 @@ class RedisBackend:
                 retry=Retry(ExponentialBackoff(cap=0.5, base=0.1), 1),
             )
         except ValueError as e:
-            raise StorageError(f"{redact(url)}: not a Redis URL ({e})") from None
+            raise StorageError(f"{redact_url(url)}: not a Redis URL ({e})") from None
         self._refresh_script = self.client.register_script(_REFRESH)
         self._release_script = self.client.register_script(_RELEASE)
         self._held: dict[str, _Holder] = {}
@@ -104,7 +91,7 @@ class RedisBackend:
         self.channel = f"{prefix}:changes"
 
     def describe(self) -> str:
-        return f"redis storage {redact(self.url)} (prefix {self.prefix!r})"
+        return f"redis storage {redact_url(self.url)} (prefix {self.prefix!r})"
 
     @contextlib.contextmanager
     def _errors(self, what: str) -> Iterator[None]:
