@@ -50,6 +50,7 @@ class RedisServer:
             ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), "--no-auth-warning", *args],
             capture_output=True,
             text=True,
+            errors="replace",  # values may be binary (encrypted keys)
             check=True,
             timeout=10,
             env=env,
