@@ -13,23 +13,32 @@ PASSWORD = "s3cret-for-tests"
 
 
 class RedisServer:
-    def __init__(self, directory: Path, password: str | None = PASSWORD) -> None:
+    def __init__(
+        self, directory: Path, password: str | None = PASSWORD, tls: tuple[Path, Path] | None = None
+    ) -> None:
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is missing: scripts/test.sh installs it")
         self.directory = directory
         self.password = password
+        self.tls = tls  # (certificate chain, key): TLS only, for rediss:// URLs
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         """Start (again, on the same port after stop())."""
         self.directory.mkdir(parents=True, exist_ok=True)
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        if self.tls:
+            cert, key = self.tls
+            args[1:3] = ["--port", "0", "--tls-port", str(self.port)]
+            args += ["--tls-cert-file", str(cert), "--tls-key-file", str(key)]
+            args += ["--tls-auth-clients", "no"]
         args += ["--save", "", "--appendonly", "no", "--dir", str(self.directory)]
         if self.password:
             args += ["--requirepass", self.password]

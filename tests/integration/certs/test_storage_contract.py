@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trustme
 
 from certs.errors import LockTimeout
 from certs.storage import (
@@ -380,6 +381,33 @@ def test_wrong_password_is_a_clear_error(redis_server: RedisServer) -> None:
         assert "wrong" not in message.split("load x")[0].replace("***", "")
         assert f"127.0.0.1:{redis_server.port}" in message and "load x" in message
         assert "auth" in message.lower() or "password" in message.lower()
+
+
+def test_rediss_with_a_private_ca(tmp_path: Path) -> None:
+    """rediss:// (TLS), the server's CA named in the URL; without it, a clear refusal."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    chain, key, ca_file = tmp_path / "chain.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(chain))
+    leaf.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_file))
+    server = RedisServer(tmp_path / "redis", tls=(chain, key))
+    server.start()
+    try:
+        backend = RedisBackend(f"{server.url}?ssl_ca_certs={ca_file}")
+        try:
+            backend.store("over/tls", b"yes")
+            assert backend.load("over/tls") == b"yes"
+        finally:
+            backend.close()
+        untrusting = RedisBackend(server.url)
+        try:
+            with pytest.raises(StorageError, match="certificate verify failed"):
+                untrusting.load("over/tls")
+        finally:
+            untrusting.close()
+    finally:
+        server.stop()
 
 
 def test_redis_stopped_then_started(tmp_path: Path) -> None:
