@@ -21,6 +21,7 @@ from certs.storage import (
     Backend,
     FileBackend,
     LockLost,
+    Storage,
     StorageError,
     StorageSettings,
     keys,
@@ -452,3 +453,32 @@ def test_redis_stopped_then_started(tmp_path: Path) -> None:
         watcher.close()
         backend.close()
         server.stop()
+
+
+# -- the file backend and the data_dir API the managers use today ------------------------------
+def test_the_file_backend_sees_what_the_managers_store(tmp_path: Path) -> None:
+    """Storage (paths) and FileBackend (keys) share one layout and one set of locks: what a
+    manager saves is what `storage copy` moves, and their locks exclude each other."""
+    storage, backend = Storage(tmp_path), FileBackend(tmp_path)
+    storage.save_certificate("*.a.test", CERT_PEM, KEY_PEM)
+    storage.save_state("*.a.test", {"failures": 1})
+    assert backend.load(keys.cert("*.a.test")) == CERT_PEM
+    assert backend.load(keys.private_key("*.a.test")) == KEY_PEM
+    assert backend.list("certificates", recursive=True) == [
+        "certificates/wildcard_.a.test/cert.pem",
+        "certificates/wildcard_.a.test/key.pem",
+        "certificates/wildcard_.a.test/state.json",
+    ]
+    backend.store(keys.CA_ROOT_CERT, CERT_PEM)
+    assert storage.read(storage.ca_files().root_cert) == CERT_PEM
+    with storage.lock("*.a.test"):
+        with pytest.raises(LockTimeout):
+            backend.lock("*.a.test", timeout=0.1)
+    with locked(backend, keys.CA_LOCK):
+        with pytest.raises(LockTimeout):
+            with storage.lock("local-ca", timeout=0.1):
+                pass
+    # Lock files and the runtime directory are data_dir's own, not keys.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "tlsproxy.pid").write_text("1")
+    assert backend.list("", recursive=False) == ["ca", "certificates"]
