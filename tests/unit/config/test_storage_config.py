@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import tomllib
-from pathlib import Path
-
 import pytest
 
 from certs.storage import StorageSettings
 from proxy.config import parse_config
 from proxy.errors import ConfigError
-
-BASE = Path("/etc/tlsproxy")
-SITE = """
-[[site]]
-hosts = ["localhost"]
-upstream = "app"
-[upstream.app]
-servers = ["127.0.0.1:8000"]
-"""
+from tests.unit.config.test_config import BASE
+from tests.unit.config.test_config import MINIMAL as SITE
 
 
 @pytest.fixture(autouse=True)
