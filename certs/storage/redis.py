@@ -9,8 +9,12 @@ Layout under the configured prefix (so that several clusters can share one Redis
 A lock's holder refreshes it every ttl/3 from a thread, by a compare-and-pexpire script;
 unlock is a compare-and-delete script, so a holder that lost its lock (expired while it was
 stalled) never deletes the next holder's. A holder killed stops refreshing: the lock expires
-after ttl. Keys are lists' and locks' names from certs.storage.keys, which has no glob
-characters in them; SCAN patterns escape them all the same.
+after ttl. Keys come from certs.storage.keys, which allows no glob character in them; SCAN
+patterns escape them all the same.
+
+Synchronous like the contract (certs.storage.contract says why): redis-py's blocking client,
+whose connection pool is safe to share between the worker threads that call it. A call fails
+with StorageError within seconds when Redis is down; the next call after it is back reconnects.
 """
 
 from __future__ import annotations
