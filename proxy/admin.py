@@ -31,6 +31,8 @@ Handler = Callable[[], Awaitable[Page]]
 
 MAX_HEAD = 16 * 1024  # a scraper's request is a few hundred bytes
 READ_TIMEOUT = 30.0  # an idle keep-alive connection (Prometheus keeps one per target)
+# Scrapers and the CLI need a few; with admin_allow_remote, others could open many more.
+MAX_CONNECTIONS = 32
 INDEX = (
     b"tlsproxy admin endpoint\n"
     b"  /metrics  Prometheus text format\n"
@@ -93,6 +95,9 @@ class AdminServer:
         self.address = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._connections) >= MAX_CONNECTIONS:
+            writer.close()
+            return
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)

@@ -58,7 +58,7 @@ from proxy.downstream.client_side import client_identity, emit_access, log_upstr
 from proxy.downstream.exchange import Exchange
 from proxy.downstream.flow import PEER_BUSY, ReadGate, tune_write_buffer
 from proxy.downstream.forwarding import response_headers
-from proxy.downstream.h2_hpack import StaticEncoder
+from proxy.downstream.h2_hpack import RepeatingDecoder, StaticEncoder
 from proxy.downstream.h2_request import H2RequestError, MalformedRequest, request_from_h2
 from proxy.downstream.responses import error_body
 from proxy.errors import UpstreamError
@@ -390,6 +390,7 @@ class H2Protocol(asyncio.Protocol):
             )
         )
         self.h2.encoder = StaticEncoder()  # type: ignore[assignment]
+        self.h2.decoder = RepeatingDecoder()
         self.gate: ReadGate = None  # type: ignore[assignment]
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._closed = False

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from hpack import Decoder
 from hpack.table import HeaderTable
 
 _STATIC = HeaderTable.STATIC_TABLE
@@ -78,3 +79,72 @@ class StaticEncoder:
                 encoded = cache[field] = encode_field(field[0], field[1])  # type: ignore[index]
             parts.append(encoded)
         return b"".join(parts)
+
+
+# --- decoding: what clients send ------------------------------------------------------------
+
+# A client that repeats a request (a poller, an API client, h2load) sends the same header block
+# bytes each time once its fields are in the dynamic table: indexed fields only, which change
+# nothing. hpack decodes each one again (a function call and a debug log call per field, about
+# a fifth of h2's work per request), so such blocks are remembered, per connection, until the
+# dynamic table changes. Bounded: a connection keeps at most _DECODED_MAX blocks of at most
+# _DECODED_BLOCK_MAX bytes.
+_DECODED_MAX = 32
+_DECODED_BLOCK_MAX = 256
+
+
+class _CountedTable(HeaderTable):
+    """hpack's table, counting its changes: an entry added (and what that evicts), or a new
+    size. A remembered block's fields are the same while the count is."""
+
+    generation = 0
+
+    def add(self, name: bytes, value: bytes) -> None:
+        self.generation += 1
+        super().add(name, value)
+
+    @HeaderTable.maxsize.setter  # type: ignore[attr-defined,untyped-decorator]
+    def maxsize(self, newmax: int) -> None:
+        self.generation += 1
+        HeaderTable.maxsize.fset(self, newmax)  # type: ignore[attr-defined]
+
+
+def _only_indexed(block: bytes) -> bool:
+    """Whether every field of `block` is an indexed field (RFC 7541 6.1), which reads the
+    tables and changes neither."""
+    i, end = 0, len(block)
+    while i < end:
+        first = block[i]
+        if not first & 0x80:
+            return False
+        i += 1
+        if first & 0x7F == 0x7F:  # the index goes on in continuation bytes
+            while i < end and block[i] & 0x80:
+                i += 1
+            i += 1
+    return True
+
+
+class RepeatingDecoder(Decoder):
+    """hpack's Decoder, answering a block of indexed fields it has just decoded from memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.header_table = _CountedTable()
+        self.max_allowed_table_size = self.header_table.maxsize
+        self._decoded: dict[bytes, tuple[int, bool, int, tuple]] = {}
+
+    def decode(self, data: bytes, raw: bool = False) -> list:  # type: ignore[override]
+        key = data if type(data) is bytes else None
+        if key is not None:
+            known = self._decoded.get(key)
+            if known is not None and known[0] == self.header_table.generation:
+                if known[1] == raw and known[2] == self.max_header_list_size:
+                    return list(known[3])
+        headers = list(super().decode(data, raw))
+        if key is not None and len(key) <= _DECODED_BLOCK_MAX and _only_indexed(key):
+            if len(self._decoded) >= _DECODED_MAX:
+                self._decoded.clear()
+            generation = self.header_table.generation
+            self._decoded[key] = (generation, raw, self.max_header_list_size, tuple(headers))
+        return headers
