@@ -25,7 +25,7 @@ class IssuanceError(CertError):
 class LockTimeout(CertError):
     """Another holder kept a storage lock longer than the caller wanted to wait."""
 
-    def __init__(self, path: Path, holder: str | None, timeout: float) -> None:
+    def __init__(self, path: Path | str, holder: str | None, timeout: float) -> None:
         self.path = path
         self.holder = holder
         self.timeout = timeout

@@ -1,4 +1,4 @@
-"""`tlsproxy` / `python -m proxy`: run, check, ca, certs, status, reverse-proxy.
+"""`tlsproxy` / `python -m proxy`: run, check, ca, certs, status, storage, reverse-proxy.
 
 Exit status: 0 on success; 2 on a bad config or a file it names, with one line on stderr that
 names the key or file; 1 when the proxy cannot start for another reason (a port already taken).
@@ -161,6 +161,25 @@ def build_parser() -> argparse.ArgumentParser:
         "[server] admin endpoint when the config has one, else DATA_DIR/control.sock); 3 when "
         "none does; 4 when one may run but cannot be asked (permissions)"
     )
+    storage = add(
+        "storage",
+        "storage copy: copy everything in this config's [storage] (say, a data_dir) into the "
+        "storage of --to-config (say, a Redis), keys and all",
+    )
+    storage.add_argument("action", choices=("copy",), help="copy: the only action")
+    storage.add_argument(
+        "--to-config",
+        required=True,
+        metavar="FILE",
+        help="the config whose [storage] receives the copy (file: its data_dir)",
+    )
+    storage.epilog = (
+        "Stop the instances using either storage first: locks are not copied, and a "
+        "certificate renewed during the copy may be missed. Copying into a storage that "
+        "already holds keys overwrites the ones with the same names and keeps the others. "
+        "exit status: 0 done (the count printed); 2 a bad config or encryption key file; "
+        "1 a storage that fails (Redis unreachable, a value that does not decrypt)."
+    )
     _add_reverse_proxy(sub)
     return parser
 
@@ -257,6 +276,8 @@ def cmd_check(config: Config) -> int:
     check_config(config)
     # What `run` would trip on only once it starts workers: the program, the app's import.
     imported = check_commands(config)
+    if config.storage.encryption_key_file is not None:
+        _read_storage_secret(config)
     s = config.server
     print(f"config {config.source}: OK")
     print(f"  https: {', '.join(str(a) for a in s.https)}")
@@ -281,6 +302,8 @@ def cmd_check(config: Config) -> int:
             f"  site {', '.join(site.hosts)}: tls={tls}{broken}{auth}{hsts}"
             f" -> upstream {site.upstream}"
         )
+    print(f"  storage: {config.storage.describe()}", end="")
+    print("" if config.storage.backend == "file" else " (not used yet: the proxy uses data_dir)")
     if any(site.tls == "internal" for site in config.sites):
         print(f"  local CA: leaves live {_duration(config.local_ca.leaf_lifetime)}")
         if config.local_ca.root_cert is not None:
@@ -317,6 +340,45 @@ def cmd_ca(config: Config, client: str | None = None, out: str = ".") -> int:
         return EXIT_OK
     manager = certificate_manager(config)
     sys.stdout.write(manager.local_ca_root_pem().decode("ascii"))
+    return EXIT_OK
+
+
+def _read_storage_secret(config: Config) -> None:
+    """ConfigError (exit 2) naming the key when the encryption key file is unusable."""
+    from certs.storage import StorageError
+    from certs.storage.crypt import read_secret
+
+    assert config.storage.encryption_key_file is not None
+    try:
+        read_secret(config.storage.encryption_key_file)
+    except StorageError as exc:
+        raise ConfigError("storage.encryption_key_file", str(exc)) from None
+
+
+def cmd_storage_copy(config: Config, to_config: str) -> int:
+    from certs.storage import StorageError, copy_all, open_backend
+
+    try:
+        target_config = _load(to_config)
+    except ConfigError as exc:
+        raise ConfigError(f"--to-config {to_config}: {exc.key}", exc.message) from None
+    ends = []
+    for name, which in ((str(config.source), config), (f"--to-config {to_config}", target_config)):
+        try:
+            ends.append(open_backend(which.storage, which.server.data_dir))
+        except StorageError as exc:
+            raise ConfigError(f"{name}: storage.encryption_key_file", str(exc)) from None
+    source, target = ends
+    try:
+        if source.describe() == target.describe():
+            raise ConfigError("--to-config", f"the same storage as -c: {source.describe()}")
+        count = copy_all(source, target)
+    except StorageError as exc:
+        return _fail(str(exc), EXIT_FAILURE)
+    finally:
+        source.close()
+        target.close()
+    print(f"copied {count} keys from {source.describe()} to {target.describe()}")
     return EXIT_OK
 
 
@@ -529,6 +591,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_certs(config)
         if args.command == "status":
             return cmd_status(config.server.data_dir, config)
+        if args.command == "storage":
+            return cmd_storage_copy(config, args.to_config)
         return cmd_run(config, args.loop, args.log_level)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_CONFIG)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from certs.broken import BROKEN_KINDS
+from certs.storage.contract import StorageSettings
 from proxy.errors import ConfigError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -201,6 +202,9 @@ class Config:
     upstreams: Mapping[str, UpstreamConfig]
     acme: AcmeConfig | None = None
     local_ca: LocalCaSettings = LocalCaSettings()
+    # Where certificates, keys, the ACME account and the local CA live. Only `check` and
+    # `storage copy` read it so far: the managers still use data_dir (issue 16).
+    storage: StorageSettings = field(default_factory=StorageSettings)
     source: Path | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -770,6 +774,45 @@ def _parse_acme(table: _Table, base: Path) -> AcmeConfig:
     return acme
 
 
+STORAGE_URL_ENV = "TLSPROXY_STORAGE_URL"
+_STORAGE_PREFIX = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_STORAGE_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _parse_storage(table: _Table, base: Path, environ: Mapping[str, str]) -> StorageSettings:
+    """[storage]. The URL may come from the environment instead (TLSPROXY_STORAGE_URL, which
+    wins), so that a Redis password need not be written into the config file."""
+    backend = table.choice("backend", "file", ("file", "redis"))
+    explicit = {name for name in ("url", "prefix", "encryption_key_file") if table.has(name)}
+    url = table.string("url")
+    prefix = table.string("prefix", "tlsproxy")
+    assert prefix is not None
+    key_file = table.path_value("encryption_key_file", base)
+    table.finish()
+    if backend == "file":
+        for name in sorted(explicit):
+            # The file backend's private keys are read as files by the TLS library and the
+            # crypto child process: encrypted ones would not load.
+            raise ConfigError(table.path(name), 'only with backend = "redis"')
+        return StorageSettings()
+    if not _STORAGE_PREFIX.fullmatch(prefix):
+        raise ConfigError(
+            table.path("prefix"), f"expected 1 to 64 of A-Z a-z 0-9 . _ -, got {prefix!r}"
+        )
+    where = table.path("url")
+    if environ.get(STORAGE_URL_ENV):
+        url, where = environ[STORAGE_URL_ENV], STORAGE_URL_ENV
+    if not url:
+        raise ConfigError(
+            where, f'missing: backend = "redis" needs a redis:// URL (or {STORAGE_URL_ENV})'
+        )
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme not in _STORAGE_SCHEMES:
+        # Never echo the URL: it may carry the password.
+        raise ConfigError(where, "expected a redis://, rediss:// or unix:// URL")
+    return StorageSettings(backend="redis", url=url, prefix=prefix, encryption_key_file=key_file)
+
+
 def parse_config(data: Mapping[str, Any], base: Path, source: Path | None = None) -> Config:
     """Turn a decoded TOML document into a Config; relative paths resolve against `base`."""
     root = _Table(dict(data), "")
@@ -792,6 +835,7 @@ def parse_config(data: Mapping[str, Any], base: Path, source: Path | None = None
     acme_raw = root.take("acme")
     acme = _parse_acme(_Table(acme_raw, "acme"), base) if acme_raw is not None else None
     local_ca = _parse_local_ca(_Table(root.take("local_ca", {}), "local_ca"), base)
+    storage = _parse_storage(_Table(root.take("storage", {}), "storage"), base, os.environ)
     root.finish()
 
     seen: dict[str, int] = {}
@@ -826,6 +870,7 @@ def parse_config(data: Mapping[str, Any], base: Path, source: Path | None = None
         upstreams=upstreams,
         acme=acme,
         local_ca=local_ca,
+        storage=storage,
         source=source,
     )
 

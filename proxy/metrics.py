@@ -27,10 +27,11 @@ from proxy.workers.status import WorkerInfo
 NO_SITE = "-"  # a request no site took: refused before routing, unknown Host, 421
 # Seconds; request durations of a web app, from a cache hit to a long upload.
 DURATION_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-_METHODS = frozenset(
-    (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS")
-)  # others: b"OTHER", so a client cannot mint label values
-_OTHER = b"OTHER"
+# Others count as OTHER, so that a client cannot mint label values.
+METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS", b"OTHER")
+_METHOD_INDEX = {method: i for i, method in enumerate(METHODS)}
+_OTHER_INDEX = len(METHODS) - 1
+_PER_STATUS = len(METHODS)  # outcome key: status * _PER_STATUS + the method's index
 HANDSHAKE_FAILURE_REASONS = (
     "no_certificate",
     "timeout",
@@ -47,22 +48,47 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class SiteCounters:
     """What one site's finished requests add up to."""
 
-    __slots__ = ("buckets", "bytes_in", "bytes_out", "codes", "duration_sum", "methods")
+    __slots__ = ("buckets", "bytes_in", "bytes_out", "duration_sum", "outcomes")
 
     def __init__(self) -> None:
-        self.codes: dict[int, int] = {}
-        self.methods: dict[bytes, int] = {}
+        # (status, method) as one int, so that a request costs one dict update, not two.
+        self.outcomes: dict[int, int] = {}
         self.buckets = [0] * (len(DURATION_BOUNDS) + 1)  # the last one: above every bound
         self.duration_sum = 0.0
         self.bytes_in = 0
         self.bytes_out = 0
 
+    def codes(self) -> dict[int, int]:
+        totals: dict[int, int] = {}
+        for key, count in self.outcomes.items():
+            status = key // _PER_STATUS
+            totals[status] = totals.get(status, 0) + count
+        return totals
+
+    def methods(self) -> dict[bytes, int]:
+        totals: dict[bytes, int] = {}
+        for key, count in self.outcomes.items():
+            method = METHODS[key % _PER_STATUS]
+            totals[method] = totals.get(method, 0) + count
+        return totals
+
+
+# Finished requests wait in Metrics.done, as tuples, until this many are there or a scrape
+# comes: appending costs a request less than counting it at once (measured side by side, 3.6%
+# of keep-alive throughput counted at once, by method call, dict and bisect per request), and
+# the counting loop runs over a batch with its code and locals warm.
+BATCH = 256
+
+# One finished request: site, method, status, request body bytes, response bytes, seconds.
+Done = tuple[str, bytes, int, int, int, float]
+
 
 class Metrics:
-    """The process's counters. The hot paths call `request_done` and `handshake_done`; the rest
-    is rare (failures, reloads)."""
+    """The process's counters. The hot paths append to `done` and call `handshake_done`; the
+    rest is rare (failures, reloads)."""
 
     def __init__(self) -> None:
+        self.done: list[Done] = []
         self.sites: dict[str, SiteCounters] = {}
         self.handshakes: dict[tuple[str, str, bool], int] = {}
         self.handshake_failures: dict[str, int] = dict.fromkeys(HANDSHAKE_FAILURE_REASONS, 0)
@@ -79,20 +105,30 @@ class Metrics:
         bytes_out: int,
         duration: float,
     ) -> None:
-        counters = self.sites.get(site)
-        if counters is None:
-            counters = self.sites[site] = SiteCounters()
-        codes = counters.codes
-        codes[status] = codes.get(status, 0) + 1
-        if method not in _METHODS:
-            method = _OTHER
-        methods = counters.methods
-        methods[method] = methods.get(method, 0) + 1
-        # bisect_left: a duration equal to a bound falls in that bound's bucket (le means <=)
-        counters.buckets[bisect_left(DURATION_BOUNDS, duration)] += 1
-        counters.duration_sum += duration
-        counters.bytes_in += bytes_in
-        counters.bytes_out += bytes_out
+        """One finished request (the exchange appends to `done` itself, without the call)."""
+        done = self.done
+        done.append((site, method, status, bytes_in, bytes_out, duration))
+        if len(done) >= BATCH:
+            self.tally()
+
+    def tally(self) -> None:
+        """Count the requests waiting in `done` into their sites' counters."""
+        done, self.done = self.done, []
+        sites = self.sites
+        method_index = _METHOD_INDEX
+        bounds = DURATION_BOUNDS
+        for site, method, status, bytes_in, bytes_out, duration in done:
+            counters = sites.get(site)
+            if counters is None:
+                counters = sites[site] = SiteCounters()
+            key = status * _PER_STATUS + method_index.get(method, _OTHER_INDEX)
+            outcomes = counters.outcomes
+            outcomes[key] = outcomes.get(key, 0) + 1
+            # bisect_left: a duration equal to a bound is in that bound's bucket (le is <=)
+            counters.buckets[bisect_left(bounds, duration)] += 1
+            counters.duration_sum += duration
+            counters.bytes_in += bytes_in
+            counters.bytes_out += bytes_out
 
     def handshake_done(self, version: str | None, alpn: str | None, resumed: bool) -> None:
         key = (version or "unknown", alpn or "none", resumed)
@@ -209,6 +245,7 @@ class Exposition:
 def render(metrics: Metrics, snapshot: Snapshot) -> bytes:
     """The whole /metrics page. Counter families are given without their `_total` suffix,
     which the exposition adds."""
+    metrics.tally()
     out = Exposition()
     sites = sorted(metrics.sites.items())
     out.family(
@@ -218,7 +255,7 @@ def render(metrics: Metrics, snapshot: Snapshot) -> bytes:
         (
             ((("site", site), ("code", str(code))), count)
             for site, counters in sites
-            for code, count in sorted(counters.codes.items())
+            for code, count in sorted(counters.codes().items())
         ),
     )
     out.family(
@@ -228,7 +265,7 @@ def render(metrics: Metrics, snapshot: Snapshot) -> bytes:
         (
             ((("site", site), ("method", method.decode("ascii"))), count)
             for site, counters in sites
-            for method, count in sorted(counters.methods.items())
+            for method, count in sorted(counters.methods().items())
         ),
     )
     out.histogram(

@@ -7,7 +7,7 @@ server so their idle connections survive a reload.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from proxy.config import Config, Limits
 from proxy.downstream.forwarding import TrustedProxies
@@ -25,11 +25,11 @@ class ProxyState:
     pools: dict[str, UpstreamPool]
     access_log: AccessLog
     metrics: Metrics | None = None  # None while `[server] admin` is off: nothing counted
+    # Whether a request's start time is wanted (for the access log or the metrics).
+    timed: bool = field(init=False)
 
-    @property
-    def timed(self) -> bool:
-        """Whether a request's start time is wanted (for the access log or the metrics)."""
-        return self.access_log.enabled or self.metrics is not None
+    def __post_init__(self) -> None:
+        self.timed = self.access_log.enabled or self.metrics is not None
 
     @classmethod
     def build(

@@ -30,7 +30,7 @@ from proxy.downstream.forwarding import (
 from proxy.downstream.responses import split_target
 from proxy.downstream.routing import client_auth_allows
 from proxy.errors import UpstreamError
-from proxy.metrics import NO_SITE
+from proxy.metrics import BATCH, NO_SITE
 
 if TYPE_CHECKING:
     from proxy.config import Site
@@ -573,15 +573,21 @@ class Exchange:
             client.log_access(self)
         metrics = state.metrics
         if metrics is not None:
-            metrics.request_done(
-                self.site,
-                self.method,
-                self.status,
-                self.body_in,
-                self.bytes_out,
-                # The loop's clock (started) is both loops' CLOCK_MONOTONIC, uvloop's read at
-                # the start of the iteration: never ahead of this, which costs a tenth.
-                time.monotonic() - self.started,
+            # Metrics.request_done, without the call (proxy/metrics.py BATCH says why). The
+            # loop's clock (started) is both loops' CLOCK_MONOTONIC, uvloop's read at the
+            # start of the iteration: never ahead of this.
+            done = metrics.done
+            done.append(
+                (
+                    self.site,
+                    self.method,
+                    self.status,
+                    self.body_in,
+                    self.bytes_out,
+                    time.monotonic() - self.started,
+                )
             )
+            if len(done) >= BATCH:
+                metrics.tally()
         if notify:
             client.exchange_done(self, complete, abort=abort)

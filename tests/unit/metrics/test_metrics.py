@@ -202,3 +202,16 @@ def test_process_metrics_are_this_process() -> None:
     import time
 
     assert 0 < time.time() - values["process_start_time_seconds"] < 3600
+
+
+def test_requests_waiting_in_a_batch_are_counted_by_a_scrape_and_by_a_full_batch() -> None:
+    from proxy.metrics import BATCH
+
+    m = Metrics()
+    for _ in range(BATCH - 1):
+        m.request_done("a", b"GET", 200, 0, 1, 0.0)
+    assert m.sites == {} and len(m.done) == BATCH - 1  # nothing counted yet: no work per request
+    m.request_done("a", b"GET", 200, 0, 1, 0.0)
+    assert m.done == [] and m.sites["a"].codes() == {200: BATCH}
+    m.request_done("a", b"GET", 404, 0, 1, 0.0)
+    assert scrape(m)["tlsproxy_requests_total"][labels(site="a", code="404")] == 1

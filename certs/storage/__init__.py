@@ -1,4 +1,15 @@
-"""Files under data_dir: the one place that knows the paths.
+"""Storage: the contract and its backends, and the data_dir API the managers use today.
+
+    certs.storage.contract   the contract (Backend), KeyInfo, Lock, StorageError, locked()
+    certs.storage.keys       the one key builder: every name below comes from it
+    certs.storage.file       the `file` backend (FileBackend) and the atomic-file primitives
+    certs.storage.redis      the `redis` backend (imported only when configured)
+    certs.storage.crypt      AES-256-GCM of private keys (imported only when configured)
+    open_backend(settings)   the backend `[storage]` names
+
+`Storage` below is the data_dir API the managers still use: paths, because the TLS library
+and the crypto child process read certificates from files. It is not yet built on the
+contract (the file backend shares its primitives and layout, so both see the same keys).
 
 Layout (all directories 0700, every private key 0600):
     data_dir/ca/{root,intermediate}.{pem,key}          the local CA
@@ -19,10 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
-import os
-import re
 import ssl
 import time
 from collections.abc import Iterator
@@ -30,118 +38,66 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import LockTimeout
-from .files import refuse_passphrase
-from .x509_lite import leaf_info
+from ..files import refuse_passphrase
+from ..x509_lite import leaf_info
+from . import keys
+from .contract import (
+    Backend,
+    KeyInfo,
+    Lock,
+    LockLost,
+    StorageError,
+    StorageSettings,
+    locked,
+)
+from .file import (
+    CERT_MODE,
+    DIR_MODE,
+    KEY_MODE,
+    FileBackend,
+    acquire_flock,
+    ensure_dir,
+    lock_path,
+    release_flock,
+    remove_stale_temp_files,
+    write_atomic,
+)
+from .file import fsync_dir as _fsync_dir
+from .file import overwrite_in_place as _overwrite_in_place
+from .keys import safe_name
+from .open import copy_all, open_backend
 
-DIR_MODE = 0o700
-KEY_MODE = 0o600
-# Certificates are public, but a data_dir is private to the proxy's user: keep one mode.
-CERT_MODE = 0o600
+__all__ = [
+    "CERT_MODE",
+    "DIR_MODE",
+    "KEY_MODE",
+    "STATE_SIZE",
+    "Backend",
+    "CAFiles",
+    "FileBackend",
+    "KeyInfo",
+    "Lock",
+    "LockLost",
+    "Storage",
+    "StorageError",
+    "StorageSettings",
+    "StoredCertificate",
+    "copy_all",
+    "ensure_dir",
+    "keys",
+    "locked",
+    "open_backend",
+    "safe_name",
+    "write_atomic",
+]
+
 # Renewal state files are written at this size (JSON padded with spaces), so that an update
 # fits in the file's own blocks when the file system is full.
 STATE_SIZE = 4096
 
-_UNSAFE = re.compile(r"[^a-z0-9._-]")
 # How often to re-read a cert/key pair that did not match: a writer replaces key.pem and then
 # cert.pem, so a reader may land between the two renames for a few microseconds.
 _PAIR_READ_ATTEMPTS = 5
-
-
-def safe_name(name: str) -> str:
-    """A file-system-safe, collision-resistant form of a certificate name ("*.a.test" ->
-    "wildcard_.a.test")."""
-    lowered = name.lower().replace("*", "wildcard_")
-    safe = _UNSAFE.sub("_", lowered)
-    if safe in ("", ".", ".."):
-        raise ValueError(f"unusable storage name {name!r}")
-    return safe
-
-
-def write_atomic(path: Path, data: bytes, *, mode: int = KEY_MODE) -> None:
-    """Replace `path` with `data` so that readers see either the old or the new content."""
-    # O_EXCL on a random name rather than tempfile.mkstemp: the same guarantee, without
-    # importing tempfile (and shutil, bz2, lzma with it) into the long-running proxy.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(6).hex()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, mode)  # before any byte lands: a key is never readable by others
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-# write_atomic's temporary files: "." + the file's name + "." + pid + "." + 12 hex + ".tmp".
-_TEMP_FILE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{12}\.tmp$")
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # it exists, owned by someone else
-    # A zombie writes nothing more: a killed writer whose parent died too waits as one until
-    # PID 1 reaps it, which in a container may be never.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no /proc: take the kill(0) answer
-    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
-
-
-def _overwrite_in_place(path: Path, data: bytes) -> bool:
-    """Write `data` over an existing file at least as large, in the blocks it has (a full file
-    system has none to give a new one). A reader may meet a torn write; state readers accept
-    anything unreadable as no state."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        if os.fstat(fd).st_size < len(data):
-            return False
-        os.pwrite(fd, data, 0)
-        os.fsync(fd)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; some file systems refuse fsync on directories.
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def ensure_dir(path: Path) -> Path:
-    """mkdir -p where every directory it creates is 0700 (Path.mkdir(parents=True) would give
-    the missing parents, data_dir itself among them, the umask's default mode)."""
-    missing = []
-    current = path
-    while not current.exists():
-        missing.append(current)
-        current = current.parent
-    for directory in reversed(missing):
-        with contextlib.suppress(FileExistsError):  # another process got there first
-            directory.mkdir(mode=DIR_MODE)
-    return path
 
 
 def _pair_matches(cert_path: Path, key_path: Path) -> bool:
@@ -185,34 +141,33 @@ class Storage:
         return self.root.joinpath(*(safe_name(p) for p in parts))
 
     def ca_files(self) -> CAFiles:
-        ca = self.root / "ca"
         return CAFiles(
-            root_cert=ca / "root.pem",
-            root_key=ca / "root.key",
-            intermediate_cert=ca / "intermediate.pem",
-            intermediate_key=ca / "intermediate.key",
+            root_cert=self.root / keys.CA_ROOT_CERT,
+            root_key=self.root / keys.CA_ROOT_KEY,
+            intermediate_cert=self.root / keys.CA_INTERMEDIATE_CERT,
+            intermediate_key=self.root / keys.CA_INTERMEDIATE_KEY,
         )
 
     def certificate_dir(self, name: str) -> Path:
-        return self.root / "certificates" / safe_name(name)
+        return self.root / keys.certificate_prefix(name)
 
     def cert_path(self, name: str) -> Path:
-        return self.certificate_dir(name) / "cert.pem"
+        return self.root / keys.cert(name)
 
     def key_path(self, name: str) -> Path:
-        return self.certificate_dir(name) / "key.pem"
+        return self.root / keys.private_key(name)
 
     def previous_cert_path(self, name: str) -> Path:
-        return self.certificate_dir(name) / "cert.prev.pem"
+        return self.root / keys.previous_cert(name)
 
     def previous_key_path(self, name: str) -> Path:
-        return self.certificate_dir(name) / "key.prev.pem"
+        return self.root / keys.previous_key(name)
 
     def state_path(self, name: str) -> Path:
-        return self.certificate_dir(name) / "state.json"
+        return self.root / keys.state(name)
 
     def lock_path(self, name: str) -> Path:
-        return self.root / "locks" / f"{safe_name(name)}.lock"
+        return lock_path(self.root, name)
 
     # -- generic files -------------------------------------------------------------------
     def write(self, path: Path, data: bytes, *, mode: int = KEY_MODE) -> None:
@@ -293,22 +248,8 @@ class Storage:
                 raise
 
     def remove_stale_temp_files(self) -> list[Path]:
-        """Delete what atomic writes left behind when their writer was killed (kill -9, a
-        power cut): `.NAME.PID.HEX.tmp` files of processes that are gone. They may hold
-        private keys, and nothing would ever read or remove them."""
-        removed = []
-        if not self.root.is_dir():
-            return removed
-        for directory, _, files in os.walk(self.root):
-            for name in files:
-                match = _TEMP_FILE.match(name)
-                if match is None or _alive(int(match.group(1))):
-                    continue
-                path = Path(directory) / name
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                    removed.append(path)
-        return removed
+        """Delete what atomic writes of killed writers left behind (certs.storage.file)."""
+        return remove_stale_temp_files(self.root)
 
     def reserve_state(self, name: str) -> None:
         """Make sure a state file exists, at its fixed size, while there is room for one."""
@@ -324,27 +265,8 @@ class Storage:
         Blocks the calling thread while waiting: call it from a worker thread, not the event
         loop. Raises LockTimeout after `timeout` seconds.
         """
-        path = self.lock_path(name)
-        ensure_dir(path.parent)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, KEY_MODE)
+        fd = acquire_flock(self.lock_path(name), timeout, poll)
         try:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or None
-                        raise LockTimeout(path, holder, timeout) from None
-                    time.sleep(min(poll, remaining))
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            try:
-                yield
-            finally:
-                os.ftruncate(fd, 0)
-                fcntl.flock(fd, fcntl.LOCK_UN)
+            yield
         finally:
-            os.close(fd)
+            release_flock(fd)
