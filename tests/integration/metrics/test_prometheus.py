@@ -1,7 +1,8 @@
 """A real Prometheus (Debian's /usr/bin/prometheus) scraping a real `tlsproxy run` with
 deploy/prometheus's alert rules loaded (their `for:` shortened in a copy): the series arrive
-over its HTTP API, the upstream-down alert fires when the app stops, and every query of the
-Grafana dashboard runs without an error. Bounded: the whole test takes well under a minute."""
+over its HTTP API; the upstream-down alerts fire when the app stops, the expiry alert for
+one-day certificates, the proxy-down alert when the proxy stops; every query of the Grafana
+dashboard runs without an error. Bounded: the whole test takes well under a minute."""
 
 from __future__ import annotations
 
@@ -125,13 +126,18 @@ def values(result: list[dict]) -> dict[tuple[tuple[str, str], ...], float]:
     }
 
 
-def test_prometheus_scrapes_the_proxy_and_fires_the_upstream_down_alert(
+def test_prometheus_scrapes_the_proxy_and_its_alerts_fire(
     make_proxy: MakeProxy, prometheus_for: Any, tmp_path: Path
 ) -> None:
     began = time.monotonic()
     (tmp_path / "app").mkdir()
     with running(AppProcess(tmp_path / "app")) as app:
-        proxy, admin = start(make_proxy, f'servers = ["{app.server}"]\n{FAST_HEALTH}')
+        # Leaves of one day: under the alert's 7 days from the start.
+        proxy, admin = start(
+            make_proxy,
+            f'servers = ["{app.server}"]\n{FAST_HEALTH}',
+            upstreams='[local_ca]\nleaf_lifetime = "1d"\n',
+        )
         prometheus = prometheus_for(admin)
         with proxy.client() as client:
             for _ in range(3):
@@ -190,5 +196,21 @@ def test_prometheus_scrapes_the_proxy_and_fires_the_upstream_down_alert(
             10,
             "TLSProxyUpstreamAllServersDown firing",
         )
+        expiring = prometheus.query(
+            'ALERTS{alertname="TLSProxyCertificateExpiringSoon", alertstate="firing"}'
+        )
+        assert sorted(a["metric"]["host"] for a in expiring) == [
+            "app.test",
+            "localhost",
+            "other.test",
+        ]
         assert not prometheus.query('ALERTS{alertname="TLSProxyDown"}')
+
+        proxy.stop()  # the target itself is gone
+        eventually(
+            lambda: prometheus.query('ALERTS{alertname="TLSProxyDown", alertstate="firing"}'),
+            bool,
+            15,
+            "TLSProxyDown firing",
+        )
     assert time.monotonic() - began < 60
