@@ -1,5 +1,6 @@
 """Reading a real proxy's admin endpoint: /metrics through prometheus_client's text parser,
-the JSON pages, and waiting for a value to change."""
+the JSON pages, and waiting for a value to change; the proxy's config for these tests; the
+deploy/ files."""
 
 from __future__ import annotations
 
@@ -11,9 +12,17 @@ from typing import Any, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.integration.harness import REPO, free_port
 from tests.integration.metrics.spec import METRICS, sample_names
+from tests.integration.proxy.conftest import MakeProxy
+from tests.integration.proxy.support import Proxy
 
 T = TypeVar("T")
+PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
+RULES = PROMETHEUS_DIR / "tlsproxy-alerts.yml"
+RULE_TESTS = PROMETHEUS_DIR / "tlsproxy-alerts.test.yml"
+EXAMPLE = PROMETHEUS_DIR / "prometheus.example.yml"
+DASHBOARD = REPO / "deploy" / "grafana" / "tlsproxy-dashboard.json"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -99,3 +108,67 @@ def check_against_spec(page: Scrape) -> set[str]:
             assert got == labels, (sample.name, sorted(got), sorted(labels))
             seen.add(base)
     return seen
+
+
+# Health checks fast enough for a test: one failed probe takes a server out, one brings it back.
+FAST_HEALTH = """health = "/healthz"
+health_interval = "200ms"
+health_timeout = "1s"
+unhealthy_threshold = 1
+healthy_threshold = 1
+"""
+
+
+def config(
+    admin: str,
+    upstream: str,
+    *,
+    server: str = "",
+    upstreams: str = "",
+) -> str:
+    """Two sites (localhost + app.test, other.test) on upstream "app" (the `upstream` body of
+    [upstream.app]), no default_site: an unknown name gets no certificate."""
+    return f"""
+[server]
+https = ["127.0.0.1:0"]
+http = []
+data_dir = "data"
+admin = "{admin}"
+{server}
+
+[[site]]
+hosts = ["localhost", "app.test"]
+upstream = "app"
+
+[[site]]
+hosts = ["other.test"]
+upstream = "app"
+
+[upstream.app]
+{upstream}
+{upstreams}
+"""
+
+
+def start(make_proxy: MakeProxy, upstream: str, **kw: str) -> tuple[Proxy, int]:
+    port = free_port()
+    proxy = make_proxy(config(f"127.0.0.1:{port}", upstream, **kw))
+    return proxy, port
+
+
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def panels(doc: dict) -> list[dict]:
+    out = []
+    for panel in doc["panels"]:
+        out.append(panel)
+        out.extend(panel.get("panels", []))
+    return out
+
+
+def dashboard_queries(doc: dict) -> list[str]:
+    queries = [t["expr"] for p in panels(doc) for t in p.get("targets", [])]
+    queries += [v["definition"] for v in doc["templating"]["list"]]
+    return queries

@@ -5,20 +5,23 @@ The queries themselves run against a real Prometheus in test_prometheus.py."""
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
-from tests.integration.harness import REPO
 from tests.integration.metrics.spec import require, sample_names
+from tests.integration.metrics.support import (
+    DASHBOARD,
+    EXAMPLE,
+    PROMETHEUS_DIR,
+    RULE_TESTS,
+    RULES,
+    dashboard,
+    dashboard_queries,
+    panels,
+)
 
-PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
-RULES = PROMETHEUS_DIR / "tlsproxy-alerts.yml"
-RULE_TESTS = PROMETHEUS_DIR / "tlsproxy-alerts.test.yml"
-EXAMPLE = PROMETHEUS_DIR / "prometheus.example.yml"
-DASHBOARD = REPO / "deploy" / "grafana" / "tlsproxy-dashboard.json"
 # A metric-like word: tlsproxy_... or the standard process_... (not tlsproxy-alerts.yml).
 METRIC_WORD = re.compile(r"\b((?:tlsproxy|process)_[a-z0-9_]+)")
 ALERT = re.compile(r"^\s*- alert: (\w+)\s*$", re.M)
@@ -84,24 +87,6 @@ def test_each_alerts_firing_test_can_fail(tmp_path: Path) -> None:
         assert tested.returncode != 0, f"{alert}: the unit tests pass without it"
         output = tested.stdout + tested.stderr
         assert f"alertname: {alert}," in output, output
-
-
-def dashboard() -> dict:
-    return json.loads(DASHBOARD.read_text())
-
-
-def panels(doc: dict) -> list[dict]:
-    out = []
-    for panel in doc["panels"]:
-        out.append(panel)
-        out.extend(panel.get("panels", []))
-    return out
-
-
-def dashboard_queries(doc: dict) -> list[str]:
-    queries = [t["expr"] for p in panels(doc) for t in p.get("targets", [])]
-    queries += [v["definition"] for v in doc["templating"]["list"]]
-    return queries
 
 
 def test_the_dashboard_is_importable_json() -> None:

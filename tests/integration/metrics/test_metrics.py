@@ -30,12 +30,15 @@ from tests.integration.metrics.spec import (
 )
 from tests.integration.metrics.support import (
     CONTENT_TYPE,
+    FAST_HEALTH,
     Scrape,
     admin_json,
     admin_request,
     check_against_spec,
+    config,
     eventually,
     scrape,
+    start,
 )
 from tests.integration.proxy.conftest import MakeProxy
 from tests.integration.proxy.support import Proxy, proc_status_kib, s_client, served_certificate
@@ -48,50 +51,6 @@ pytestmark = pytest.mark.skipif(
 WORKER_COMMAND = " ".join(
     (sys.executable, "-m uvicorn examples.app:app --app-dir", str(REPO), "--uds {socket}")
 )
-# Health checks fast enough for a test: one failed probe takes a server out, one brings it back.
-FAST_HEALTH = """health = "/healthz"
-health_interval = "200ms"
-health_timeout = "1s"
-unhealthy_threshold = 1
-healthy_threshold = 1
-"""
-
-
-def config(
-    admin: str,
-    upstream: str,
-    *,
-    server: str = "",
-    upstreams: str = "",
-) -> str:
-    """Two sites (localhost + app.test, other.test) on upstream "app" (the `upstream` body of
-    [upstream.app]), no default_site: an unknown name gets no certificate."""
-    return f"""
-[server]
-https = ["127.0.0.1:0"]
-http = []
-data_dir = "data"
-admin = "{admin}"
-{server}
-
-[[site]]
-hosts = ["localhost", "app.test"]
-upstream = "app"
-
-[[site]]
-hosts = ["other.test"]
-upstream = "app"
-
-[upstream.app]
-{upstream}
-{upstreams}
-"""
-
-
-def start(make_proxy: MakeProxy, upstream: str, **kw: str) -> tuple[Proxy, int]:
-    port = free_port()
-    proxy = make_proxy(config(f"127.0.0.1:{port}", upstream, **kw))
-    return proxy, port
 
 
 def curl(proxy: Proxy, *args: str) -> subprocess.CompletedProcess[str]:

@@ -20,9 +20,14 @@ import pytest
 
 from tests.integration.harness import AppProcess, free_port, running, stop_process, wait_for_port
 from tests.integration.metrics.spec import require
-from tests.integration.metrics.support import eventually
-from tests.integration.metrics.test_deploy_assets import RULES, dashboard, dashboard_queries
-from tests.integration.metrics.test_metrics import FAST_HEALTH, start
+from tests.integration.metrics.support import (
+    FAST_HEALTH,
+    RULES,
+    dashboard,
+    dashboard_queries,
+    eventually,
+    start,
+)
 from tests.integration.proxy.conftest import MakeProxy
 
 IDENTITY = ("__name__", "job", "instance")
