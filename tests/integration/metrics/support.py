@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.harness import REPO, free_port
@@ -110,6 +112,9 @@ def check_against_spec(page: Scrape) -> set[str]:
     return seen
 
 
+WORKER_COMMAND = " ".join(
+    (sys.executable, "-m uvicorn examples.app:app --app-dir", str(REPO), "--uds {socket}")
+)
 # Health checks fast enough for a test: one failed probe takes a server out, one brings it back.
 FAST_HEALTH = """health = "/healthz"
 health_interval = "200ms"
@@ -172,3 +177,13 @@ def dashboard_queries(doc: dict) -> list[str]:
     queries = [t["expr"] for p in panels(doc) for t in p.get("targets", [])]
     queries += [v["definition"] for v in doc["templating"]["list"]]
     return queries
+
+
+def get_as(client: httpx.Client, proxy: Proxy, host: str, path: str = "/") -> int:
+    """A GET to the site of `host` (SNI and Host), which no resolver knows: the status."""
+    response = client.get(
+        f"https://127.0.0.1:{proxy.port}{path}",
+        headers={"Host": host},
+        extensions={"sni_hostname": host},
+    )
+    return response.status_code

@@ -14,15 +14,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.integration.harness import REPO, AppProcess, free_port, running, tlsproxy, write_config
+from tests.integration.harness import AppProcess, free_port, running, tlsproxy, write_config
 from tests.integration.metrics.spec import (
     DURATION_BUCKETS,
     HANDSHAKE_FAILURE_REASONS,
@@ -31,12 +29,14 @@ from tests.integration.metrics.spec import (
 from tests.integration.metrics.support import (
     CONTENT_TYPE,
     FAST_HEALTH,
+    WORKER_COMMAND,
     Scrape,
     admin_json,
     admin_request,
     check_against_spec,
     config,
     eventually,
+    get_as,
     scrape,
     start,
 )
@@ -46,10 +46,6 @@ from tests.integration.proxy.support import Proxy, proc_status_kib, s_client, se
 pytestmark = pytest.mark.skipif(
     shutil.which("curl") is None or shutil.which("openssl") is None,
     reason="needs curl and openssl (scripts/test.sh installs them)",
-)
-
-WORKER_COMMAND = " ".join(
-    (sys.executable, "-m uvicorn examples.app:app --app-dir", str(REPO), "--uds {socket}")
 )
 
 
@@ -73,16 +69,6 @@ def raw_tls(proxy: Proxy, request: bytes, sni: str = "localhost") -> bytes:
         while chunk := tls.recv(65536):
             data += chunk
         return data
-
-
-def get_as(client: httpx.Client, proxy: Proxy, host: str, path: str = "/") -> int:
-    """A GET to the site of `host` (SNI and Host), which no resolver knows: the status."""
-    response = client.get(
-        f"https://127.0.0.1:{proxy.port}{path}",
-        headers={"Host": host},
-        extensions={"sni_hostname": host},
-    )
-    return response.status_code
 
 
 def delta(before: Scrape, after: Scrape, name: str, **labels: str) -> float:

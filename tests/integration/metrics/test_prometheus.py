@@ -23,12 +23,15 @@ from tests.integration.metrics.spec import require
 from tests.integration.metrics.support import (
     FAST_HEALTH,
     RULES,
+    WORKER_COMMAND,
     dashboard,
     dashboard_queries,
     eventually,
+    get_as,
     start,
 )
 from tests.integration.proxy.conftest import MakeProxy
+from tests.integration.proxy.support import s_client
 
 IDENTITY = ("__name__", "job", "instance")
 # The dashboard's variables as Grafana would fill them with "All".
@@ -120,6 +123,16 @@ def _ready(server: Prometheus) -> bool:
         return False
 
 
+def _filled(expr: str) -> str:
+    """A dashboard query as Grafana sends it with every variable at "All"; a variable's
+    label_values(METRIC, LABEL) as the series query it stands for."""
+    if expr.startswith("label_values("):
+        expr = expr.removeprefix("label_values(").rsplit(",", 1)[0]
+    for name, value in DASHBOARD_VARIABLES.items():
+        expr = expr.replace(name, value)
+    return expr
+
+
 def values(result: list[dict]) -> dict[tuple[tuple[str, str], ...], float]:
     return {
         tuple(
@@ -137,16 +150,20 @@ def test_prometheus_scrapes_the_proxy_and_its_alerts_fire(
     began = time.monotonic()
     (tmp_path / "app").mkdir()
     with running(AppProcess(tmp_path / "app")) as app:
-        # Leaves of one day: under the alert's 7 days from the start.
+        # Leaves of one day: under the alert's 7 days from the start. A supervised worker
+        # behind api.test, for the dashboard's worker panels.
         proxy, admin = start(
             make_proxy,
             f'servers = ["{app.server}"]\n{FAST_HEALTH}',
-            upstreams='[local_ca]\nleaf_lifetime = "1d"\n',
+            upstreams=f'[upstream.api]\ncommand = "{WORKER_COMMAND}"\nhealth = "/healthz"\n'
+            '[[site]]\nhosts = ["api.test"]\nupstream = "api"\n'
+            '[local_ca]\nleaf_lifetime = "1d"\n',
         )
         prometheus = prometheus_for(admin)
         with proxy.client() as client:
             for _ in range(3):
                 assert client.get(proxy.url("/")).status_code == 200
+            assert get_as(client, proxy, "api.test") == 200
 
         up = 'tlsproxy_upstream_up{job="tlsproxy"}'
         server = (("server", app.server), ("upstream", "app"))
@@ -161,22 +178,18 @@ def test_prometheus_scrapes_the_proxy_and_its_alerts_fire(
         targets = prometheus.api("targets")["data"]["activeTargets"]
         assert [t["health"] for t in targets] == ["up"], targets
 
-        # Every dashboard query is valid PromQL for this Prometheus, and the traffic panels
-        # have data once rate() has two samples.
+        # Every dashboard query is valid PromQL for this Prometheus and has data once rate()
+        # has two samples of everything (a handshake failure is counted after the first).
+        assert s_client(proxy.port, "-servername", "unknown.test").returncode != 0
+        with proxy.client() as client:
+            assert get_as(client, proxy, "api.test") == 200
+        queries = [_filled(expr) for expr in dashboard_queries(dashboard())]
         eventually(
-            lambda: prometheus.query("rate(tlsproxy_requests_total[1m])"), bool, 10, "a rate"
+            lambda: [expr for expr in queries if not prometheus.query(expr)],
+            lambda empty: not empty,
+            15,
+            "every dashboard query with data",
         )
-        empty = []
-        for expr in dashboard_queries(dashboard()):
-            if expr.startswith("label_values("):
-                metric = expr.removeprefix("label_values(").rsplit(",", 1)[0]
-                expr = metric
-            for name, value in DASHBOARD_VARIABLES.items():
-                expr = expr.replace(name, value)
-            if not prometheus.query(expr):
-                empty.append(expr)
-        assert not [e for e in empty if "tlsproxy_requests_total" in e and "5.." not in e], empty
-        assert not [e for e in empty if "tlsproxy_certificate_not_after_seconds" in e], empty
 
         app.stop()
         alert = 'ALERTS{alertname="TLSProxyUpstreamServerDown", alertstate="firing"}'
@@ -205,6 +218,7 @@ def test_prometheus_scrapes_the_proxy_and_its_alerts_fire(
             'ALERTS{alertname="TLSProxyCertificateExpiringSoon", alertstate="firing"}'
         )
         assert sorted(a["metric"]["host"] for a in expiring) == [
+            "api.test",
             "app.test",
             "localhost",
             "other.test",
