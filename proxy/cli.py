@@ -302,8 +302,7 @@ def cmd_check(config: Config) -> int:
             f"  site {', '.join(site.hosts)}: tls={tls}{broken}{auth}{hsts}"
             f" -> upstream {site.upstream}"
         )
-    print(f"  storage: {config.storage.describe()}", end="")
-    print("" if config.storage.backend == "file" else " (not used yet: the proxy uses data_dir)")
+    print(f"  storage: {config.storage.describe()}")
     if any(site.tls == "internal" for site in config.sites):
         print(f"  local CA: leaves live {_duration(config.local_ca.leaf_lifetime)}")
         if config.local_ca.root_cert is not None:
@@ -571,6 +570,21 @@ def cmd_reverse_proxy(args: argparse.Namespace) -> int:
         raise as_flag_error(exc) from None
 
 
+def _unwired_storage(command: str) -> int:
+    # Serving from data_dir while the config names a shared store would let several instances
+    # each order their own certificates, the very thing the store is meant to stop.
+    return _fail(
+        str(
+            ConfigError(
+                "storage.backend",
+                f'"redis" is not used by `{command}` yet (issue 16: certificates are still kept '
+                "in data_dir); only `tlsproxy storage copy` reads it so far",
+            )
+        ),
+        EXIT_CONFIG,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -581,6 +595,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "status" and args.data_dir is not None:
             return cmd_status(Path(args.data_dir).expanduser().absolute())
         config = _load(args.config)
+        if args.command not in ("storage", "status") and config.storage.backend != "file":
+            return _unwired_storage(args.command)
         if args.command == "check":
             return cmd_check(config)
         if args.command == "ca":

@@ -325,8 +325,14 @@ def _peer_text(peer: object) -> str:
     return str(peer)
 
 
+def _handshake_timed_out(exc: BaseException) -> bool:
+    # Both event loops' TLS layers end a handshake past ssl_handshake_timeout with this error
+    # (their own words: "SSL handshake is taking longer than ... seconds").
+    return isinstance(exc, ConnectionAbortedError) and "taking longer" in str(exc)
+
+
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, TimeoutError) or _handshake_timed_out(exc):
         return "timed out (handshake_timeout)"
     if isinstance(exc, ssl.SSLError) and exc.reason in NOTHING_IN_COMMON_REASONS:
         return f"{exc}: {NOTHING_IN_COMMON_REASONS[exc.reason]}; alert sent"
@@ -340,7 +346,7 @@ def _reason(exc: BaseException) -> str:
 
 def failure_reason(exc: BaseException) -> str:
     """The `reason` label of tlsproxy_handshake_failures_total for a failed handshake."""
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, TimeoutError) or _handshake_timed_out(exc):
         return "timeout"
     if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLEOFError):
         reason = exc.reason

@@ -114,9 +114,20 @@ def test_bad_configs_exit_2_naming_the_key(tmp_path: Path, redis_server: RedisSe
     assert "storage.encryption_key_file" in result.stderr and "missing.secret" in result.stderr
     result = tlsproxy("storage", "copy", "-c", str(source), "--to-config", str(source))
     assert result.returncode == 2 and "the same storage" in result.stderr
-    result = tlsproxy("check", "-c", str(no_secret))
+
+
+@pytest.mark.parametrize("command", [["check"], ["run"], ["ca"], ["certs"]])
+def test_commands_that_would_use_data_dir_refuse_a_redis_storage(
+    tmp_path: Path, redis_server: RedisServer, command: list[str]
+) -> None:
+    """Until the managers use the storage contract (issue 16), serving from data_dir while
+    the config names a shared store would let each instance order its own certificates."""
+    (tmp_path / "storage.secret").write_bytes(os.urandom(32))
+    config = redis_config(tmp_path, redis_server.url)
+    result = tlsproxy(*command, "-c", str(config))
     assert result.returncode == 2 and result.stdout == ""
-    assert "storage.encryption_key_file" in result.stderr
+    assert result.stderr.startswith("tlsproxy: error: storage.backend: ")
+    assert f"not used by `{command[0]}` yet" in result.stderr
 
 
 def test_redis_down_exits_1_without_the_password(tmp_path: Path) -> None:

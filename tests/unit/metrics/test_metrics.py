@@ -122,6 +122,13 @@ def _ssl_error(reason: str) -> ssl.SSLError:
     ("exc", "reason"),
     [
         (TimeoutError(), "timeout"),
+        (
+            ConnectionAbortedError(
+                "SSL handshake is taking longer than 10.0 seconds: aborting the connection"
+            ),
+            "timeout",
+        ),
+        (ConnectionAbortedError("something else"), "client_closed"),
         (_ssl_error("CALLBACK_FAILED"), "no_certificate"),
         (_ssl_error("UNSUPPORTED_PROTOCOL"), "protocol_version"),
         (_ssl_error("VERSION_TOO_LOW"), "protocol_version"),
