@@ -486,3 +486,39 @@ def test_process_metrics_reloads_and_methods(
     assert page.get("tlsproxy_config_reloads_total", result="failure") == 1
     assert page.get("tlsproxy_config_reloads_total", result="success") == 1
     assert page.get("tlsproxy_requests_total", site="localhost", code="200") == 1
+
+
+def test_connections_refused_at_max_connections(
+    make_proxy: MakeProxy, example_app: AppProcess
+) -> None:
+    proxy, admin = start(
+        make_proxy,
+        f'servers = ["{example_app.server}"]',
+        upstreams="[limits]\nmax_connections = 2\n",
+    )
+    before = scrape(admin)
+    with proxy.conn("localhost") as first, proxy.conn("localhost") as second:
+        for conn in (first, second):
+            conn.send(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert conn.response().status == 200
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as third:
+            assert third.recv(1) == b""  # closed at accept
+        after = eventually(
+            lambda: scrape(admin),
+            lambda p: delta(before, p, "tlsproxy_connections_refused_total") == 1,
+            5,
+            "one connection refused",
+        )
+        # without ALPN a connection speaks HTTP/1.1
+        assert after.get("tlsproxy_connections_open", protocol="http/1.1") == 2
+        assert (
+            delta(
+                before,
+                after,
+                "tlsproxy_handshakes_total",
+                version="TLSv1.3",
+                alpn="none",
+                resumed="false",
+            )
+            == 2
+        )
