@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.harness import REPO, free_port
+from tests.integration.harness import REPO, AppProcess, free_port
 from tests.integration.metrics.spec import METRICS, sample_names
 from tests.integration.proxy.conftest import MakeProxy
 from tests.integration.proxy.support import Proxy
@@ -156,9 +156,15 @@ upstream = "app"
 
 
 def start(make_proxy: MakeProxy, upstream: str, **kw: str) -> tuple[Proxy, int]:
+    """A started proxy with config(...) and the admin endpoint on a free port: (proxy, port)."""
     port = free_port()
     proxy = make_proxy(config(f"127.0.0.1:{port}", upstream, **kw))
     return proxy, port
+
+
+def start_before(make_proxy: MakeProxy, app: AppProcess, **kw: str) -> tuple[Proxy, int]:
+    """start() with [upstream.app] the one server `app`."""
+    return start(make_proxy, f'servers = ["{app.server}"]', **kw)
 
 
 def dashboard() -> dict:

@@ -39,6 +39,7 @@ from tests.integration.metrics.support import (
     get_as,
     scrape,
     start,
+    start_before,
 )
 from tests.integration.proxy.conftest import MakeProxy
 from tests.integration.proxy.support import Proxy, proc_status_kib, s_client, served_certificate
@@ -78,7 +79,7 @@ def delta(before: Scrape, after: Scrape, name: str, **labels: str) -> float:
 def test_requests_are_counted_by_site_and_code_over_http1_and_h2(
     make_proxy: MakeProxy, example_app: AppProcess
 ) -> None:
-    proxy, admin = start(make_proxy, f'servers = ["{example_app.server}"]')
+    proxy, admin = start_before(make_proxy, example_app)
     before = scrape(admin)
     body = b"x" * 1000
     with proxy.client() as client:
@@ -169,7 +170,7 @@ def test_requests_are_counted_by_site_and_code_over_http1_and_h2(
 def test_handshakes_resumed_and_refused_are_counted(
     make_proxy: MakeProxy, example_app: AppProcess, tmp_path: Path
 ) -> None:
-    proxy, admin = start(make_proxy, f'servers = ["{example_app.server}"]')
+    proxy, admin = start_before(make_proxy, example_app)
     before = scrape(admin)
     assert {
         labels["reason"] for labels, _ in before.series("tlsproxy_handshake_failures_total")
@@ -216,9 +217,9 @@ def test_handshakes_resumed_and_refused_are_counted(
 def test_a_handshake_timeout_is_counted_as_timeout(
     make_proxy: MakeProxy, example_app: AppProcess
 ) -> None:
-    proxy, admin = start(
+    proxy, admin = start_before(
         make_proxy,
-        f'servers = ["{example_app.server}"]',
+        example_app,
         upstreams='[limits]\nhandshake_timeout = "1s"\n',
     )
     failures = "tlsproxy_handshake_failures_total"
@@ -238,7 +239,7 @@ def test_a_handshake_timeout_is_counted_as_timeout(
 def test_certificate_gauges_are_those_of_the_served_certificates(
     make_proxy: MakeProxy, example_app: AppProcess
 ) -> None:
-    proxy, admin = start(make_proxy, f'servers = ["{example_app.server}"]')
+    proxy, admin = start_before(make_proxy, example_app)
     page = scrape(admin)
     now = time.time()
     for host in ("localhost", "app.test", "other.test"):
@@ -380,7 +381,7 @@ def test_worker_metrics_and_a_killed_worker(make_proxy: MakeProxy, example_app: 
 
 
 def test_admin_endpoints(make_proxy: MakeProxy, example_app: AppProcess) -> None:
-    proxy, admin = start(make_proxy, f'servers = ["{example_app.server}"]')
+    proxy, admin = start_before(make_proxy, example_app)
     status, headers, body = admin_request(admin, "/")
     assert status == 200 and headers["content-type"].startswith("text/plain")
     assert all(path in body for path in (b"/metrics", b"/status", b"/certs"))
@@ -446,7 +447,7 @@ def _proc_start_time(pid: int) -> float:
 def test_process_metrics_reloads_and_methods(
     make_proxy: MakeProxy, example_app: AppProcess
 ) -> None:
-    proxy, admin = start(make_proxy, f'servers = ["{example_app.server}"]')
+    proxy, admin = start_before(make_proxy, example_app)
     page = scrape(admin)
     started = _proc_start_time(proxy.pid)
     assert abs(page.get("process_start_time_seconds") - started) < 0.1
@@ -491,9 +492,9 @@ def test_process_metrics_reloads_and_methods(
 def test_connections_refused_at_max_connections(
     make_proxy: MakeProxy, example_app: AppProcess
 ) -> None:
-    proxy, admin = start(
+    proxy, admin = start_before(
         make_proxy,
-        f'servers = ["{example_app.server}"]',
+        example_app,
         upstreams="[limits]\nmax_connections = 2\n",
     )
     before = scrape(admin)
