@@ -1,0 +1,225 @@
+"""`tlsproxy run --trace app.test`: a real proxy process, real curl over HTTP/1.1 and HTTP/2, the
+example app behind it. The trace says each step of the README's walk-through, in order, with
+what really happened; other names print nothing; secrets never show; a 421 and a failed
+handshake say why."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import AppProcess, basic_config, write_config
+from tests.integration.proxy.support import Proxy
+
+OTHER_SITE = """
+[[site]]
+hosts = ["other.test"]
+tls = "internal"
+upstream = "app"
+"""
+SECRET_TOKEN = "Bearer sEcReT-t0ken-4711"
+SECRET_COOKIE = "session=c00kie-sEcReT-0815"
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory: pytest.TempPathFactory, example_app: AppProcess) -> Iterator[Proxy]:
+    directory = tmp_path_factory.mktemp("traced")
+    config = write_config(directory, basic_config(example_app.server, extra=OTHER_SITE))
+    # At info: the trace needs no debug level (and the debug lines would not be the trace's).
+    proxy = Proxy(
+        config,
+        command=["run", "-c", str(config), "--trace", "app.test", "--trace", "OTHER.test"],
+        log_level="info",
+    )
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+def curl(
+    proxy: Proxy, *args: str, host: str = "app.test", path: str = "/"
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "--cacert",
+            str(proxy.ca),
+            "--resolve",
+            f"{host}:{proxy.port}:127.0.0.1",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            *args,
+            f"https://{host}:{proxy.port}{path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+
+
+def connection_trace(proxy: Proxy, start: int) -> tuple[str, list[str]]:
+    """The lines of the first traced connection that began after `start` in the log, once
+    it ended: (its tag, its lines without the logger's prefix)."""
+    first = proxy.wait_for_log(r"trace (c\d+) 1\. DNS and TCP", start=start)
+    tag = first.group(1)
+    proxy.wait_for_log(rf"trace {tag} (end|4\. Handshake: failed)", start=start)
+    lines = [
+        line[line.index("trace ") :]
+        for line in proxy.log()[first.start() :].splitlines()
+        if re.search(rf"trace {tag}[ .]", line)
+    ]
+    return tag, lines
+
+
+def steps(lines: list[str]) -> list[str]:
+    """The step numbers in the order the lines say them ("1." ... "9.", "end")."""
+    out = []
+    for line in lines:
+        match = re.match(r"trace \S+ (\d\.|end:)", line)
+        if match and (not out or out[-1] != match.group(1)):
+            out.append(match.group(1))
+    return out
+
+
+def test_http11_request_step_by_step(traced: Proxy) -> None:
+    start = len(traced.log())
+    done = curl(traced, "--http1.1", "-H", f"Authorization: {SECRET_TOKEN}", "-b", SECRET_COOKIE)
+    assert done.stdout == "200", done.stderr
+    tag, lines = connection_trace(traced, start)
+    text = "\n".join(lines)
+    assert steps(lines) == ["1.", "2.", "3.", "4.", "5.", "6.", "7.", "9.", "end:"], text
+    assert re.search(r"1\. DNS and TCP: accepted 127\.0\.0\.1:\d+ on 127\.0\.0\.1:\d+", text)
+    assert re.search(
+        r"2\. ClientHello and SNI: SNI app\.test; ALPN offered http/1\.1; TLS versions "
+        r"offered TLSv1\.3,TLSv1\.2\S*; key shares offered x25519",
+        text,
+    )
+    assert re.search(
+        r"3\. Certificate choice: site 'localhost', exact match for app\.test; subject "
+        r"CN=\S+, issuer CN=tlsproxy local intermediate .*, serial [0-9a-f]+, not_after \d{4}-",
+        text,
+    )
+    assert re.search(
+        r"4\. Handshake: done in \d+\.\dms: TLSv1\.3, cipher TLS_\w+, key exchange x25519 "
+        r"\(as offered in the client's key share\), new session, ALPN http/1\.1: HTTP/1\.1",
+        text,
+    )
+    assert f"trace {tag}.1 5. HTTP inside TLS: HTTP/1.1 request head as h11 read it: GET / " in text
+    assert re.search(rf"trace {tag}\.1      host: app\.test:{traced.port}\n", text)
+    assert f"authorization: <hidden, {len(SECRET_TOKEN)} bytes>" in text
+    assert f"cookie: <hidden, {len(SECRET_COOKIE)} bytes>" in text
+    assert f"6. Routing: Host app.test:{traced.port}, SNI app.test: site 'localhost'" in text
+    assert "+ x-forwarded-for: 127.0.0.1   (what the proxy saw, set from the connection)" in text
+    assert re.search(r"\+ forwarded: for=127\.0\.0\.1;proto=https;host=", text)
+    assert re.search(
+        r"7\. Forwarding: upstream 'app' server 127\.0\.0\.1:\d+ \(only server\); pool after "
+        r"the choice: 127\.0\.0\.1:\d+ \d+ idle/1 in flight; (reused an idle keep-alive "
+        r"connection|no idle connection: opening a new one)",
+        text,
+    )
+    assert re.search(
+        r"9\. Response: done: 200, \d+ bytes to the client, 0 request body bytes; handshake "
+        r"\d+\.\dms, head \d+\.\dms, .*first response byte \d+\.\dms, last byte \d+\.\dms",
+        text,
+    )
+    assert re.search(rf"trace {tag} end: the client closed it after 1 request\(s\)", text)
+
+
+def test_http2_stream_and_host_from_authority(traced: Proxy) -> None:
+    start = len(traced.log())
+    done = curl(traced, "--http2", path="/healthz")
+    assert done.stdout == "200", done.stderr
+    tag, lines = connection_trace(traced, start)
+    text = "\n".join(lines)
+    assert steps(lines) == ["1.", "2.", "3.", "4.", "5.", "6.", "7.", "9.", "end:"], text
+    assert "ALPN offered h2,http/1.1;" in text
+    assert "new session, ALPN h2: HTTP/2" in text
+    assert f"trace {tag}.s1 5. HTTP inside TLS: HTTP/2 stream 1" in text
+    assert f":authority: app.test:{traced.port}" in text
+    assert f"+ host: app.test:{traced.port}   (from :authority (HTTP/2))" in text
+    assert "- :method, :path, :scheme, :authority   (HTTP/2 pseudo-header fields: the " in text
+    assert f"trace {tag}.s1 9. Response: done: 200" in text
+
+
+def test_secrets_never_appear(traced: Proxy) -> None:
+    start = len(traced.log())
+    for version in ("--http1.1", "--http2"):
+        done = curl(traced, version, "-H", f"Authorization: {SECRET_TOKEN}", "-b", SECRET_COOKIE)
+        assert done.stdout == "200", done.stderr
+        connection_trace(traced, start)
+        start = len(traced.log())
+    log = traced.log()
+    assert "authorization: <hidden" in log
+    for secret in ("sEcReT", "t0ken-4711", "c00kie"):
+        assert secret not in log
+
+
+def test_another_name_prints_nothing(traced: Proxy) -> None:
+    start = len(traced.log())
+    done = curl(traced, host="localhost", path="/healthz")
+    assert done.stdout == "200", done.stderr
+    # A traced connection after it: by its end, the untraced one is long over.
+    assert curl(traced).stdout == "200"
+    tag, _ = connection_trace(traced, start)
+    new = traced.log()[start:]
+    assert {m for m in re.findall(r"trace (c\d+)", new)} == {tag}
+    assert "SNI localhost" not in new
+
+
+def test_a_misdirected_request_is_explained(traced: Proxy) -> None:
+    start = len(traced.log())
+    for version in ("--http1.1", "--http2"):
+        done = curl(traced, version, "-H", "Host: other.test")
+        assert done.stdout == "421", done.stderr
+        _, lines = connection_trace(traced, start)
+        text = "\n".join(lines)
+        assert (
+            "6. Routing: Host other.test, SNI app.test: answered 421: Misdirected Request: "
+            "Host belongs to site 'other.test' but the certificate served for SNI app.test "
+            "belongs to site 'localhost'"
+        ) in text
+        assert "9. Response: done: 421" in text
+        assert "7. Forwarding" not in text
+        start = len(traced.log())
+
+
+def test_a_failed_handshake_says_why(traced: Proxy) -> None:
+    start = len(traced.log())
+    # TLS 1.1 only (its ciphers need OpenSSL's security level 0 on the client's side).
+    done = curl(traced, "--tls-max", "1.1", "--ciphers", "DEFAULT@SECLEVEL=0")
+    assert done.returncode != 0
+    _, lines = connection_trace(traced, start)
+    text = "\n".join(lines)
+    assert (
+        "2. ClientHello and SNI: SNI app.test; ALPN offered h2,http/1.1; TLS versions "
+        "offered TLSv1.1;" in text
+    )
+    assert re.search(
+        r"4\. Handshake: failed after \d+\.\dms: .*no TLS version in common "
+        r"\(TLS 1\.2 and 1\.3 are served\)",
+        text,
+    )
+
+
+def test_help_lists_trace() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy", "run", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[3],
+    )
+    text = " ".join(out.stdout.split())
+    assert "--trace HOST" in text
+    assert "'*' traces every connection" in text
