@@ -493,6 +493,13 @@ REFUSALS = {
 }
 
 
+UPSTREAM_ANSWERS = {
+    502: "Bad Gateway: the upstream gave no answer",
+    503: "no server of the upstream can take a request (all down)",
+    504: "Gateway Timeout: the upstream was too slow",
+}
+
+
 def refusal_reason(status: int, sni: str | None, host: bytes | None, router: Any) -> str:
     """Why routing (or what follows it) answered `status` itself."""
     if status == 421:

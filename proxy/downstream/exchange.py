@@ -31,7 +31,7 @@ from proxy.downstream.responses import split_target
 from proxy.downstream.routing import client_auth_allows
 from proxy.errors import UpstreamError
 from proxy.metrics import BATCH, NO_SITE
-from proxy.trace import REFUSALS, refusal_reason
+from proxy.trace import REFUSALS, UPSTREAM_ANSWERS, refusal_reason
 
 if TYPE_CHECKING:
     from proxy.config import Site
@@ -637,7 +637,8 @@ class Exchange:
             why = refusal_reason(status, client.sni, self.host, client.state.router)
             trace.refused(client.sni, self.host, status, why)
         else:
-            trace.say(f"7. Forwarding: answered {status}: {REFUSALS.get(status, 'upstream error')}")
+            why = UPSTREAM_ANSWERS.get(status) or REFUSALS.get(status, "answered by the proxy")
+            trace.say(f"7. Forwarding: answered {status}: {why}")
 
 
 def _now() -> float:
