@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.harness import AppProcess, basic_config, write_config
-from tests.integration.proxy.support import Proxy
+from tests.integration.proxy.support import Proxy, curl_to
 
 OTHER_SITE = """
 [[site]]
@@ -46,26 +46,9 @@ def traced(tmp_path_factory: pytest.TempPathFactory, example_app: AppProcess) ->
 def curl(
     proxy: Proxy, *args: str, host: str = "app.test", path: str = "/"
 ) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            "curl",
-            "-sS",
-            "--max-time",
-            "10",
-            "--cacert",
-            str(proxy.ca),
-            "--resolve",
-            f"{host}:{proxy.port}:127.0.0.1",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            *args,
-            f"https://{host}:{proxy.port}{path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=20,
+    """The status code curl got, on stdout."""
+    return curl_to(
+        proxy.port, proxy.ca, host, "-o", "/dev/null", "-w", "%{http_code}", *args, path=path
     )
 
 
