@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import AppProcess, basic_config, write_config
+from tests.integration.harness import AppProcess, basic_config, free_port, write_config
 from tests.integration.proxy.support import Proxy, curl_to
 
 OTHER_SITE = """
@@ -206,3 +206,56 @@ def test_help_lists_trace() -> None:
     text = " ".join(out.stdout.split())
     assert "--trace HOST" in text
     assert "'*' traces every connection" in text
+
+
+def test_a_websocket_upgrade_is_said(traced: Proxy) -> None:
+    start = len(traced.log())
+    with traced.conn(sni="app.test") as conn:
+        conn.send(
+            b"GET /ws HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += conn.sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 101 ")
+    _, lines = connection_trace(traced, start)
+    text = "\n".join(lines)
+    assert "9. Response: 101, upgraded to websocket: bytes now pass both ways as they are" in text
+
+
+def test_no_sni_retries_and_the_balancer_with_trace_star(
+    tmp_path: Path, example_app: AppProcess
+) -> None:
+    # A server that refuses connections first in the list: round_robin sends the first request
+    # there, the connect is refused, and the request is retried on the app.
+    dead = free_port()
+    config = write_config(
+        tmp_path,
+        basic_config(example_app.server).replace(
+            f'servers = ["{example_app.server}"]',
+            f'servers = ["127.0.0.1:{dead}", "{example_app.server}"]\nbalance = "round_robin"',
+        ),
+    )
+    proxy = Proxy(config, command=["run", "-c", str(config), "--trace", "*"], log_level="info")
+    proxy.start()
+    try:
+        # By IP address: curl sends no SNI, which only '*' traces.
+        done = curl_to(
+            proxy.port, proxy.ca, "127.0.0.1", "-k", "-o", "/dev/null", "-w", "%{http_code}"
+        )
+        assert done.stdout == "200", done.stderr
+        _, lines = connection_trace(proxy, 0)
+    finally:
+        proxy.stop()
+    text = "\n".join(lines)
+    assert "2. ClientHello and SNI: SNI none (the client connected by IP address)" in text
+    assert (
+        "3. Certificate choice: site 'localhost', the default site's (the client sent no SNI)"
+        in (text)
+    )
+    assert f"server 127.0.0.1:{dead} (chosen by round_robin among 2)" in text
+    assert re.search(rf"7\. Forwarding: connect failed after .*127\.0\.0\.1:{dead}", text)
+    assert "the upstream failed (cannot connect" in text and "): retrying" in text
+    assert f"server {example_app.server} (chosen by round_robin among 2)" in text
+    assert re.search(r"9\. Response: done: 200, .*, 1 retry;", text)
