@@ -275,6 +275,7 @@ class ConnectionTrace:
         self.requests = 0
         self.key_shares: tuple[int, ...] = ()
         self.handshake_seconds = 0.0
+        self.proxy_closed = False  # the proxy ended the connection first
         self._emit = emit if emit is not None else trace_log.info
 
     def say(self, text: str, tag: str | None = None) -> None:

@@ -276,7 +276,7 @@ class DownstreamProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         if self.trace is not None:
-            self.trace.closed(self._client_eof or exc is not None, exc)
+            self.trace.closed(not self.trace.proxy_closed, exc)
         if self._opened is not None:
             self._log_no_request(self._opened, exc)
         if self._ssl is not None:
@@ -707,6 +707,8 @@ class DownstreamProtocol(asyncio.Protocol):
         and what the client still sends is read and dropped for a while, so the kernel does
         not answer it with a reset that destroys our response (nginx's lingering close)."""
         self._wait = _CLOSING
+        if self.trace is not None and not self._client_eof:
+            self.trace.proxy_closed = True  # the client's close_notify may answer ours
         transport = self.transport
         if transport.is_closing():
             return

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.harness import AppProcess, basic_config, free_port, write_config
+from tests.integration.proxy.conftest import MakeProxy
 from tests.integration.proxy.support import Proxy, curl_to
 
 OTHER_SITE = """
@@ -175,6 +176,8 @@ def test_a_misdirected_request_is_explained(traced: Proxy) -> None:
         ) in text
         assert "9. Response: done: 421" in text
         assert "7. Forwarding" not in text
+        if version == "--http1.1":  # an error reply ends an HTTP/1.1 connection
+            assert re.search(r"end: the proxy closed it.* after 1 request", text)
         start = len(traced.log())
 
 
@@ -259,3 +262,11 @@ def test_no_sni_retries_and_the_balancer_with_trace_star(
     assert "the upstream failed (cannot connect" in text and "): retrying" in text
     assert f"server {example_app.server} (chosen by round_robin among 2)" in text
     assert re.search(r"9\. Response: done: 200, .*, 1 retry;", text)
+
+
+def test_without_trace_nothing_is_traced(make_proxy: MakeProxy, example_app: AppProcess) -> None:
+    proxy = make_proxy(basic_config(example_app.server))  # at debug, the most verbose level
+    for version in ("--http1.1", "--http2"):
+        assert curl(proxy, version).stdout == "200"
+    proxy.wait_for_log(r"handshake 127\.0\.0\.1:\d+ sni=app\.test")
+    assert "tlsproxy.trace" not in proxy.log()
