@@ -6,6 +6,7 @@ handshake say why."""
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,7 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import AppProcess, basic_config, free_port, write_config
+from tests.integration.harness import (
+    AppProcess,
+    ProxyProcess,
+    basic_config,
+    free_port,
+    write_config,
+)
 from tests.integration.proxy.conftest import MakeProxy
 from tests.integration.proxy.support import Proxy, curl_to
 
@@ -53,7 +60,7 @@ def curl(
     )
 
 
-def connection_trace(proxy: Proxy, start: int) -> tuple[str, list[str]]:
+def connection_trace(proxy: ProxyProcess, start: int) -> tuple[str, list[str]]:
     """The lines of the first traced connection that began after `start` in the log, once
     it ended: (its tag, its lines without the logger's prefix)."""
     first = proxy.wait_for_log(r"trace (c\d+) 1\. DNS and TCP", start=start)
@@ -270,3 +277,31 @@ def test_without_trace_nothing_is_traced(make_proxy: MakeProxy, example_app: App
         assert curl(proxy, version).stdout == "200"
     proxy.wait_for_log(r"handshake 127\.0\.0\.1:\d+ sni=app\.test")
     assert "tlsproxy.trace" not in proxy.log()
+
+
+def test_reverse_proxy_traces_too_and_a_reload_keeps_it(
+    tmp_path: Path, example_app: AppProcess
+) -> None:
+    port = free_port()
+    data = tmp_path / "data"
+    proxy = ProxyProcess(
+        tmp_path / "reverse-proxy",
+        log_level="info",
+        command=["reverse-proxy", "--from", f"app.test:{port}", "--to", example_app.server,
+                 "--data-dir", str(data), "--trace", "app.test"],
+    )  # fmt: skip
+    proxy.start()
+    try:
+        ca = data / "ca" / "root.pem"
+        status = ("-o", "/dev/null", "-w", "%{http_code}")
+        assert curl_to(port, ca, "app.test", *status).stdout == "200"
+        first, _ = connection_trace(proxy, 0)
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_for_log(r"reloaded reverse-proxy's flags")
+        start = len(proxy.log())
+        assert curl_to(port, ca, "app.test", *status).stdout == "200"
+        second, lines = connection_trace(proxy, start)
+    finally:
+        proxy.stop()
+    assert (first, second) == ("c1", "c2")
+    assert any("9. Response: done: 200" in line for line in lines)
