@@ -356,6 +356,7 @@ class RequestTrace:
         "connected",
         "first_byte",
         "head_at",
+        "http2",
         "received",
         "retries",
         "started",
@@ -368,6 +369,7 @@ class RequestTrace:
         self.head_at = head_at  # when the request head was complete
         self.started = head_at  # when its first byte came (HTTP/1.1 says it)
         self.received: list[tuple[bytes, bytes]] = []
+        self.http2 = False  # the head came as HTTP/2 fields (pseudo-header fields first)
         self.connect_started = 0.0
         self.connected = 0.0
         self.first_byte = 0.0
@@ -385,6 +387,7 @@ class RequestTrace:
     ) -> None:
         """Step 5: the request head as received (names as h11 or h2 gave them: lowercase)."""
         self.received = list(fields)
+        self.http2 = bool(fields) and fields[0][0].startswith(b":")
         if first_byte_at is not None:
             self.started = first_byte_at
         self.say(f"5. HTTP inside TLS: {how}: {request_line}")
@@ -397,7 +400,9 @@ class RequestTrace:
     def refused(self, sni: str | None, host: bytes | None, status: int, why: str) -> None:
         self.say(f"6. Routing: {routing_words(sni, host)}: answered {status}: {why}")
 
-    def forwarded(self, head: bytes, *, trusted: bool, http2: bool) -> None:
+    def forwarded(self, head: bytes, *, trusted: bool) -> None:
+        """Step 7: the head sent upstream, as a diff against the client's."""
+        http2 = self.http2
         request_line, sent = head_fields(head)
         changes = header_diff(self.received, sent, trusted=trusted, http2=http2)
         if http2:

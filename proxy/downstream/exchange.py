@@ -620,14 +620,7 @@ class Exchange:
         assert trace is not None
         client = self.client
         trace.routed(client.sni, self.host, site)
-        trace.forwarded(
-            self.head,
-            trusted=client.state.trusted.contains(client.client_ip),
-            http2=self.client_is_http2(),
-        )
-
-    def client_is_http2(self) -> bool:
-        return hasattr(self.client, "stream_id")
+        trace.forwarded(self.head, trusted=client.state.trusted.contains(client.client_ip))
 
     def _trace_error(self, status: int) -> None:
         trace = self.trace

@@ -131,3 +131,20 @@ def test_lines_carry_the_connection_and_request_tags() -> None:
     assert lines[0].startswith("trace c7.s3 5. HTTP inside TLS: HTTP/2 stream 3: GET / HTTP/2")
     assert lines[-2].startswith("trace c7.s3 9. Response: done: 200, 12 bytes")
     assert lines[-1] == "trace c7 end: the client closed it after 1 request(s)"
+
+
+def test_forwarded_words_the_diff_of_the_head_sent() -> None:
+    lines: list[str] = []
+    request = ConnectionTrace(1, 0.0, emit=lines.append).request("s1", 0.0)
+    h2_fields = [(b":method", b"GET"), (b":path", b"/"), (b":authority", b"app.test")]
+    h2_fields += CLIENT[1:]
+    request.head("GET / HTTP/2", h2_fields, "HTTP/2 stream 1")
+    request.forwarded(
+        built([(b"host", b"app.test"), *CLIENT[1:]], trusted=TrustedProxies()), trusted=False
+    )
+    text = "\n".join(lines)
+    assert "trace c1.s1 7. Forwarding: GET / HTTP/1.1: " in text
+    assert "- :method, :path, :authority   (HTTP/2 pseudo-header fields" in text
+    assert "+ host: app.test   (from :authority (HTTP/2))" in text
+    assert "~ x-forwarded-for: 6.6.6.6 -> 10.0.0.7" in text
+    assert "SECRET" not in text
