@@ -305,3 +305,32 @@ def test_reverse_proxy_traces_too_and_a_reload_keeps_it(
         proxy.stop()
     assert (first, second) == ("c1", "c2")
     assert any("9. Response: done: 200" in line for line in lines)
+
+
+def _shape(line: str) -> str:
+    """A trace line with what differs from run to run (numbers, names, keys) made equal."""
+    line = line[line.index("trace ") :]
+    line = re.sub(r"(serial|intermediate) [0-9a-f]+", r"\1 X", line)
+    line = line.replace("app.test", "localhost")
+    return re.sub(r"\d+", "#", line)
+
+
+def test_the_readme_shows_what_the_trace_prints(traced: Proxy) -> None:
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    section = readme[readme.index("### Watch it happen: `--trace`") :]
+    sample = section[
+        section.index("```text\n") + 8 : section.index("\n```", section.index("```text"))
+    ]
+    # The README's command, against this test's proxy.
+    start = len(traced.log())
+    done = curl(traced, "--http1.1", "-H", "Keep-Alive: timeout=5", "-H",
+                "X-Forwarded-For: 6.6.6.6", "-b", "session=abc")  # fmt: skip
+    assert done.stdout == "200", done.stderr
+    _, lines = connection_trace(traced, start)
+    printed = {_shape(line) for line in lines}
+    # The upstream's address and whether its connection was new differ from the README's run.
+    varying = ("7. Forwarding: upstream", "connected in", "9. Response: done")
+    expected = [_shape(line) for line in sample.splitlines() if not any(v in line for v in varying)]
+    assert len(expected) > 15
+    missing = [line for line in expected if line not in printed]
+    assert not missing, "\n".join(missing) + "\n--- printed:\n" + "\n".join(sorted(printed))
