@@ -507,6 +507,21 @@ def cmd_status(data_dir: Path, config: Config | None = None) -> int:
     return EXIT_OK
 
 
+def trace_names(values: Sequence[str] | None) -> list[str]:
+    """--trace's values, checked: a host name as a client's SNI says it, or '*'."""
+    from proxy.downstream.routing import normalize_host
+
+    names = []
+    for value in values or ():
+        name = value.strip().lower()
+        if name != "*" and (not name or normalize_host(name) != name.rstrip(".") or ":" in name):
+            raise ConfigError(
+                "--trace", f"expected a host name (as in the SNI) or '*', got {value!r}"
+            )
+        names.append(name)
+    return names
+
+
 def cmd_run(
     config: Config, loop_kind: str, log_level: str | None, trace: Sequence[str] | None = None
 ) -> int:
@@ -599,6 +614,8 @@ def _unwired_storage(command: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("run", "reverse-proxy"):
+            args.trace = trace_names(args.trace)  # before anything is read or bound
         if args.command == "reverse-proxy":
             return cmd_reverse_proxy(args)
         if args.command == "status" and (args.config is None) == (args.data_dir is None):

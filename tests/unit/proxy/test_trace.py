@@ -148,3 +148,16 @@ def test_forwarded_words_the_diff_of_the_head_sent() -> None:
     assert "+ host: app.test   (from :authority (HTTP/2))" in text
     assert "~ x-forwarded-for: 6.6.6.6 -> 10.0.0.7" in text
     assert "SECRET" not in text
+
+
+def test_bad_trace_names_exit_2_naming_the_flag(capsys, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from proxy.cli import main, trace_names
+
+    assert trace_names(["App.Test.", "*"]) == ["app.test.", "*"]
+    for bad in ("", "app.test:8443", "a b"):
+        assert main(["run", "-c", str(tmp_path / "none.toml"), "--trace", bad]) == 2
+        err = capsys.readouterr().err
+        assert (
+            err.startswith("tlsproxy: error: --trace: expected a host name")
+            and err.count("\n") == 1
+        )
