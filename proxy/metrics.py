@@ -18,9 +18,12 @@ import math
 import os
 import resource
 import time
-from bisect import bisect_left
+from bisect import bisect_right
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import groupby
+from operator import itemgetter
 
 from proxy.workers.status import WorkerInfo
 
@@ -81,6 +84,11 @@ BATCH = 256
 
 # One finished request: site, method, status, request body bytes, response bytes, seconds.
 Done = tuple[str, bytes, int, int, int, float]
+_SITE = itemgetter(0)
+_METHOD_STATUS = itemgetter(1, 2)
+_BYTES_IN = itemgetter(3)
+_BYTES_OUT = itemgetter(4)
+_DURATION = itemgetter(5)
 
 
 class Metrics:
@@ -112,23 +120,32 @@ class Metrics:
             self.tally()
 
     def tally(self) -> None:
-        """Count the requests waiting in `done` into their sites' counters."""
+        """Count the requests waiting in `done` into their sites' counters. Per site, each
+        column is gone through by C code (sorted, sum, Counter over itemgetter), not by a
+        Python loop over the requests: a batch costs a few calls per site and per bucket."""
         done, self.done = self.done, []
-        sites = self.sites
-        method_index = _METHOD_INDEX
-        bounds = DURATION_BOUNDS
-        for site, method, status, bytes_in, bytes_out, duration in done:
-            counters = sites.get(site)
+        done.sort(key=_SITE)
+        for site, group in groupby(done, _SITE):
+            batch = list(group)
+            counters = self.sites.get(site)
             if counters is None:
-                counters = sites[site] = SiteCounters()
-            key = status * _PER_STATUS + method_index.get(method, _OTHER_INDEX)
+                counters = self.sites[site] = SiteCounters()
             outcomes = counters.outcomes
-            outcomes[key] = outcomes.get(key, 0) + 1
-            # bisect_left: a duration equal to a bound is in that bound's bucket (le is <=)
-            counters.buckets[bisect_left(bounds, duration)] += 1
-            counters.duration_sum += duration
-            counters.bytes_in += bytes_in
-            counters.bytes_out += bytes_out
+            for (method, status), count in Counter(map(_METHOD_STATUS, batch)).items():
+                key = status * _PER_STATUS + _METHOD_INDEX.get(method, _OTHER_INDEX)
+                outcomes[key] = outcomes.get(key, 0) + count
+            durations = sorted(map(_DURATION, batch))
+            # bisect_right over the sorted batch: how many are <= each bound ("le")
+            below = 0
+            buckets = counters.buckets
+            for i, bound in enumerate(DURATION_BOUNDS):
+                upto = bisect_right(durations, bound)
+                buckets[i] += upto - below
+                below = upto
+            buckets[-1] += len(durations) - below
+            counters.duration_sum += sum(durations)
+            counters.bytes_in += sum(map(_BYTES_IN, batch))
+            counters.bytes_out += sum(map(_BYTES_OUT, batch))
 
     def handshake_done(self, version: str | None, alpn: str | None, resumed: bool) -> None:
         key = (version or "unknown", alpn or "none", resumed)

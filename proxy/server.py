@@ -37,6 +37,7 @@ from proxy.certificates import (
 )
 from proxy.config import AdminAddress, Config, Site, UpstreamConfig, UpstreamServer, load_config
 from proxy.control import ControlError, ControlServer
+from proxy.downstream.h2_connection import H2Protocol
 from proxy.downstream.negotiated import NegotiatedProtocol
 from proxy.downstream.redirect import RedirectProtocol
 from proxy.errors import ConfigError, StartupError
@@ -511,7 +512,7 @@ class ProxyServer:
             return CONTENT_TYPE, b""
         connections = {"h2": 0, "http/1.1": 0}
         for protocol in self.registry.protocols:
-            name = "h2" if type(protocol).__name__ == "H2Protocol" else "http/1.1"
+            name = "h2" if isinstance(protocol, H2Protocol) else "http/1.1"
             connections[name] = connections.get(name, 0) + 1
         workers = [w for sup in self.supervisors.values() for w in sup.snapshot()]
         snapshot = Snapshot(

@@ -19,7 +19,7 @@ truncated body looks complete.
 from __future__ import annotations
 
 import asyncio
-import time
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from proxy.downstream.forwarding import (
@@ -605,7 +605,7 @@ class Exchange:
                     self.status,
                     self.body_in,
                     self.bytes_out,
-                    time.monotonic() - self.started,
+                    monotonic() - self.started,
                 )
             )
             if len(done) >= BATCH:
