@@ -636,4 +636,4 @@ class Exchange:
 
 def _now() -> float:
     # Not the loop's clock: uvloop's counts milliseconds, too coarse for a trace's phases.
-    return time.monotonic()
+    return monotonic()
