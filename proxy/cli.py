@@ -196,6 +196,15 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         choices=("debug", "info", "warning", "error"),
         help="override server.log_level (debug shows one line per TLS handshake)",
     )
+    p.add_argument(
+        "--trace",
+        action="append",
+        metavar="HOST",
+        help="print, for each connection whose SNI is HOST, every step of its TLS termination "
+        "and of each request (ClientHello, certificate, handshake, request head, routing, "
+        "header rewriting, upstream, response and timings) to the log, secrets hidden; "
+        "repeatable; '*' traces every connection (see README: How TLS termination works here)",
+    )
 
 
 def _add_reverse_proxy(sub: argparse._SubParsersAction) -> None:
@@ -498,7 +507,24 @@ def cmd_status(data_dir: Path, config: Config | None = None) -> int:
     return EXIT_OK
 
 
-def cmd_run(config: Config, loop_kind: str, log_level: str | None) -> int:
+def trace_names(values: Sequence[str] | None) -> list[str]:
+    """--trace's values, checked: a host name as a client's SNI says it, or '*'."""
+    from proxy.downstream.routing import normalize_host
+
+    names = []
+    for value in values or ():
+        name = value.strip().lower()
+        if name != "*" and (not name or normalize_host(name) != name.rstrip(".") or ":" in name):
+            raise ConfigError(
+                "--trace", f"expected a host name (as in the SNI) or '*', got {value!r}"
+            )
+        names.append(name)
+    return names
+
+
+def cmd_run(
+    config: Config, loop_kind: str, log_level: str | None, trace: Sequence[str] | None = None
+) -> int:
     from dataclasses import replace
 
     from proxy.server import run_server
@@ -508,8 +534,8 @@ def cmd_run(config: Config, loop_kind: str, log_level: str | None) -> int:
     if loop_kind == "uvloop":
         import uvloop
 
-        return uvloop.run(run_server(config))
-    return asyncio.run(run_server(config))
+        return uvloop.run(run_server(config, trace or ()))
+    return asyncio.run(run_server(config, trace or ()))
 
 
 def reverse_proxy_config(args: argparse.Namespace) -> Config:
@@ -565,7 +591,7 @@ def cmd_reverse_proxy(args: argparse.Namespace) -> int:
         said = f"certificate over ACME from {config.acme.directory}"
     print(f"tlsproxy: {site.name}: {said}", file=sys.stderr)
     try:
-        return cmd_run(config, args.loop, None)
+        return cmd_run(config, args.loop, None, args.trace)
     except ConfigError as exc:  # from the checks at start-up: name the flag, not a config key
         raise as_flag_error(exc) from None
 
@@ -588,6 +614,8 @@ def _unwired_storage(command: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("run", "reverse-proxy"):
+            args.trace = trace_names(args.trace)  # before anything is read or bound
         if args.command == "reverse-proxy":
             return cmd_reverse_proxy(args)
         if args.command == "status" and (args.config is None) == (args.data_dir is None):
@@ -609,7 +637,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_status(config.server.data_dir, config)
         if args.command == "storage":
             return cmd_storage_copy(config, args.to_config)
-        return cmd_run(config, args.loop, args.log_level)
+        return cmd_run(config, args.loop, args.log_level, args.trace)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_CONFIG)
     except StartupError as exc:

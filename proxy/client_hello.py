@@ -1,4 +1,5 @@
-"""Pure: the server name of a TLS ClientHello, read from the bytes peeked before the handshake.
+"""Pure: the server name of a TLS ClientHello, read from the bytes peeked before the handshake,
+and what else it offers (ALPN protocols, TLS versions, key share groups) for `--trace`.
 
 Why: whether a connection asks for a client certificate must be decided before OpenSSL reads
 the ClientHello (the SNI callback is too late to change it, see proxy/tls.py), so the listener
@@ -19,6 +20,9 @@ _HANDSHAKE = 22
 _CLIENT_HELLO = 1
 _SERVER_NAME = 0
 _HOST_NAME = 0
+_ALPN = 16
+_SUPPORTED_VERSIONS = 43
+_KEY_SHARE = 51
 _MAX_RECORD = 16384 + 2048  # TLSCiphertext's limit; a plaintext record is smaller still
 # RFC 8446 caps a ClientHello only by its 24-bit length; nothing honest comes near this.
 MAX_CLIENT_HELLO = 64 * 1024
@@ -28,6 +32,11 @@ MAX_CLIENT_HELLO = 64 * 1024
 class HelloVerdict:
     state: Literal["incomplete", "hello", "invalid"]
     server_name: str | None = None  # with "hello": the host_name asked for, None without SNI
+    # With "hello", what the client offers, in its order (empty when the extension is absent
+    # or unreadable: these only describe, they never make a hello INVALID).
+    alpn: tuple[str, ...] = ()  # ALPN protocol names ("h2", "http/1.1")
+    versions: tuple[int, ...] = ()  # supported_versions (0x0304 is TLS 1.3); legacy if absent
+    key_shares: tuple[int, ...] = ()  # the named groups of its key shares (0x001d is x25519)
 
 
 INCOMPLETE = HelloVerdict("incomplete")
@@ -85,34 +94,93 @@ def _hello(message: bytearray) -> HelloVerdict:
 
 def _server_name(body: memoryview) -> HelloVerdict:
     reader = _Reader(body)
-    reader.skip(2 + 32)  # legacy_version, random
+    legacy_version = reader.int(2)
+    reader.skip(32)  # random
     reader.skip(reader.int(1))  # legacy_session_id
     reader.skip(reader.int(2))  # cipher_suites
     reader.skip(reader.int(1))  # legacy_compression_methods
     if reader.failed:
         return INVALID
     if reader.left == 0:
-        return HelloVerdict("hello")  # no extensions at all (TLS 1.2 allows it): no SNI
+        # no extensions at all (TLS 1.2 allows it): no SNI
+        return HelloVerdict("hello", versions=(legacy_version,))
     extensions = _Reader(reader.take(reader.int(2)))
+    server_name: str | None = None
+    alpn: tuple[str, ...] = ()
+    versions: tuple[int, ...] = ()
+    key_shares: tuple[int, ...] = ()
     while not reader.failed and not extensions.failed and extensions.left:
         kind = extensions.int(2)
         value = extensions.take(extensions.int(2))
-        if kind != _SERVER_NAME or extensions.failed:
-            continue
-        names = _Reader(value)
-        entries = _Reader(names.take(names.int(2)))
-        while not names.failed and not entries.failed and entries.left:
-            name_type = entries.int(1)
-            name = entries.take(entries.int(2))
-            if name_type == _HOST_NAME and not entries.failed:
-                if not name or not bytes(name).isascii():
-                    # OpenSSL (and CPython's decoding of it) refuses this handshake anyway.
-                    return INVALID
-                return HelloVerdict("hello", bytes(name).decode("ascii"))
-        return INVALID  # a server_name extension without a readable host_name
-    if reader.failed or extensions.failed:
+        if extensions.failed:
+            break
+        if kind == _SERVER_NAME:
+            server_name = _host_name(value)
+            if server_name is None:
+                return INVALID  # a server_name extension without a readable host_name
+        elif kind == _ALPN:
+            alpn = _alpn(value)
+        elif kind == _SUPPORTED_VERSIONS:
+            versions = _numbers(value, 1)
+        elif kind == _KEY_SHARE:
+            key_shares = _key_share_groups(value)
+    if (reader.failed or extensions.failed) and server_name is None:
         return INVALID
-    return HelloVerdict("hello")
+    # Past a readable SNI, the rest describes only: what was read of it is kept.
+    return HelloVerdict(
+        "hello",
+        server_name,
+        alpn=alpn,
+        versions=versions or (legacy_version,),
+        key_shares=key_shares,
+    )
+
+
+def _host_name(value: memoryview) -> str | None:
+    names = _Reader(value)
+    entries = _Reader(names.take(names.int(2)))
+    while not names.failed and not entries.failed and entries.left:
+        name_type = entries.int(1)
+        name = entries.take(entries.int(2))
+        if name_type == _HOST_NAME and not entries.failed:
+            if not name or not bytes(name).isascii():
+                # OpenSSL (and CPython's decoding of it) refuses this handshake anyway.
+                return None
+            return bytes(name).decode("ascii")
+    return None
+
+
+def _alpn(value: memoryview) -> tuple[str, ...]:
+    outer = _Reader(value)
+    entries = _Reader(outer.take(outer.int(2)))
+    names = []
+    while not outer.failed and not entries.failed and entries.left:
+        name = entries.take(entries.int(1))
+        if not entries.failed:
+            names.append(bytes(name).decode("latin-1"))
+    return tuple(names)
+
+
+def _numbers(value: memoryview, length_size: int) -> tuple[int, ...]:
+    """A list of 16-bit numbers behind a `length_size`-byte length (supported_versions)."""
+    outer = _Reader(value)
+    items = _Reader(outer.take(outer.int(length_size)))
+    numbers = []
+    while not outer.failed and not items.failed and items.left >= 2:
+        numbers.append(items.int(2))
+    return tuple(numbers)
+
+
+def _key_share_groups(value: memoryview) -> tuple[int, ...]:
+    outer = _Reader(value)
+    shares = _Reader(outer.take(outer.int(2)))
+    groups = []
+    while not outer.failed and not shares.failed and shares.left:
+        group = shares.int(2)
+        shares.skip(shares.int(2))  # the public key itself
+        if not shares.failed:
+            groups.append(group)
+    return tuple(groups)
 
 
 class _Reader:

@@ -15,6 +15,7 @@ import errno
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Callable
 
 from proxy.client_hello import MAX_CLIENT_HELLO, HelloVerdict, parse_client_hello
@@ -31,6 +32,7 @@ from proxy.tls import (
     handshake_socket_fd,
     log_handshake,
 )
+from proxy.trace import ConnectionTrace, Tracer
 
 # How many connections one wake-up of the accept loop takes before yielding to the event loop:
 # big enough to clear a burst, small enough that requests in flight are not starved.
@@ -143,6 +145,7 @@ class HttpsListener:
         self.loop = asyncio.get_running_loop()
         self.tasks: set[asyncio.Task] = set()
         self.metrics: Metrics | None = None  # set by the server while `[server] admin` is on
+        self.tracer: Tracer | None = None  # set by the server with `run --trace`
         self.accepting = False
         self.address = sock.getsockname()
 
@@ -195,21 +198,33 @@ class HttpsListener:
     async def _handshake(self, conn: socket.socket, peer: object) -> None:
         # This task's own context: the SNI callback finds the socket for its refusal alert.
         handshake_socket_fd.set(conn.fileno())
+        trace: ConnectionTrace | None = None
         try:
             context = self.ssl_context
             timeout = self.handshake_timeout()
             selector = self.selector
-            if selector is not None and selector.asks_client_certificates:
+            tracer = self.tracer
+            if tracer is not None or (selector is not None and selector.asks_client_certificates):
                 # Only then: every other handshake starts at once, as before.
                 started = self.loop.time()
                 verdict = await self._peek_client_hello(conn, started + timeout)
-                if verdict.state == "hello":
+                if verdict.state == "hello" and selector is not None:
                     context = selector.front_context(verdict.server_name)
                 # Not a ClientHello: the plain context, and OpenSSL says what is wrong.
                 timeout = max(0.001, started + timeout - self.loop.time())
+                if tracer is not None:
+                    # The trace's clock is time.monotonic(): uvloop's counts milliseconds.
+                    trace = tracer.start(
+                        _peer_text(peer),
+                        _peer_text(self.address),
+                        time.monotonic() - (self.loop.time() - started),
+                        verdict,
+                    )
             # The client's address is known from accept(): the protocol gets it here rather
             # than asking the socket again.
             protocol = self.protocol_factory(peer[0] if isinstance(peer, tuple) else "")
+            if trace is not None:
+                protocol.trace = trace  # type: ignore[attr-defined]
             # Under uvloop the second item is the TLS layer's protocol, not ours: ours is the
             # application transport's.
             transport, _ = await self.loop.connect_accepted_socket(
@@ -222,6 +237,8 @@ class HttpsListener:
             conn.close()
             if self.metrics is not None:
                 self.metrics.handshake_failed(failure_reason(exc))
+            if trace is not None:
+                trace.handshake_failed(_reason(exc), time.monotonic())
             if isinstance(exc, ssl.SSLError) and exc.reason in PLAIN_HTTP_REASONS:
                 client = peer[0] if isinstance(peer, tuple) else str(peer)
                 if _plain_http_clients.first_time(client):

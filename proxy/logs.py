@@ -1,7 +1,8 @@
 """Logger names and the access log.
 
 Loggers: ``tlsproxy`` (lifecycle), ``tlsproxy.tls`` (handshakes), ``tlsproxy.access`` (one line
-per request), ``tlsproxy.upstream``, ``tlsproxy.workers``, ``tlsproxy.certs``.
+per request), ``tlsproxy.upstream``, ``tlsproxy.workers``, ``tlsproxy.certs``, ``tlsproxy.trace``
+(`run --trace HOST`: the walk-through of each traced connection, proxy/trace.py).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -61,6 +61,7 @@ from proxy.tls import (
     offer_http2,
     server_context,
 )
+from proxy.trace import Tracer
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -70,8 +71,10 @@ if TYPE_CHECKING:
 
 
 class ProxyServer:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, trace: Sequence[str] = ()) -> None:
         self.config = config
+        # `run --trace HOST`: which connections print the walk-through; kept across SIGHUP.
+        self.tracer: Tracer | None = Tracer(trace) if trace else None
         self.config_path = config.source
         self.registry = ConnectionRegistry()
         self.access_writer: LineWriter | None = None
@@ -180,6 +183,7 @@ class ProxyServer:
                     selector=self.selector,
                 )
                 listener.metrics = self.metrics
+                listener.tracer = self.tracer
                 self.https_listeners.append(listener)
         https_port = self.https_listeners[0].address[1]
         for kind, sock in socks:
@@ -788,9 +792,9 @@ def release_startup_memory() -> None:
         pass
 
 
-async def run_server(config: Config) -> int:
+async def run_server(config: Config, trace: Sequence[str] = ()) -> int:
     setup_logging(config.server.log_level)
-    server = ProxyServer(config)
+    server = ProxyServer(config, trace)
     await server.start()
     release_startup_memory()
     notify("READY=1")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -54,6 +55,7 @@ from proxy.logs import log
 from proxy.metrics import NO_SITE
 from proxy.state import ProxyState
 from proxy.tls import DirectSSLObject
+from proxy.trace import ConnectionTrace
 from proxy.upstream.response_parser import CHUNKED, UNTIL_CLOSE
 
 if TYPE_CHECKING:
@@ -133,6 +135,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "limits",
         "sni",
         "state",
+        "trace",
         "transport",
         "tunnel",
         "write_paused",
@@ -180,6 +183,7 @@ class DownstreamProtocol(asyncio.Protocol):
         # At debug only: (when the connection opened, its peer) until its first request, for
         # the line about connections that close without one.
         self._opened: tuple[float, str] | None = None
+        self.trace: ConnectionTrace | None = None  # `run --trace`: set by the listener
 
     # --- asyncio callbacks ----------------------------------------------------------------
 
@@ -271,6 +275,8 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        if self.trace is not None:
+            self.trace.closed(not self.trace.proxy_closed, exc)
         if self._opened is not None:
             self._log_no_request(self._opened, exc)
         if self._ssl is not None:
@@ -404,8 +410,25 @@ class DownstreamProtocol(asyncio.Protocol):
         self._opened = None  # it had a request: not worth the closing line
         started = self._loop.time() if self.state.timed else 0.0
         exchange = self.exchange = Exchange(self, request, started)
+        if self.trace is not None:
+            self._trace_request(exchange, request)
         exchange.start(request)
         return exchange if self.exchange is exchange else None
+
+    def _trace_request(self, exchange: Exchange, request: RequestHead) -> None:
+        assert self.trace is not None
+        # The trace's clock is time.monotonic() (uvloop's counts milliseconds).
+        now = time.monotonic()
+        trace = exchange.trace = self.trace.request(str(self.trace.requests + 1), now)
+        # The head's first byte set the deadline header_read_timeout ahead of it (and nothing
+        # moves it until the head is complete): that is when the head started.
+        since = self._loop.time() - (self._deadline - self.limits.header_read_timeout)
+        first_byte = now - since
+        version = request.http_version.decode("latin-1")
+        line = (
+            f"{request.method.decode('latin-1')} {request.target.decode('latin-1')} HTTP/{version}"
+        )
+        trace.head(line, request.fields, f"HTTP/{version} request head as h11 read it", first_byte)
 
     def _end_of_request(self, exchange: Exchange) -> None:
         self._request_done = True
@@ -684,6 +707,8 @@ class DownstreamProtocol(asyncio.Protocol):
         and what the client still sends is read and dropped for a while, so the kernel does
         not answer it with a reset that destroys our response (nginx's lingering close)."""
         self._wait = _CLOSING
+        if self.trace is not None and not self._client_eof:
+            self.trace.proxy_closed = True  # the client's close_notify may answer ours
         transport = self.transport
         if transport.is_closing():
             return

@@ -31,11 +31,13 @@ from proxy.downstream.responses import split_target
 from proxy.downstream.routing import client_auth_allows
 from proxy.errors import UpstreamError
 from proxy.metrics import BATCH, NO_SITE
+from proxy.trace import REFUSALS, UPSTREAM_ANSWERS, refusal_reason
 
 if TYPE_CHECKING:
     from proxy.config import Site
     from proxy.downstream.client_side import ClientSide
     from proxy.downstream.request_head import RequestHead
+    from proxy.trace import RequestTrace
     from proxy.upstream.connection import UpstreamConnection
     from proxy.upstream.pool import ServerSlot, UpstreamPool
 
@@ -106,6 +108,7 @@ class Exchange:
         "started",
         "status",
         "target",
+        "trace",
         "tunnel",
         "up",
     )
@@ -143,6 +146,7 @@ class Exchange:
         self.offer: bytes | None = None  # the protocols an upgrade request offers upstream
         self.tunnel = False  # a 101 was relayed: bytes now pass unparsed
         self.hsts: bytes | None = None  # the site's Strict-Transport-Security line, if any
+        self.trace: RequestTrace | None = None  # `run --trace`: set by the client side
 
     # --- the request ----------------------------------------------------------------------
 
@@ -245,6 +249,8 @@ class Exchange:
             upgrade=self.offer,
             client_cert=client.client_cert if client_auth is not None else None,
         )
+        if self.trace is not None:
+            self._trace_forwarding(site.name)
         self._acquire(None)
 
     def on_request_data(self, data: bytes) -> None:
@@ -293,6 +299,8 @@ class Exchange:
             return
         self.slot = slot
         self.label = slot.server.label
+        if self.trace is not None:
+            self.trace.upstream(pool, slot, conn is not None, _now())
         if conn is not None:
             self._attach(conn)
             return
@@ -308,6 +316,8 @@ class Exchange:
             error: BaseException | None = UpstreamError("connect cancelled", 502)
         else:
             error = task.exception()
+        if self.trace is not None:
+            self.trace.connect_done(error, _now())
         if self.finished:  # the client left meanwhile
             if error is None:
                 self._give_back(task.result(), reusable=False)
@@ -355,6 +365,8 @@ class Exchange:
         self, status: int, phrase: bytes, headers: list[tuple[bytes, bytes]] | None
     ) -> None:
         self.status = status
+        if self.trace is not None:
+            self.trace.response_started(status, _now())
         slot = self.slot
         if slot is not None and slot.health.down_until:  # it answers: a passive mark is over
             self.pool.server_answered(slot)  # type: ignore[union-attr]
@@ -396,6 +408,8 @@ class Exchange:
             return
         self.tunnel = True
         up.tunnel = True
+        if self.trace is not None:
+            self.trace.tunnel(self.offer)
         self.resp_started = True
         self.bytes_out += self.client.send_switch(phrase, headers)
         early = self.client.start_tunnel(self)
@@ -453,7 +467,10 @@ class Exchange:
             self._finish(False, abort=True)
             return
         self._report_failure(error, up)
-        if self._may_retry(error, up):
+        retry = self._may_retry(error, up)
+        if self.trace is not None:
+            self.trace.upstream_failed(error, retry)
+        if retry:
             failed_slot = self.slot if not error.request_sent else None
             pool = self.pool
             if pool is not None and self.slot is not None:
@@ -538,6 +555,8 @@ class Exchange:
     def _reply_error(self, status: int, *, retry_after: int | None = None) -> None:
         """Answer with a canned error and close the client connection after it."""
         self.status = status
+        if self.trace is not None:
+            self._trace_error(status)
         if self.up is not None or self.slot is not None:
             self._give_back(self.up, reusable=False)
         self.resp_started = True
@@ -567,6 +586,8 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
+        if self.trace is not None:
+            self.trace.finished(self.status, self.body_in, self.bytes_out, _now())
         client = self.client
         state = client.state
         if state.access_log.enabled:
@@ -591,3 +612,28 @@ class Exchange:
                 metrics.tally()
         if notify:
             client.exchange_done(self, complete, abort=abort)
+
+    # --- `run --trace` (only for traced connections) ------------------------------------
+
+    def _trace_forwarding(self, site: str) -> None:
+        trace = self.trace
+        assert trace is not None
+        client = self.client
+        trace.routed(client.sni, self.host, site)
+        trace.forwarded(self.head, trusted=client.state.trusted.contains(client.client_ip))
+
+    def _trace_error(self, status: int) -> None:
+        trace = self.trace
+        assert trace is not None
+        client = self.client
+        if self.pool is None:  # refused by routing or before it
+            why = refusal_reason(status, client.sni, self.host, client.state.router)
+            trace.refused(client.sni, self.host, status, why)
+        else:
+            why = UPSTREAM_ANSWERS.get(status) or REFUSALS.get(status, "answered by the proxy")
+            trace.say(f"7. Forwarding: answered {status}: {why}")
+
+
+def _now() -> float:
+    # Not the loop's clock: uvloop's counts milliseconds, too coarse for a trace's phases.
+    return monotonic()

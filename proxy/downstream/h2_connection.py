@@ -43,6 +43,7 @@ import asyncio
 import collections
 import functools
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -64,6 +65,7 @@ from proxy.downstream.responses import error_body
 from proxy.errors import UpstreamError
 from proxy.logs import log
 from proxy.tls import DirectSSLObject
+from proxy.trace import ConnectionTrace
 
 if TYPE_CHECKING:
     from certs.models import ClientAuthSpec
@@ -377,6 +379,7 @@ class H2Protocol(asyncio.Protocol):
         self.write_blocked = False  # the TLS write buffer is over its high-water mark
         self.streams: dict[int, H2Stream] = {}
         self.active = 0  # streams whose exchange is not over
+        self.trace: ConnectionTrace | None = None  # `run --trace`: set by the listener
         self.h2 = h2.connection.H2Connection(
             h2.config.H2Configuration(
                 client_side=False,
@@ -481,6 +484,9 @@ class H2Protocol(asyncio.Protocol):
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.trace is not None:
+            # Ended by us (_end: GOAWAY, or a drain) unless the transport reports an error.
+            self.trace.closed(not self._closed or exc is not None, exc)
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
@@ -588,6 +594,8 @@ class H2Protocol(asyncio.Protocol):
             self._refuse(stream, exc.status, event.headers, started)  # type: ignore[arg-type]
             return
         exchange = stream.exchange = Exchange(stream, request, started)
+        if self.trace is not None:
+            self._trace_request(exchange, stream_id, event.headers, time.monotonic())  # type: ignore[arg-type]
         exchange.start(request)
         if stream.exchange is exchange:
             if end_stream:
@@ -595,6 +603,19 @@ class H2Protocol(asyncio.Protocol):
             else:
                 self._arm(now + self.limits.body_read_timeout)
             self._touched.append(stream)
+
+    def _trace_request(
+        self, exchange: Exchange, stream_id: int, headers: list[tuple[bytes, bytes]], now: float
+    ) -> None:
+        assert self.trace is not None
+        trace = exchange.trace = self.trace.request(f"s{stream_id}", now)
+        method = next((v for n, v in headers if n == b":method"), b"-").decode("latin-1")
+        path = next((v for n, v in headers if n == b":path"), b"-").decode("latin-1")
+        trace.head(
+            f"{method} {path} HTTP/2",
+            headers,
+            f"HTTP/2 stream {stream_id}, one HEADERS block as h2 decoded it",
+        )
 
     def _refuse(
         self, stream: H2Stream, status: int, headers: list[tuple[bytes, bytes]], started: float
@@ -604,6 +625,8 @@ class H2Protocol(asyncio.Protocol):
         target = next((v for n, v in headers if n == b":path"), b"-")
         exchange = stream.exchange = Exchange(stream, _Refused(method, target), started)
         exchange.host = next((v for n, v in headers if n == b":authority"), None)
+        if self.trace is not None:
+            self._trace_request(exchange, stream.stream_id, headers, time.monotonic())
         exchange.refuse(status)
 
     def _on_data(self, event: h2.events.DataReceived) -> None:

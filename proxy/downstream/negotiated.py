@@ -8,17 +8,19 @@ this one stands in until `connection_made`, then hands the transport to an HTTP/
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 from proxy.downstream.connection import DownstreamProtocol
 from proxy.downstream.h2_connection import H2Protocol
 from proxy.state import ProxyState
+from proxy.trace import ConnectionTrace
 
 ClientConnection = DownstreamProtocol | H2Protocol
 
 
 class NegotiatedProtocol(asyncio.Protocol):
-    __slots__ = ("client_ip", "on_close", "state")
+    __slots__ = ("client_ip", "on_close", "state", "trace")
 
     def __init__(
         self,
@@ -29,6 +31,7 @@ class NegotiatedProtocol(asyncio.Protocol):
         self.state = state
         self.on_close = on_close
         self.client_ip = client_ip
+        self.trace: ConnectionTrace | None = None  # `run --trace`: this connection's
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         ssl_object = transport.get_extra_info("ssl_object")
@@ -37,5 +40,10 @@ class NegotiatedProtocol(asyncio.Protocol):
             protocol = H2Protocol(self.state, self.on_close, self.client_ip)
         else:
             protocol = DownstreamProtocol(self.state, self.on_close, self.client_ip)
+        trace = self.trace
+        if trace is not None:
+            # Steps 3 and 4, before the first request can be read.
+            trace.handshake_done(ssl_object, time.monotonic())
+            protocol.trace = trace
         transport.set_protocol(protocol)
         protocol.connection_made(transport)

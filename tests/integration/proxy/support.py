@@ -71,6 +71,29 @@ def proc_status_kib(pid: int, field_name: str) -> int:
     raise RuntimeError(f"no {field_name} for pid {pid}")
 
 
+def curl_to(
+    port: int, cacert: Path, host: str, *args: str, path: str = "/"
+) -> subprocess.CompletedProcess[str]:
+    """Real curl to https://HOST:PORT/PATH through the proxy on 127.0.0.1, trusting `cacert`."""
+    return subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "--cacert",
+            str(cacert),
+            "--resolve",
+            f"{host}:{port}:127.0.0.1",
+            *args,
+            f"https://{host}:{port}{path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+
+
 # --- raw TLS client -----------------------------------------------------------------------------
 
 
