@@ -43,7 +43,7 @@ from tests.integration.proxy.conftest import MakeProxy
 from tests.integration.proxy.support import HalfClosingClient, Proxy, proxy_config
 
 CI_SEED = 90210
-CI_INPUTS = int(os.environ.get("TLSPROXY_FUZZ_INPUTS") or 1400)
+CI_INPUTS = int(os.environ.get("TLSPROXY_FUZZ_INPUTS") or 1000)
 LONG_SECONDS = float(os.environ.get("TLSPROXY_FUZZ_SECONDS") or 0)
 REPLAY_SEED = os.environ.get("TLSPROXY_FUZZ_SEED")
 ROUND_INPUTS = 1000  # long mode: inputs per seed

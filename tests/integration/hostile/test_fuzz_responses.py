@@ -59,7 +59,7 @@ from tests.integration.proxy.support import Proxy, proxy_config
 LONG_SECONDS = float(os.environ.get("TLSPROXY_FUZZ_SECONDS") or 0)
 REPLAY_SEED = os.environ.get("TLSPROXY_FUZZ_SEED")
 CI_SEED = 20260904
-CI_INPUTS = int(os.environ.get("TLSPROXY_FUZZ_CASES") or 2000)
+CI_INPUTS = int(os.environ.get("TLSPROXY_FUZZ_CASES") or 1200)
 LONG_ROUND = 2000  # inputs per seed in the long mode
 WORKERS = 6
 # Short, so that hangs cost little; still far above what a piece of a script sleeps (3 ms).

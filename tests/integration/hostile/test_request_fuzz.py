@@ -31,7 +31,7 @@ from tests.integration.proxy.conftest import MakeProxy
 from tests.integration.proxy.support import HalfClosingClient, Proxy, TcpServer, proxy_config
 
 CI_SEED = 20261204
-CI_INPUTS = 3000
+CI_INPUTS = 1500
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 

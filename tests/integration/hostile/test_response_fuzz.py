@@ -36,7 +36,7 @@ from tests.integration.proxy.conftest import MakeProxy
 from tests.integration.proxy.support import Proxy, TcpServer, proxy_config
 
 CI_SEED = 4122026
-CI_INPUTS = 600
+CI_INPUTS = 400
 _CASE = re.compile(rb"^[A-Z]+ /case/(\d+) ")
 
 

@@ -1,7 +1,7 @@
 """Soak (issue 9): a bounded mixed-traffic run against one proxy in front of the example app,
 sampling the proxy's resident memory and open file descriptors every second.
 
-TLSPROXY_SOAK_SECONDS sets how long the traffic runs (40 s by default, what CI runs). Every
+TLSPROXY_SOAK_SECONDS sets how long the traffic runs (30 s by default, what CI runs). Every
 operation's answer is checked (traffic.Mix); the run must end with none failed, and:
 - memory: after the warm-up (the first third of the run), RSS never exceeds the warm-up's peak
   by more than 10 % (+1 MiB so that a small process is not held to a few pages);
@@ -21,7 +21,7 @@ from tests.integration.hostile.traffic import Mix, Sampler, Target, sample, summ
 from tests.integration.proxy.conftest import MakeProxy
 from tests.integration.proxy.support import proxy_config
 
-SECONDS = float(os.environ.get("TLSPROXY_SOAK_SECONDS", "40"))
+SECONDS = float(os.environ.get("TLSPROXY_SOAK_SECONDS", "30"))
 RSS_GROWTH = 0.10
 RSS_SLACK_MIB = 1.0
 FD_SLACK = 2
