@@ -42,11 +42,11 @@ from .challenges.http01 import Http01Responder
 from .errors import CertError, LockTimeout
 from .issuers.acme import AcmeError, AcmeIssuer, AcmeSettings
 from .keys import cert_info, key_matches_certificate, load_certificates, load_private_key
-from .manager import build_context, describe_error, read_stored
+from .manager import build_context, describe_error, read_stored, with_storage_error
 from .models import CertInfo, CertSpec, CertStatus, Installed
 from .renewal import DEFAULT_RATIO, RETRY_BASE, RETRY_CAP
 from .selection import uncovered_hosts
-from .storage import Storage, StoredCertificate
+from .storage import Storage, StorageError, StoredCertificate, safe_name
 from .x509_lite import leaf_info
 
 log = logging.getLogger("tlsproxy.certs.acme")
@@ -87,8 +87,9 @@ class AcmeManager:
         retry_cap: float = RETRY_CAP,
         check_interval: float = 3600.0,
         lock_busy_delay: float = 10.0,
+        storage: Storage | None = None,
     ) -> None:
-        self.storage = Storage(Path(data_dir))
+        self.storage = storage if storage is not None else Storage(Path(data_dir))
         self.settings = settings
         self.issuer = AcmeIssuer(settings, self.storage, http01)
         self._context_factory = context_factory
@@ -108,6 +109,8 @@ class AcmeManager:
         # state's count starts over after each success).
         self.renewal_failures: dict[str, int] = {}
         self._ordering: set[str] = set()
+        # Consecutive failures to reach a shared store, for the back-off (_attempt).
+        self._storage_failures = 0
 
     # -- `tlsproxy certs renew` --------------------------------------------------------------
     async def request_renewal(self, name: str) -> RenewalRequest:
@@ -133,6 +136,13 @@ class AcmeManager:
                 datetime.fromtimestamp(held, UTC).isoformat(),
             )
         return RenewalRequest(name, self.settings.directory, not_before=held)
+
+    def look_again(self, safe_names: set[str]) -> None:
+        """Another instance sharing the store stored certificates for these names
+        (certs.storage.keys.safe_name): their tasks read storage again now."""
+        for name, wake in list(self._wake.items()):
+            if safe_name(name) in safe_names:
+                wake.set()
 
     # -- the task --------------------------------------------------------------------------
     async def maintain(
@@ -241,6 +251,14 @@ class AcmeManager:
                 self.lock_busy_delay,
             )
             return self.lock_busy_delay
+        except StorageError as e:
+            # Nothing may be ordered that the other instances would not know about; what is
+            # stored keeps being served. Each failure waits twice as long, up to retry_cap.
+            self._storage_failures += 1
+            delay = min(self.lock_busy_delay * 2 ** (self._storage_failures - 1), self.retry_cap)
+            log.warning("%s: not renewing now (%s); trying again in %gs", spec.name, e, delay)
+            return delay
+        self._storage_failures = 0
         try:
             fresh = await asyncio.to_thread(self._read, spec)
             fresh_serial = fresh.info.serial if fresh else None
@@ -416,7 +434,7 @@ class AcmeManager:
         data = new.to_dict()
         try:
             await asyncio.to_thread(self.storage.save_state, spec.name, data)
-        except OSError as e:
+        except (OSError, StorageError) as e:
             log.warning("cannot record the ACME state of %s: %s", spec.name, e)
 
     async def _refresh_ari(
@@ -465,7 +483,7 @@ class AcmeManager:
                     last_error=state.last_error,
                 )
             )
-        return result
+        return with_storage_error(self.storage, result)
 
 
 async def _enter(lock: AbstractContextManager[None]) -> None:

@@ -102,6 +102,7 @@ def issue_client_certificate(
     lifetime: timedelta = CLIENT_CERT_LIFETIME,
     clock: Callable[[], float] = time.time,
     root_files: RootFiles | None = None,
+    storage: Storage | None = None,
 ) -> tuple[bytes, bytes]:
     """(chain PEM: the client certificate then its intermediate, key PEM) for `name`, from the
     local CA in `data_dir` (created if missing). It verifies against the local CA's root."""
@@ -110,7 +111,7 @@ def issue_client_certificate(
             f"client name {name!r}: use 1 to 64 letters, digits, '_', '-', '.', '@' "
             "(not starting with '.' or '-')"
         )
-    storage = Storage(Path(data_dir))
+    storage = storage if storage is not None else Storage(Path(data_dir))
     ca = LocalCA.load_or_create(storage, clock=clock, root_files=root_files)
     with storage.lock(CA_LOCK_NAME, timeout=60.0):
         if root_files is not None:  # the user's root key stays in the user's file
@@ -145,11 +146,12 @@ def write_client_certificate(
     *,
     clock: Callable[[], float] = time.time,
     root_files: RootFiles | None = None,
+    storage: Storage | None = None,
 ) -> tuple[Path, Path]:
     """Issue a client certificate for `name` and write `NAME.pem` (the chain) and `NAME.key`
     (mode 0600) into `out_dir`; returns their paths. Blocking (key generation, file I/O)."""
     chain_pem, key_pem = issue_client_certificate(
-        Path(data_dir), name, clock=clock, root_files=root_files
+        Path(data_dir), name, clock=clock, root_files=root_files, storage=storage
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

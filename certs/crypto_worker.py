@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import CertError, CertificateFileError, IssuanceError, LockTimeout
 from .files import refuse_passphrase
 from .models import CertSpec, ClientAuthSpec
+from .storage import Storage, StorageSettings
 
 if TYPE_CHECKING:
     from .manager import CertificateManager
@@ -49,6 +50,7 @@ def run_worker(manager: CertificateManager, op: str, args: dict[str, Any]) -> di
         "now": manager._clock(),
         "manager": {
             "data_dir": str(manager.storage.root),
+            "storage": _encode_storage(manager.storage.settings),
             "leaf_lifetime": manager.leaf_lifetime.total_seconds(),
             "renew_ratio": manager.renew_ratio,
             "lock_timeout": manager.lock_timeout,
@@ -121,6 +123,30 @@ def _encode(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_encode(v) for v in value]
     return value
+
+
+def _encode_storage(settings: StorageSettings) -> dict[str, Any]:
+    # The URL may carry Redis's password: it travels on the child's stdin, never its argv.
+    return {
+        "backend": settings.backend,
+        "url": settings.url,
+        "prefix": settings.prefix,
+        "encryption_key_file": None
+        if settings.encryption_key_file is None
+        else str(settings.encryption_key_file),
+    }
+
+
+def _decode_storage(data: dict[str, Any] | None) -> StorageSettings:
+    if not data:
+        return StorageSettings()
+    key_file = data.get("encryption_key_file")
+    return StorageSettings(
+        backend=data["backend"],
+        url=data.get("url"),
+        prefix=data.get("prefix", "tlsproxy"),
+        encryption_key_file=None if key_file is None else Path(key_file),
+    )
 
 
 def _decode_spec(data: dict[str, Any]) -> CertSpec:
@@ -218,8 +244,9 @@ def _serve(request: dict[str, Any]) -> dict[str, Any]:
 
     settings = request["manager"]
     now = float(request["now"])
+    data_dir = Path(settings["data_dir"])
     manager = CertificateManager(
-        Path(settings["data_dir"]),
+        data_dir,
         _plain_context,
         clock=lambda: now,
         leaf_lifetime=timedelta(seconds=settings["leaf_lifetime"]),
@@ -228,6 +255,7 @@ def _serve(request: dict[str, Any]) -> dict[str, Any]:
         root_files=None
         if settings.get("root_files") is None
         else (Path(settings["root_files"][0]), Path(settings["root_files"][1])),
+        storage=Storage.open(data_dir, _decode_storage(settings.get("storage"))),
     )
     if request["op"] == "validate":
         manager.validate([_decode_spec(s) for s in request["specs"]])

@@ -24,7 +24,7 @@ import random
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,7 +55,7 @@ from .renewal import (
     retry_delay,
 )
 from .selection import normalize_host, uncovered_hosts
-from .storage import Storage, StoredCertificate
+from .storage import Storage, StorageError, StoredCertificate, safe_name
 from .x509_lite import leaf_info, pem_blocks
 
 if TYPE_CHECKING:
@@ -190,8 +190,10 @@ class CertificateManager:
         isolate_crypto: bool = False,
         worker_timeout: float = 120.0,
         root_files: tuple[Path, Path] | None = None,
+        storage: Storage | None = None,
     ) -> None:
-        self.storage = Storage(Path(data_dir))
+        # data_dir, or data_dir as the working copy of a store shared with other instances.
+        self.storage = storage if storage is not None else Storage(Path(data_dir))
         # A root the user brings (its certificate and key files), instead of one made here.
         self.root_files = root_files
         # Validation and local-CA issuance in a child process (certs.crypto_worker), so that
@@ -272,7 +274,7 @@ class CertificateManager:
         """The local CA's root must exist before a context can verify clients against it,
         even when no site takes its certificate from the local CA."""
         if self.isolate_crypto:
-            if not self.storage.ca_files().root_cert.exists():
+            if not self.storage.exists(self.storage.ca_files().root_cert):
                 from .crypto_worker import run_worker
 
                 run_worker(self, "ca", {})
@@ -428,7 +430,7 @@ class CertificateManager:
                 if stored is not None and self._good(spec, stored, now, renewing=True):
                     return self._install(spec, stored)
                 return self._issue_locked(spec, None)
-            except (OSError, IssuanceError, LockTimeout) as e:
+            except (OSError, IssuanceError, LockTimeout, StorageError) as e:
                 if stored is not None and self._good(spec, stored, now, renewing=False):
                     # Due but still valid (a full disk, a CA hiccup): serve it, and let the
                     # maintenance loop retry with back-off, as a renewal in flight would.
@@ -694,6 +696,32 @@ class CertificateManager:
             cache_getter().replace(new, current.hosts)
         return new
 
+    async def adopt_stored(
+        self, safe_names: set[str], cache_getter: Callable[[], CertificateCache]
+    ) -> None:
+        """Serve what another instance sharing the store has just stored for these names
+        (certs.storage.keys.safe_name) when it is not what this one serves."""
+        now = self._now()
+        for spec in list(self._specs.values()):
+            if safe_name(spec.name) not in safe_names or not self._managed(spec):
+                continue
+            found = await asyncio.to_thread(self._read_stored, spec)
+            installed = cache_getter().get(spec.name)
+            if found is None or (installed and installed.info.serial == found[1].serial):
+                continue
+            if not await asyncio.to_thread(self._good, spec, found, now, renewing=False):
+                continue
+            new = await asyncio.to_thread(self._install, spec, found)
+            if self._specs.get(spec.name) == spec:
+                cache_getter().replace(new, spec.hosts)
+                self._attempts.pop(spec.name, None)  # renewed elsewhere: nothing to retry
+                log.info(
+                    "serving certificate %x for %s, stored by another instance",
+                    found[1].serial,
+                    spec.name,
+                )
+        self._poke()
+
     async def renew_now(self, name: str, cache_getter: Callable[[], CertificateCache]) -> Installed:
         """Issue a fresh certificate for spec `name` now, whatever its renewal time, and serve
         it from the next handshake on (`tlsproxy certs renew`). Raises IssuanceError when the
@@ -766,13 +794,13 @@ class CertificateManager:
             state["ari"]["end"] = known[1][1].isoformat()
         try:
             self.storage.save_state(name, state)
-        except OSError as e:
+        except (OSError, StorageError) as e:
             log.warning("cannot record renewal state of %s: %s", name, e)
 
     # -- status and CA -------------------------------------------------------------------
     def status(self, specs: Sequence[CertSpec]) -> list[CertStatus]:
         now = self._now()
-        return [self._status_one(spec, now) for spec in specs]
+        return with_storage_error(self.storage, [self._status_one(spec, now) for spec in specs])
 
     def _status_one(self, spec: CertSpec, now: datetime) -> CertStatus:
         def line(info: CertInfo | None, nxt: datetime | None, reason: str, err: str | None):
@@ -828,6 +856,18 @@ class CertificateManager:
 
     def local_ca_root_pem(self) -> bytes:
         return self._ca().root_pem
+
+
+def with_storage_error(storage: Storage, statuses: list[CertStatus]) -> list[CertStatus]:
+    """The statuses, each naming the shared store's failure when the last call to it failed
+    (what they say then comes from data_dir's copy)."""
+    if storage.last_error is None:
+        return statuses
+    error = f"storage: {storage.last_error}"
+    return [
+        replace(st, last_error=f"{st.last_error}; {error}" if st.last_error else error)
+        for st in statuses
+    ]
 
 
 def _stored_ari(state: dict[str, Any], serial: int) -> AriWindow | None:

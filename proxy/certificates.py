@@ -12,6 +12,7 @@ from pathlib import Path
 from certs.errors import CertError
 from certs.manager import CertificateManager
 from certs.models import CertSpec, ClientAuthSpec
+from certs.storage import Storage, StorageError
 from proxy.config import AcmeConfig, ClientAuth, Config, TlsFiles
 from proxy.errors import ConfigError
 from proxy.tls import server_context
@@ -88,14 +89,26 @@ def acme_settings(acme: AcmeConfig):  # -> certs.issuers.acme.AcmeSettings
     )
 
 
-def certificate_manager(config: Config, *, isolate_crypto: bool = False) -> CertificateManager:
-    """The manager of `config`'s certificates: its data_dir and the local CA's leaf lifetime."""
+def open_storage(config: Config) -> Storage:
+    """`config`'s [storage]: data_dir, or data_dir as the working copy of a shared store.
+    ConfigError naming the key when it cannot be opened (redis-py missing, a bad key file)."""
+    try:
+        return Storage.open(config.server.data_dir, config.storage)
+    except StorageError as exc:
+        raise ConfigError(key_of_cert_error(config, exc), str(exc)) from None
+
+
+def certificate_manager(
+    config: Config, *, isolate_crypto: bool = False, storage: Storage | None = None
+) -> CertificateManager:
+    """The manager of `config`'s certificates: its storage and the local CA's leaf lifetime."""
     return CertificateManager(
         config.server.data_dir,
         server_context,
         leaf_lifetime=leaf_lifetime(config),
         isolate_crypto=isolate_crypto,
         root_files=root_files(config),
+        storage=storage if storage is not None else open_storage(config),
     )
 
 
@@ -111,13 +124,22 @@ def leaf_lifetime(config: Config) -> timedelta:
     return timedelta(seconds=config.local_ca.leaf_lifetime)
 
 
-def check_config(config: Config, *, isolate_crypto: bool = False) -> None:
+def check_config(
+    config: Config, *, isolate_crypto: bool = False, storage: Storage | None = None
+) -> None:
     """Everything `tlsproxy check` and start-up verify beyond the TOML itself: the files named,
     the data directory, the ACME settings. Raises ConfigError naming the key at fault.
 
     `isolate_crypto` (what `run` passes): the checks that need `cryptography` run in a child
     process, so that the long-running proxy does not carry it (certs.crypto_worker)."""
-    manager = certificate_manager(config, isolate_crypto=isolate_crypto)
+    manager = certificate_manager(config, isolate_crypto=isolate_crypto, storage=storage)
+    if not isolate_crypto:
+        # `tlsproxy check` asks: a wrong URL or password is a config error to hear of now.
+        # `run` starts without the shared store (it serves data_dir's copy meanwhile).
+        try:
+            manager.storage.ping()
+        except StorageError as exc:
+            raise ConfigError(key_of_cert_error(config, exc), str(exc)) from None
     specs = cert_specs(config)
     try:
         manager.validate(specs)
@@ -142,6 +164,11 @@ def _acme_key_of(acme: AcmeConfig, exc: CertError) -> str:
 
 
 def key_of_cert_error(config: Config, exc: CertError) -> str:
+    if isinstance(exc, StorageError):
+        key_file = config.storage.encryption_key_file
+        if key_file is not None and str(key_file) in str(exc):
+            return "storage.encryption_key_file"
+        return "storage.url" if config.storage.backend == "redis" else "storage.backend"
     path = getattr(exc, "path", None)
     if path is not None and Path(path) == config.local_ca.root_cert:
         return "local_ca.root_cert"

@@ -330,7 +330,7 @@ def cmd_check(config: Config) -> int:
 
 
 def cmd_ca(config: Config, client: str | None = None, out: str = ".") -> int:
-    from proxy.certificates import certificate_manager, root_files
+    from proxy.certificates import certificate_manager, open_storage, root_files
 
     if client is not None:
         from certs.client_certs import write_client_certificate
@@ -338,7 +338,11 @@ def cmd_ca(config: Config, client: str | None = None, out: str = ".") -> int:
 
         try:
             cert_path, key_path = write_client_certificate(
-                config.server.data_dir, client, Path(out), root_files=root_files(config)
+                config.server.data_dir,
+                client,
+                Path(out),
+                root_files=root_files(config),
+                storage=open_storage(config),
             )
         except CertError as exc:
             return _fail(str(exc), EXIT_CONFIG)
@@ -437,13 +441,18 @@ def cmd_certs(config: Config) -> int:
     specs = cert_specs(config)
     manager = certificate_manager(config)
     statuses = manager.status([s for s in specs if s.source != "acme"])
+    manager.storage.last_error = None  # said on its lines already; the ACME lines say theirs
     acme_specs = [s for s in specs if s.source == "acme"]
     if acme_specs and config.acme is not None:
         from certs.acme_manager import AcmeManager
         from certs.challenges.http01 import Http01Responder
 
         acme = AcmeManager(
-            config.server.data_dir, acme_settings(config.acme), server_context, Http01Responder()
+            config.server.data_dir,
+            acme_settings(config.acme),
+            server_context,
+            Http01Responder(),
+            storage=manager.storage,
         )
         statuses += acme.status(acme_specs)
     _print_certs(statuses)
@@ -596,21 +605,6 @@ def cmd_reverse_proxy(args: argparse.Namespace) -> int:
         raise as_flag_error(exc) from None
 
 
-def _unwired_storage(command: str) -> int:
-    # Serving from data_dir while the config names a shared store would let several instances
-    # each order their own certificates, the very thing the store is meant to stop.
-    return _fail(
-        str(
-            ConfigError(
-                "storage.backend",
-                f'"redis" is not used by `{command}` yet (issue 16: certificates are still kept '
-                "in data_dir); only `tlsproxy storage copy` reads it so far",
-            )
-        ),
-        EXIT_CONFIG,
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -623,8 +617,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "status" and args.data_dir is not None:
             return cmd_status(Path(args.data_dir).expanduser().absolute())
         config = _load(args.config)
-        if args.command not in ("storage", "status") and config.storage.backend != "file":
-            return _unwired_storage(args.command)
         if args.command == "check":
             return cmd_check(config)
         if args.command == "ca":

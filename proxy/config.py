@@ -202,8 +202,8 @@ class Config:
     upstreams: Mapping[str, UpstreamConfig]
     acme: AcmeConfig | None = None
     local_ca: LocalCaSettings = LocalCaSettings()
-    # Where certificates, keys, the ACME account and the local CA live. Only `check` and
-    # `storage copy` read it so far: the managers still use data_dir (issue 16).
+    # Where certificates, keys, the ACME account, the local CA and HTTP-01 tokens live
+    # (certs.storage): data_dir, or a Redis shared by several instances.
     storage: StorageSettings = field(default_factory=StorageSettings)
     source: Path | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)

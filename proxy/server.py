@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,7 @@ from proxy.certificates import (
     default_cert_name,
     key_of_cert_error,
     leaf_lifetime,
+    open_storage,
     root_files,
     uses_acme,
 )
@@ -69,6 +71,10 @@ if TYPE_CHECKING:
     from certs.acme_manager import AcmeManager
     from proxy.workers.supervisor import WorkerSupervisor
 
+# With a shared store, how often to compare its certificates with data_dir's copies: the
+# fallback for change notifications lost while Redis was away (they come within moments).
+STORAGE_CHECK_INTERVAL = 10.0
+
 
 class ProxyServer:
     def __init__(self, config: Config, trace: Sequence[str] = ()) -> None:
@@ -79,8 +85,10 @@ class ProxyServer:
         self.registry = ConnectionRegistry()
         self.access_writer: LineWriter | None = None
         self.access_log = self._access_log(config.server.access_log)
+        # data_dir, or its working copy of a store shared with other instances ([storage]).
+        self.storage = open_storage(config)
         # isolate_crypto: `cryptography` work runs in short-lived children (idle memory).
-        self.certs = certificate_manager(config, isolate_crypto=True)
+        self.certs = certificate_manager(config, isolate_crypto=True, storage=self.storage)
         self.selector: CertificateSelector | None = None
         self.state: ProxyState | None = None
         self.https_listeners: list[HttpsListener] = []
@@ -109,7 +117,7 @@ class ProxyServer:
 
     async def start(self) -> None:
         config = self.config
-        check_config(config, isolate_crypto=True)
+        check_config(config, isolate_crypto=True, storage=self.storage)
         offer_http2(config.server.http2)  # before any context is made
         # Nothing is served yet, so blocking here costs no client anything; it also keeps the
         # start-up's certificate work out of a worker thread's malloc arena (idle memory).
@@ -121,9 +129,7 @@ class ProxyServer:
         self.state = ProxyState.build(config, self.access_log, metrics=self.metrics)
         self.selector = CertificateSelector(cache, self.state.router)
         if uses_acme(config):
-            from certs.challenges.http01 import Http01Responder
-
-            self.http01 = Http01Responder()
+            await self._start_http01()
         await self._bind(config)
         try:
             if config.server.admin is not None:
@@ -303,14 +309,27 @@ class ProxyServer:
         lookup = self.http01.lookup if self.http01 is not None else None
         return RedirectProtocol(https_port, lookup, self._limits(), self.access_log)
 
+    async def _start_http01(self) -> None:
+        from certs.challenges.http01 import Http01Responder
+
+        self.http01 = Http01Responder(self.storage.shared)
+        # Blocks for as long as Redis takes to answer (seconds at most when it is down).
+        await asyncio.to_thread(self.http01.share)
+
     def _start_background(self, config: Config) -> None:
         specs = cert_specs(config)
         self._restart_task("certs", lambda: self.certs.maintain(self._current_cache))
+        if self.storage.shared is not None and "storage" not in self.background:
+            self._restart_task("storage", self._follow_storage)
         if uses_acme(config) and config.acme is not None:
             from certs.acme_manager import AcmeManager
 
             acme = AcmeManager(
-                config.server.data_dir, acme_settings(config.acme), server_context, self.http01
+                config.server.data_dir,
+                acme_settings(config.acme),
+                server_context,
+                self.http01,
+                storage=self.storage,
             )
             if self.acme is not None:  # a reload: the counts are the process's
                 acme.renewal_failures = self.acme.renewal_failures
@@ -357,6 +376,52 @@ class ProxyServer:
     def _current_cache(self):
         assert self.selector is not None
         return self.selector.cache
+
+    async def _follow_storage(self) -> None:
+        """With a shared store: serve what another instance stored, within moments of its
+        change notification, or at the next periodic look (the fallback for notifications
+        lost while Redis was away)."""
+        loop = asyncio.get_running_loop()
+        noticed: set[str | None] = set()
+        wake = asyncio.Event()
+
+        def mark(name: str | None) -> None:
+            noticed.add(name)
+            wake.set()
+
+        subscription = await asyncio.to_thread(
+            self.storage.watch_certificates, lambda name: loop.call_soon_threadsafe(mark, name)
+        )
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), STORAGE_CHECK_INTERVAL)
+                wake.clear()
+                names = set(noticed)
+                noticed.clear()
+                if not names or None in names:
+                    names = await asyncio.to_thread(self._sync_stored)
+                if names:
+                    await self._adopt_stored({n for n in names if n is not None})
+        finally:
+            if subscription is not None:
+                await asyncio.to_thread(subscription.close)
+
+    def _sync_stored(self) -> set[str | None]:
+        """Blocking: the (safe) names whose certificate in the shared store is not the one in
+        data_dir's copy."""
+        from certs.storage import safe_name
+
+        changed: set[str | None] = set()
+        for spec in cert_specs(self.config):
+            if spec.source != "files" and self.storage.sync_certificate(spec.name):
+                changed.add(safe_name(spec.name))
+        return changed
+
+    async def _adopt_stored(self, names: set[str]) -> None:
+        await self.certs.adopt_stored(names, self._current_cache)
+        if self.acme is not None:
+            self.acme.look_again(names)
 
     def _restart_task(self, name: str, make: Callable[[], object]) -> None:
         self._stop_task(name)
@@ -602,7 +667,9 @@ class ProxyServer:
                     new = self.config
                 else:
                     new = await asyncio.to_thread(load_config, self.config_path)
-                await asyncio.to_thread(check_config, new, isolate_crypto=True)
+                await asyncio.to_thread(
+                    check_config, new, isolate_crypto=True, storage=self.storage
+                )
                 # Leaves issued from now on (this load's included) get the new lifetime.
                 self.certs.leaf_lifetime = leaf_lifetime(new)
                 self.certs.root_files = root_files(new)
@@ -626,6 +693,9 @@ class ProxyServer:
             if new.server.data_dir != old.server.data_dir:
                 log.warning("reload: data_dir changed; it takes effect after a restart")
                 new = _with_data_dir(new, old)
+            if new.storage != old.storage:
+                log.warning("reload: [storage] changed; it takes effect after a restart")
+                new = replace(new, storage=old.storage)
             old_state = self.state
             assert old_state is not None and self.selector is not None
             reused = {
@@ -641,9 +711,7 @@ class ProxyServer:
             self.selector.update(cache, self.state.router, http2=new.server.http2)
             self.config = new
             if uses_acme(new) and self.http01 is None:
-                from certs.challenges.http01 import Http01Responder
-
-                self.http01 = Http01Responder()
+                await self._start_http01()
             self._start_background(new)
             if self.supervisors or any(u.command for u in new.upstreams.values()):
                 self._queue_workers_reload(old)
@@ -716,6 +784,9 @@ class ProxyServer:
         await self.control.stop()
         await self.admin.stop()
         await self._stop_workers()
+        if self.http01 is not None:
+            await asyncio.to_thread(self.http01.close)
+        await asyncio.to_thread(self.storage.close)
         if self.state is not None:
             with contextlib.suppress(Exception):
                 await self.state.close()
@@ -772,8 +843,6 @@ def _sockname(address: object) -> str:
 
 
 def _with_data_dir(new: Config, old: Config) -> Config:
-    from dataclasses import replace
-
     return replace(new, server=replace(new.server, data_dir=old.server.data_dir))
 
 

@@ -623,7 +623,7 @@ class AcmeIssuer:
         published = []
         try:
             for p in http:
-                self.http01.add(p.token, p.validation)
+                await self.http01.publish(p.token, p.validation)
             if dns_client is not None:
                 for record in records:
                     # Noted before it is sent: a cancel during the update still deletes it
@@ -638,7 +638,7 @@ class AcmeIssuer:
             raise AcmeError(str(e)) from e
         finally:
             for p in http:
-                self.http01.remove(p.token)
+                await self.http01.withdraw(p.token)
             if dns_client is not None and published:
                 try:
                     await dns_client.delete(published)

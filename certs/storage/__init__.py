@@ -1,4 +1,4 @@
-"""Storage: the contract and its backends, and the data_dir API the managers use today.
+"""Storage: the contract and its backends, and the data_dir API the managers use.
 
     certs.storage.contract   the contract (Backend), KeyInfo, Lock, StorageError, locked()
     certs.storage.keys       the one key builder: every name below comes from it
@@ -7,9 +7,14 @@
     certs.storage.crypt      AES-256-GCM of private keys (imported only when configured)
     open_backend(settings)   the backend `[storage]` names
 
-`Storage` below is the data_dir API the managers still use: paths, because the TLS library
-and the crypto child process read certificates from files. It is not yet built on the
-contract (the file backend shares its primitives and layout, so both see the same keys).
+`Storage` below is the API the managers use. It speaks in paths under data_dir, because the
+TLS library (load_cert_chain) and the crypto child process read certificates from files. With
+the `file` backend data_dir is the store itself. With a shared backend (`redis`), data_dir is
+this instance's working copy of it: every write goes to the shared store first, then to the
+file; every read asks the shared store and brings the file up to date with its answer. When
+the shared store cannot be reached, reads fall back to the working copy (an instance keeps
+serving, and starts, with what it has) and `last_error` says why; writes and locks fail, so
+nothing is issued that the other instances would not know about.
 
 Layout (all directories 0700, every private key 0600):
     data_dir/ca/{root,intermediate}.{pem,key}          the local CA
@@ -17,13 +22,15 @@ Layout (all directories 0700, every private key 0600):
     data_dir/certificates/<name>/cert.prev.pem ...     the version they replaced
     data_dir/certificates/<name>/state.json            renewal failures and last error, for
                                                        `tlsproxy certs` in another process
-    data_dir/locks/<name>.lock                         one flock per name
+    data_dir/locks/<name>.lock                         one flock per name (file backend)
     data_dir/<anything else>                           free for others, via path()
+The key of a file is its path under data_dir (certs.storage.keys), in every backend.
 
 Every write is atomic (temp file in the same directory, fsync, rename) so that a crash or a
-concurrent reader never sees half a file. Locks are flock(2) on a lock file: the kernel drops
-them when the holder dies, so a stale lock cannot outlive its process; the holder's pid is
-written into the file only to name it in a timeout error.
+concurrent reader never sees half a file. File-backend locks are flock(2) on a lock file: the
+kernel drops them when the holder dies, so a stale lock cannot outlive its process; the
+holder's pid is written into the file only to name it in a timeout error. Shared-backend locks
+expire unless their holder refreshes them (certs.storage.contract).
 """
 
 from __future__ import annotations
@@ -31,9 +38,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import ssl
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,12 +51,14 @@ from ..files import refuse_passphrase
 from ..x509_lite import leaf_info
 from . import keys
 from .contract import (
+    DEFAULT_LOCK_TTL,
     Backend,
     KeyInfo,
     Lock,
     LockLost,
     StorageError,
     StorageSettings,
+    Subscription,
     locked,
 )
 from .file import (
@@ -95,6 +106,8 @@ __all__ = [
 # fits in the file's own blocks when the file system is full.
 STATE_SIZE = 4096
 
+log = logging.getLogger("tlsproxy.certs")
+
 # How often to re-read a cert/key pair that did not match: a writer replaces key.pem and then
 # cert.pem, so a reader may land between the two renames for a few microseconds.
 _PAIR_READ_ATTEMPTS = 5
@@ -115,6 +128,18 @@ def _pair_matches(cert_path: Path, key_path: Path) -> bool:
     return True
 
 
+def _lock_of(key: str) -> str:
+    """The (safe) name of the lock its writers hold while writing `key`."""
+    parts = key.split("/")
+    if parts[0] == keys.CERTIFICATES and len(parts) > 2:
+        return parts[1]
+    if parts[0] == keys.CA:
+        return keys.CA_LOCK
+    if parts[0] == keys.ACME:
+        return keys.ACME_ACCOUNT_LOCK
+    return ""
+
+
 @dataclass(frozen=True)
 class StoredCertificate:
     chain_pem: bytes
@@ -132,8 +157,62 @@ class CAFiles:
 
 
 class Storage:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        shared: Backend | None = None,
+        settings: StorageSettings | None = None,
+    ) -> None:
         self.root = Path(data_dir)
+        # The store shared with other instances; None: data_dir is the store (file backend).
+        self.shared = shared
+        # What opened it, so that a crypto child process can open the same store.
+        self.settings = settings if settings is not None else StorageSettings()
+        # The shared store's last failure (None once a call succeeded again), for
+        # `tlsproxy certs` and the logs: reads fall back to data_dir meanwhile.
+        self.last_error: str | None = None
+        # Shared locks held here, by safe name: a write under one that expired is refused
+        # (LockLost) rather than overwriting what the lock's next holder stores.
+        self._held: dict[str, Lock] = {}
+        self._held_guard = threading.Lock()
+
+    @classmethod
+    def open(cls, data_dir: Path, settings: StorageSettings) -> Storage:
+        """data_dir alone (file backend) or data_dir as the working copy of a shared store.
+        StorageError when the shared store cannot be opened (redis-py missing, a bad key
+        file); an unreachable Redis is not an error here (see the class docstring)."""
+        if settings.backend == "file":
+            return cls(data_dir, None, settings)
+        return cls(data_dir, open_backend(settings, Path(data_dir)), settings)
+
+    def describe(self) -> str:
+        return self.shared.describe() if self.shared is not None else f"data_dir {self.root}"
+
+    def close(self) -> None:
+        if self.shared is not None:
+            self.shared.close()
+
+    def _key(self, path: Path) -> str:
+        """The storage key of a path under data_dir."""
+        try:
+            return keys.check_key(path.relative_to(self.root).as_posix())
+        except ValueError:
+            raise ValueError(f"{path}: not a storage path under {self.root}") from None
+
+    def _shared_failed(self, error: StorageError) -> None:
+        if self.last_error is None:
+            log.warning("%s; using data_dir's copy until it is back", error)
+        self.last_error = str(error)
+
+    def _shared_ok(self) -> None:
+        if self.last_error is not None:
+            log.warning("%s: reachable again", self.describe())
+            self.last_error = None
+
+    def ping(self) -> None:
+        """StorageError unless the shared store answers (a no-op for the file backend)."""
+        if self.shared is not None:
+            self.shared.exists(keys.CA_ROOT_CERT)
 
     # -- paths ---------------------------------------------------------------------------
     def path(self, *parts: str) -> Path:
@@ -171,11 +250,46 @@ class Storage:
 
     # -- generic files -------------------------------------------------------------------
     def write(self, path: Path, data: bytes, *, mode: int = KEY_MODE) -> None:
+        """Store `data` at `path`: in the shared store first (StorageError when it cannot
+        take it, and then data_dir is left as it was), then in data_dir."""
+        if self.shared is not None:
+            key = self._key(path)
+            held = self._held.get(_lock_of(key))
+            if held is not None:
+                held.check()
+            try:
+                self.shared.store(key, data)
+            except StorageError as e:
+                self._shared_failed(e)
+                raise
+            self._shared_ok()
         ensure_dir(path.parent)
         write_atomic(path, data, mode=mode)
 
+    def read(self, path: Path) -> bytes | None:
+        """The bytes stored at `path`, None when there are none. With a shared store, its
+        answer, which also brings data_dir's copy up to date; data_dir's copy when the shared
+        store cannot be reached."""
+        if self.shared is None:
+            return self.read_file(path)
+        try:
+            value = self.shared.load(self._key(path))
+        except StorageError as e:
+            self._shared_failed(e)
+            return self.read_file(path)
+        self._shared_ok()
+        if value is not None and self.read_file(path) != value:
+            mode = KEY_MODE if keys.is_private(self._key(path)) else CERT_MODE
+            ensure_dir(path.parent)
+            write_atomic(path, value, mode=mode)
+        return value
+
+    def exists(self, path: Path) -> bool:
+        return self.read(path) is not None
+
     @staticmethod
-    def read(path: Path) -> bytes | None:
+    def read_file(path: Path) -> bytes | None:
+        """data_dir's copy only."""
         try:
             return path.read_bytes()
         except FileNotFoundError:
@@ -186,16 +300,16 @@ class Storage:
         """Store a new chain and key; the pair they replace is kept as *.prev.pem.
 
         The key goes in before the chain: a reader always checks that the pair matches and
-        re-reads if it caught the moment between the two renames (load_certificate).
+        re-reads if it caught the moment between the two writes (load_certificate).
         """
         directory = ensure_dir(self.certificate_dir(name))
         cert_path, key_path = self.cert_path(name), self.key_path(name)
         old_cert, old_key = self.read(cert_path), self.read(key_path)
         if old_cert is not None and old_key is not None:
-            write_atomic(self.previous_key_path(name), old_key, mode=KEY_MODE)
-            write_atomic(self.previous_cert_path(name), old_cert, mode=CERT_MODE)
-        write_atomic(key_path, key_pem, mode=KEY_MODE)
-        write_atomic(cert_path, chain_pem, mode=CERT_MODE)
+            self.write(self.previous_key_path(name), old_key, mode=KEY_MODE)
+            self.write(self.previous_cert_path(name), old_cert, mode=CERT_MODE)
+        self.write(key_path, key_pem, mode=KEY_MODE)
+        self.write(cert_path, chain_pem, mode=CERT_MODE)
         _fsync_dir(directory)
         return StoredCertificate(chain_pem, key_pem, cert_path, key_path)
 
@@ -215,8 +329,8 @@ class Storage:
                 return None
             leaf_info(chain_pem)  # ValueError naming what is wrong with the chain
             if _pair_matches(cert_path, key_path) and (
-                self.read(cert_path),
-                self.read(key_path),
+                self.read_file(cert_path),
+                self.read_file(key_path),
             ) == (chain_pem, key_pem):
                 return StoredCertificate(chain_pem, key_pem, cert_path, key_path)
             if attempt + 1 < _PAIR_READ_ATTEMPTS:
@@ -252,19 +366,74 @@ class Storage:
         return remove_stale_temp_files(self.root)
 
     def reserve_state(self, name: str) -> None:
-        """Make sure a state file exists, at its fixed size, while there is room for one."""
-        if not self.state_path(name).exists():
+        """Make sure data_dir holds a state file, at its fixed size, while there is room for
+        one. Only data_dir's copy: a new instance must not blank the shared state."""
+        path = self.state_path(name)
+        if not path.exists():
+            data = b"{}".ljust(STATE_SIZE - 1) + b"\n"
             with contextlib.suppress(OSError):
-                self.save_state(name, {})
+                ensure_dir(path.parent)
+                write_atomic(path, data, mode=CERT_MODE)
+
+    def sync_certificate(self, name: str) -> bool:
+        """Bring data_dir's copy of `name`'s chain up to date with the shared store; whether
+        it changed (another instance stored a new one). Always False for the file backend."""
+        if self.shared is None:
+            return False
+        path = self.cert_path(name)
+        before = self.read_file(path)
+        return self.read(path) not in (None, before)
+
+    def certificate_names(self) -> list[str]:
+        """The (safe) names that have a stored certificate."""
+        if self.shared is not None:
+            found = self.shared.list(keys.CERTIFICATES, recursive=False)
+            return [key.rsplit("/", 1)[-1] for key in found]
+        directory = self.root / keys.CERTIFICATES
+        return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+
+    def watch_certificates(self, callback: Callable[[str | None], None]) -> Subscription | None:
+        """Call `callback(safe name)` when another instance stores a certificate, or
+        `callback(None)` after a gap in which changes may have been missed (from a backend
+        thread). None for the file backend: nothing tells it."""
+        if self.shared is None:
+            return None
+
+        def changed(key: str) -> None:
+            parts = key.split("/")
+            if len(parts) == 3 and parts[2] == "cert.pem":
+                callback(parts[1])
+            elif len(parts) == 1:
+                callback(None)
+
+        return self.shared.subscribe(keys.CERTIFICATES, changed)
 
     # -- locking -------------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, name: str, timeout: float = 60.0, poll: float = 0.05) -> Iterator[None]:
-        """Exclusive across processes (and across threads: each call opens its own file).
+        """Exclusive across processes (and across threads: each call opens its own file), and
+        across instances with a shared store (its lock expires after DEFAULT_LOCK_TTL unless
+        refreshed, so a killed holder frees the name).
 
         Blocks the calling thread while waiting: call it from a worker thread, not the event
         loop. Raises LockTimeout after `timeout` seconds.
         """
+        if self.shared is not None:
+            try:
+                held = self.shared.lock(name, ttl=DEFAULT_LOCK_TTL, timeout=timeout)
+            except StorageError as e:
+                self._shared_failed(e)
+                raise
+            with self._held_guard:
+                self._held[safe_name(name)] = held
+            try:
+                yield
+            finally:
+                with self._held_guard:
+                    if self._held.get(safe_name(name)) is held:
+                        del self._held[safe_name(name)]
+                self.shared.unlock(name)
+            return
         fd = acquire_flock(self.lock_path(name), timeout, poll)
         try:
             yield

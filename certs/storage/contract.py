@@ -24,10 +24,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import CertError
 
-# A lock's expiry when its holder stops refreshing it (killed): long enough to ride out a slow
-# Redis, short enough that a dead holder's names are taken over quickly. The holder refreshes
-# it every ttl/3.
-DEFAULT_LOCK_TTL = 60.0
+# A lock's expiry when its holder stops refreshing it (killed): long enough to ride out a
+# Redis restart (a refresh is tried every ttl/3, and one that succeeds within ttl keeps it),
+# short enough that a dead holder's names are taken over in seconds. certmagic's file locks go
+# stale after 10 s without a refresh, for the same reasons.
+DEFAULT_LOCK_TTL = 15.0
 DEFAULT_LOCK_TIMEOUT = 60.0
 # How often the file backend looks for changes (it has no push notification).
 DEFAULT_POLL_INTERVAL = 5.0

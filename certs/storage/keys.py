@@ -28,7 +28,7 @@ CA_LOCK = "local-ca"
 ACME_ACCOUNT_LOCK = "acme-account"
 
 # Private keys: the values an encrypting backend encrypts.
-_PRIVATE_SUFFIXES = (".key", "/key.pem", "/key.prev.pem")
+_PRIVATE_SUFFIXES = (".key", ".key.replaced", "/key.pem", "/key.prev.pem")
 
 
 def safe_name(name: str) -> str:

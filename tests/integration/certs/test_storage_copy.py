@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from certs.storage import Storage
-from tests.integration.harness import tlsproxy, write_config
+from tests.integration.harness import running, tlsproxy, write_config
 from tests.integration.redis_server import PASSWORD, RedisServer
 
 SITE = """
@@ -48,12 +48,8 @@ def tree(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
+    with running(RedisServer(tmp_path / "redis")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_file_to_redis_and_back(tmp_path: Path, redis_server: RedisServer) -> None:
@@ -116,18 +112,47 @@ def test_bad_configs_exit_2_naming_the_key(tmp_path: Path, redis_server: RedisSe
     assert result.returncode == 2 and "the same storage" in result.stderr
 
 
-@pytest.mark.parametrize("command", [["check"], ["run"], ["ca"], ["certs"]])
-def test_commands_that_would_use_data_dir_refuse_a_redis_storage(
-    tmp_path: Path, redis_server: RedisServer, command: list[str]
+def instance_config(directory: Path, url: str, data_dir: str) -> Path:
+    """An instance on the shared store, with its own data_dir (its working copy)."""
+    text = (
+        f'[server]\nhttps = ["127.0.0.1:0"]\nhttp = []\ndata_dir = "{data_dir}"\n'
+        f'[storage]\nbackend = "redis"\nurl = "{url}"\nprefix = "t1"\n'
+        f'encryption_key_file = "storage.secret"\n{SITE}'
+    )
+    return write_config(directory, text, f"{data_dir}.toml")
+
+
+def test_the_commands_of_two_instances_see_one_store(
+    tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    """Until the managers use the storage contract (issue 16), serving from data_dir while
-    the config names a shared store would let each instance order its own certificates."""
+    """`ca` and `certs` read the shared store, not the instance's own data_dir: a second
+    instance with an empty data_dir sees the local CA and certificate the first one stored."""
     (tmp_path / "storage.secret").write_bytes(os.urandom(32))
-    config = redis_config(tmp_path, redis_server.url)
-    result = tlsproxy(*command, "-c", str(config))
-    assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.startswith("tlsproxy: error: storage.backend: ")
-    assert f"not used by `{command[0]}` yet" in result.stderr
+    first = instance_config(tmp_path, redis_server.url, "one")
+    second = instance_config(tmp_path, redis_server.url, "two")
+    assert tlsproxy("check", "-c", str(first)).returncode == 0
+    root = tlsproxy("ca", "-c", str(first))
+    assert root.returncode == 0 and root.stdout.startswith("-----BEGIN CERTIFICATE-----")
+    assert tlsproxy("ca", "-c", str(second)).stdout == root.stdout
+    # In Redis, the private keys are encrypted (the working copies are plain 0600 files).
+    stored = redis_server.cli("--raw", "GET", "t1:data:ca/root.key")
+    assert "PRIVATE KEY" not in stored and stored.strip()
+    assert "PRIVATE KEY" in (tmp_path / "one" / "ca" / "root.key").read_text()
+    certs = tlsproxy("certs", "-c", str(second))
+    assert certs.returncode == 0 and "source=internal" in certs.stdout
+    assert "last_error=-" in certs.stdout
+
+
+def test_redis_down_check_names_storage_url_and_certs_shows_the_error(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis")  # never started
+    (tmp_path / "storage.secret").write_bytes(os.urandom(32))
+    config = instance_config(tmp_path, server.url, "one")
+    result = tlsproxy("check", "-c", str(config))
+    assert result.returncode == 2 and PASSWORD not in result.stderr
+    assert result.stderr.startswith("tlsproxy: error: storage.url: redis storage redis://:***@")
+    certs = tlsproxy("certs", "-c", str(config))
+    assert certs.returncode == 0 and PASSWORD not in certs.stdout + certs.stderr
+    assert "last_error=storage: redis storage redis://:***@" in certs.stdout
 
 
 def test_redis_down_exits_1_without_the_password(tmp_path: Path) -> None:
