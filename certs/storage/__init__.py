@@ -384,14 +384,6 @@ class Storage:
         before = self.read_file(path)
         return self.read(path) not in (None, before)
 
-    def certificate_names(self) -> list[str]:
-        """The (safe) names that have a stored certificate."""
-        if self.shared is not None:
-            found = self.shared.list(keys.CERTIFICATES, recursive=False)
-            return [key.rsplit("/", 1)[-1] for key in found]
-        directory = self.root / keys.CERTIFICATES
-        return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
-
     def watch_certificates(self, callback: Callable[[str | None], None]) -> Subscription | None:
         """Call `callback(safe name)` when another instance stores a certificate, or
         `callback(None)` after a gap in which changes may have been missed (from a backend
