@@ -173,5 +173,5 @@ class StorageSettings:
         assert self.url is not None
         text = f"redis {redact_url(self.url)} (prefix {self.prefix!r})"
         if self.encryption_key_file is not None:
-            text += f", private keys encrypted with {self.encryption_key_file}"
+            text += f", encrypted with {self.encryption_key_file}"
         return text

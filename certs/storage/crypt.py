@@ -1,10 +1,12 @@
-"""Private keys encrypted at rest: a wrapper around any backend.
+"""Values sealed at rest: a wrapper around any backend.
 
 AES-256-GCM (from `cryptography`), a random 96-bit nonce per value, and the key's name as
-associated data: a value copied under another key does not decrypt. Only private keys
-(certs.storage.keys.is_private) are encrypted; certificates, state and tokens stay readable.
-Someone who can write to the store but lacks the secret can delete or replace certificates,
-but cannot read a private key nor plant one the proxy will accept.
+associated data: a value copied under another key does not open. Every value is sealed, not
+only private keys: what matters as much as secrecy is that nobody without the secret can plant
+a value the proxy accepts. A planted HTTP-01 token would be served by every instance (and
+would let its planter pass validation for our names at any CA); a planted local-CA root would
+be trusted for client certificates. Someone who can write to the store but lacks the secret
+can still delete values or put back older ones that were sealed (deny service), nothing more.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from . import keys
 from .contract import (
     DEFAULT_LOCK_TIMEOUT,
     DEFAULT_LOCK_TTL,
@@ -59,7 +60,7 @@ def read_secret(path: Path) -> bytes:
 
 
 class EncryptedBackend:
-    """`inner` with its private keys encrypted; every other operation passes through."""
+    """`inner` with every value sealed; every other operation passes through."""
 
     def __init__(self, inner: Backend, secret: bytes) -> None:
         self.inner = inner
@@ -67,20 +68,18 @@ class EncryptedBackend:
         self._aead = AESGCM(secret)
 
     def describe(self) -> str:
-        return f"{self.inner.describe()}, private keys encrypted"
+        return f"{self.inner.describe()}, encrypted"
 
     def store(self, key: str, value: bytes) -> None:
-        if keys.is_private(key):
-            nonce = os.urandom(NONCE_SIZE)
-            value = MAGIC + nonce + self._aead.encrypt(nonce, value, key.encode())
-        self.inner.store(key, value)
+        nonce = os.urandom(NONCE_SIZE)
+        self.inner.store(key, MAGIC + nonce + self._aead.encrypt(nonce, value, key.encode()))
 
     def load(self, key: str) -> bytes | None:
         value = self.inner.load(key)
-        if value is None or not keys.is_private(key):
-            return value
+        if value is None:
+            return None
         if not value.startswith(MAGIC):
-            # Accepting it would let anyone who can write to the store plant a key they know.
+            # Accepting it would let anyone who can write to the store plant a value.
             raise StorageError(
                 f"{self.inner.describe()}: {key} is stored unencrypted while "
                 "encryption_key_file is set (copy it in again with `tlsproxy storage copy`)"

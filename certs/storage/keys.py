@@ -27,7 +27,7 @@ RESERVED = (LOCKS, "run")
 CA_LOCK = "local-ca"
 ACME_ACCOUNT_LOCK = "acme-account"
 
-# Private keys: the values an encrypting backend encrypts.
+# Private keys: the values written 0600 in data_dir.
 _PRIVATE_SUFFIXES = (".key", ".key.replaced", "/key.pem", "/key.prev.pem")
 
 
@@ -63,7 +63,7 @@ def join(*parts: str) -> str:
 
 
 def is_private(key: str) -> bool:
-    """Whether the value under `key` is a private key (encrypted when encryption is on)."""
+    """Whether the value under `key` is a private key (a 0600 file in data_dir)."""
     return key.endswith(_PRIVATE_SUFFIXES)
 
 

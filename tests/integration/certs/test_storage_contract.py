@@ -314,7 +314,7 @@ def secret_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_private_keys_are_stored_encrypted(backend: Backend, secret_file: Path) -> None:
+def test_values_are_stored_encrypted(backend: Backend, secret_file: Path) -> None:
     encrypted = EncryptedBackend(backend, read_secret(secret_file))
     key = keys.private_key("app.test")
     encrypted.store(key, KEY_PEM)
@@ -322,16 +322,18 @@ def test_private_keys_are_stored_encrypted(backend: Backend, secret_file: Path) 
     raw = backend.load(key)
     assert raw is not None and KEY_PEM not in raw and b"PRIVATE KEY" not in raw
     assert encrypted.load(key) == KEY_PEM
-    # Certificates stay readable (public anyway).
-    assert backend.load(keys.cert("app.test")) == CERT_PEM
+    # Every value, so that none can be planted: certificates, tokens, a CA root.
+    assert backend.load(keys.cert("app.test")) != CERT_PEM
+    assert encrypted.load(keys.cert("app.test")) == CERT_PEM
     # A value moved under another key does not decrypt: the key is authenticated with it.
     backend.store(keys.private_key("other.test"), raw)
     with pytest.raises(StorageError, match="does not decrypt"):
         encrypted.load(keys.private_key("other.test"))
-    # A plain private key planted in the store is refused, not served.
-    backend.store(keys.CA_ROOT_KEY, KEY_PEM)
-    with pytest.raises(StorageError, match="unencrypted"):
-        encrypted.load(keys.CA_ROOT_KEY)
+    # A plain value planted in the store is refused, not served.
+    for planted in (keys.CA_ROOT_KEY, keys.CA_ROOT_CERT, keys.http01_token("planted")):
+        backend.store(planted, KEY_PEM)
+        with pytest.raises(StorageError, match="unencrypted"):
+            encrypted.load(planted)
 
 
 def test_a_wrong_secret_fails_clearly(backend: Backend, tmp_path: Path, secret_file: Path) -> None:

@@ -47,7 +47,7 @@ def test_redis() -> None:
     )
     assert settings.describe() == (
         "redis rediss://app:***@redis.internal:6380/2 (prefix 'cluster-a'), "
-        "private keys encrypted with /etc/tlsproxy/storage.key"
+        "encrypted with /etc/tlsproxy/storage.key"
     )
     assert parse('backend = "redis"\nurl = "redis://127.0.0.1"').prefix == "tlsproxy"
 
