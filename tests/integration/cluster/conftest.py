@@ -31,6 +31,7 @@ from tests.integration.acme.conftest import (
     skip_without_components,
     start_components,
 )
+from tests.integration.acme.helpers import pebble_validations
 from tests.integration.harness import (
     AppProcess,
     ProxyProcess,
@@ -361,6 +362,7 @@ def _cluster(env: Env) -> Iterator[Cluster]:
     cluster = env.start_cluster("tlsproxy", HOSTS)  # the default prefix: no `prefix` key
     serving_from_pebble(cluster.instances, HOSTS, 60)
     cluster.extra["orders_after_start"] = env.pebble.orders()
+    cluster.extra["validations"] = {h: pebble_validations(env.pebble.pebble_log, h) for h in HOSTS}
     yield cluster
     env.stop_cluster(cluster)
 
