@@ -13,10 +13,10 @@ per new connection.
 The end-to-end row puts examples/app.py (uvicorn, 2 workers) behind each terminator with
 nothing pinned: the number a user of a 2-core machine feels.
 
-Standard library only (plus nginx, wrk, h2load, openssl and taskset as commands). Everything
-listens on 127.0.0.1, lives in a temporary directory, runs for a bounded time, and every process
-started here is stopped on exit, Ctrl-C or error. Results: a markdown table on stdout, JSON in
-bench/results/ (or --out).
+Standard library only (plus nginx, wrk, h2load, openssl, redis-server and taskset as commands).
+Everything listens on 127.0.0.1, lives in a temporary directory, runs for a bounded time, and
+every process started here is stopped on exit, Ctrl-C or error. Results: a markdown table on
+stdout, JSON in bench/results/ (or --out).
 """
 
 from __future__ import annotations
@@ -83,6 +83,11 @@ TARGET_H2_OF_KEEPALIVE = 0.60
 # Issue 13: keep-alive with `[server] admin` on (metrics counted), over the same with it off,
 # as the median of adjacent off/on pairs.
 TARGET_METRICS_ON_OFF = 0.97
+# Issue 16: keep-alive and full handshakes with `[storage] backend = "redis"`, over the same with
+# "file", side by side; the workloads of that comparison, and their names in its lines.
+TARGET_STORAGE_REDIS_FILE = 0.97
+STORAGE_WORKLOADS = ("keepalive", "handshake")
+SIDE_BY_SIDE_TITLES = {"keepalive": "keep-alive", "handshake": "full handshakes"}
 # The access log formats each terminator writes in the "keepalive_log_*" runs.
 ACCESS_LOGS = {"nginx": ("combined",), "tlsproxy": ("text", "json")}
 TARGET_IDLE_RSS_MIB = 40.0
@@ -790,16 +795,25 @@ class Bench:
         return path
 
     def _tlsproxy_conf(
-        self, upstream_port: int, name: str, access_log: str = "off", admin: int | None = None
+        self,
+        upstream_port: int,
+        name: str,
+        access_log: str = "off",
+        admin: int | None = None,
+        port: int | None = None,
+        storage: str = "",
+        data_dir: Path | None = None,
     ) -> Path:
+        """`storage`: the body of a [storage] table ("": none, files in data_dir)."""
         path = self.tmp / name
         admin_line = f'admin = "{HOST}:{admin}"' if admin is not None else ""
+        storage_table = f"\n[storage]\n{storage}\n" if storage else ""
         path.write_text(
             f"""[server]
-https = ["{HOST}:{self.port}"]
+https = ["{HOST}:{self.port if port is None else port}"]
 http = []
 {admin_line}
-data_dir = "{self.tmp / "tlsproxy-data"}"
+data_dir = "{data_dir or self.tmp / "tlsproxy-data"}"
 default_site = "{SERVER_NAME}"
 access_log = "{access_log}"
 log_level = "warning"
@@ -812,7 +826,7 @@ upstream = "app"
 
 [upstream.app]
 servers = ["{HOST}:{upstream_port}"]
-"""
+{storage_table}"""
         )
         return path
 
@@ -872,21 +886,28 @@ servers = ["{HOST}:{upstream_port}"]
         access_log: str = "off",
         admin: int | None = None,
         name: str | None = None,
+        port: int | None = None,
+        storage: str = "",
+        data_dir: Path | None = None,
+        wait: bool = True,
     ) -> subprocess.Popen[bytes]:
         """`access_log`: "off", or the format to log in (nginx: "combined", unbuffered, to a
         file; tlsproxy: "text" or "json", to its stdout, a file here too). `admin`: tlsproxy's
-        admin port (metrics on), None for off. `name`: its config file's, when two run."""
+        admin port (metrics on), None for off. `name`: its config file's, `port` its own
+        (default self.port), when two run. `storage`, `data_dir`: tlsproxy's (_tlsproxy_conf).
+        `wait`: return once it serves (else call wait_terminator)."""
+        port = self.port if port is None else port
         if which == "floor":
             argv = [
                 self.args.python, str(BENCH / "floor.py"), "--cert", str(self.chain),
-                "--key", str(self.key), "--port", str(self.port),
+                "--key", str(self.key), "--port", str(port),
                 "--upstream", f"{HOST}:{upstream_port}",
             ]  # fmt: skip
         elif which == "nginx":
             conf = self._nginx_conf(
                 "nginx-tls.conf",
                 "tls.conf",
-                PORT=self.port,
+                PORT=port,
                 UPSTREAM_PORT=upstream_port,
                 CHAIN=self.chain,
                 KEY=self.key,
@@ -902,12 +923,15 @@ servers = ["{HOST}:{upstream_port}"]
                 f"{name or f'tlsproxy-{upstream_port}'}.toml",
                 access_log=access_log,
                 admin=admin,
+                port=port,
+                storage=storage,
+                data_dir=data_dir,
             )
             argv = shlex.split(
                 self.args.proxy_cmd.format(
                     python=self.args.python,
                     config=conf,
-                    port=self.port,
+                    port=port,
                     dir=self.tmp,
                     upstream=f"{HOST}:{upstream_port}",
                     chain=self.chain,
@@ -915,12 +939,15 @@ servers = ["{HOST}:{upstream_port}"]
                 )
             )
         proc = self.procs.start(which, argv, cpus, cwd=REPO)
+        if wait:
+            self.wait_terminator(proc, which, port)
+        return proc
 
+    def wait_terminator(self, proc: subprocess.Popen[bytes], which: str, port: int) -> None:
         def ready() -> bool:
-            return http_get(self.port).status == 200
+            return http_get(port).status == 200
 
         wait_ready(ready, proc, which, self.procs, timeout=60)
-        return proc
 
     # phases
 
@@ -982,67 +1009,106 @@ servers = ["{HOST}:{upstream_port}"]
             and "keepalive" in self.args.workloads
         ):
             result["metrics_ab"] = self.metrics_pairs()
+        if which == "tlsproxy" and first and storage_pairs_wanted(self.args):
+            result["storage_ab"] = self.storage_pairs()
         return result
 
-    def metrics_pairs(self) -> dict[str, Any]:
-        """Two tlsproxy processes side by side, one with its metrics on ([server] admin), one
-        without: both on the terminator's cores, each loaded by its own wrk at the same time,
-        each measured in requests per second of its own CPU (issue 13: on / off >= 0.97). Run
-        at once, the two share whatever the machine does meanwhile (its throughput drifts by
-        more than the 3% looked for between runs minutes apart). Two identical processes still
-        differ by 1 to 3% here (an off/off trial), so the metrics change sides by SIGHUP each
-        run, and the result is the geometric mean of the runs (an even number): each process's
-        own bias counts once for and once against. After each run, one scrape checks that the
-        "on" proxy counted its requests."""
-        workload = next(w for w in self.workloads if w.name == "keepalive")
-        half = dataclasses.replace(workload, connections=max(1, workload.connections // 2))
-        main_port = self.port
-        ports = (free_port(), free_port())
-        admins = (free_port(), free_port())
+    def side_by_side(
+        self,
+        workloads: Sequence[Workload],
+        runs: int,
+        roles: tuple[str, str],
+        arrange: Callable[[int, list[subprocess.Popen[bytes]]], None],
+        ports: Sequence[int],
+        count: Callable[[int], int] | None = None,
+    ) -> dict[str, dict[str, Any]]:
+        """Two tlsproxy processes side by side, one in each of `roles` (the reference, then the
+        one measured against it): both on the terminator's cores, each loaded by its own load
+        client at the same time with half the workload's connections, each measured in requests
+        per second of its own CPU. Run at once, the two share whatever the machine does
+        meanwhile (its throughput drifts by more than the 3% looked for between runs minutes
+        apart). Two identical processes still differ by 1 to 3% here (an off/off trial), so
+        the roles change sides each run, and the result per workload is the geometric mean of
+        the runs (an even number): each process's own bias counts once for and once against.
+
+        `arrange(b, procs)` leaves in `procs` the two processes, ready, serving `ports` in
+        order, with roles[1] in process b (it starts them, or moves the roles between the
+        running ones); whatever `procs` holds at the end is stopped. `count(b)`, when given,
+        is read before and after each measured load and the difference kept as "counted"."""
+        half = [dataclasses.replace(w, connections=max(1, w.connections // 2)) for w in workloads]
+        pairs: dict[str, list[dict[str, Any]]] = {w.name: [] for w in workloads}
         procs: list[subprocess.Popen[bytes]] = []
-        runs = []
+        reference, measured = roles
         try:
-            for i, port in enumerate(ports):
-                self.port = port
-                procs.append(
-                    self.start_terminator(
-                        "tlsproxy", self.upstream_port, self.terminator_cpus, name=f"metrics{i}"
+            for n in range(max(2, runs + runs % 2)):
+                b = n % 2
+                arrange(b, procs)
+                pids = [process_tree(proc.pid) for proc in procs]
+                for workload in half:
+                    if self.args.warmup > 0:
+                        self._load_both(ports, workload, self.args.warmup)
+                    counted_before = count(b) if count else 0
+                    before = [cpu_seconds(p) for p in pids]
+                    results = self._load_both(ports, workload, self.args.duration)
+                    rates = []
+                    for i, result in enumerate(results):
+                        cpu = cpu_seconds(pids[i]) - before[i]
+                        rates.append(result["requests"] / cpu if cpu > 0 else None)
+                    run: dict[str, Any] = {
+                        f"{measured}_process": b,
+                        reference: rates[1 - b],
+                        measured: rates[b],
+                        "requests": results[b]["requests"],
+                    }
+                    if count:
+                        run["counted"] = count(b) - counted_before
+                    errors = {roles[i == b]: r["errors"] for i, r in enumerate(results)}
+                    if any(errors.values()):
+                        run["errors"] = errors
+                    a_rate, b_rate = run[reference], run[measured]
+                    run["ratio"] = b_rate / a_rate if a_rate and b_rate else None
+                    self._say(
+                        f"  tlsproxy {SIDE_BY_SIDE_TITLES[workload.name]} side by side, "
+                        f"{measured} in process {b}, run {n + 1}: {reference} "
+                        f"{_per_second(a_rate)} / {measured} {_per_second(b_rate)} per core-second"
                     )
-                )
-            self.port = main_port
-            pids = [process_tree(proc.pid) for proc in procs]
-            for n in range(max(2, self.args.metrics_pairs + self.args.metrics_pairs % 2)):
-                on = n % 2
-                self._metrics_on(procs, ports, admins, on)
-                if self.args.warmup > 0:
-                    self._load_both(ports, half, self.args.warmup)
-                counted_before = counted_requests(admins[on])
-                before = [cpu_seconds(p) for p in pids]
-                results = self._load_both(ports, half, self.args.duration)
-                rates = []
-                for i, result in enumerate(results):
-                    cpu = cpu_seconds(pids[i]) - before[i]
-                    rates.append(result["requests"] / cpu if cpu > 0 else None)
-                run: dict[str, Any] = {
-                    "on_process": on,
-                    "off": rates[1 - on],
-                    "on": rates[on],
-                    "requests": results[on]["requests"],
-                    "counted": counted_requests(admins[on]) - counted_before,
-                }
-                run["ratio"] = run["on"] / run["off"] if run["off"] and run["on"] else None
-                self._say(
-                    f"  tlsproxy keep-alive side by side, metrics on in process {on}, run "
-                    f"{n + 1}: off {run['off']:,.0f} / on {run['on']:,.0f} per core-second"
-                )
-                runs.append(run)
+                    pairs[workload.name].append(run)
         finally:
-            self.port = main_port
             for proc in procs:
                 self.procs.stop(proc)
-        ratios = [r["ratio"] for r in runs if r["ratio"]]
-        ratio = math.exp(sum(math.log(r) for r in ratios) / len(ratios)) if ratios else None
-        return {"pairs": runs, "ratio": ratio}
+        return {
+            name: {"pairs": done, "ratio": _geometric_mean(done)} for name, done in pairs.items()
+        }
+
+    def metrics_pairs(self) -> dict[str, Any]:
+        """Keep-alive side by side (side_by_side), one process with its metrics on ([server]
+        admin), one without (issue 13: on / off >= 0.97); the metrics change sides by SIGHUP.
+        After each run, one scrape checks that the "on" proxy counted its requests."""
+        keepalive = next(w for w in self.workloads if w.name == "keepalive")
+        ports = (free_port(), free_port())
+        admins = (free_port(), free_port())
+
+        def arrange(on: int, procs: list[subprocess.Popen[bytes]]) -> None:
+            for i, port in enumerate(ports[len(procs) :], len(procs)):
+                procs.append(
+                    self.start_terminator(
+                        "tlsproxy",
+                        self.upstream_port,
+                        self.terminator_cpus,
+                        name=f"metrics{i}",
+                        port=port,
+                    )
+                )
+            self._metrics_on(procs, ports, admins, on)
+
+        return self.side_by_side(
+            [keepalive],
+            self.args.metrics_pairs,
+            ("off", "on"),
+            arrange,
+            ports,
+            count=lambda on: counted_requests(admins[on]),
+        )["keepalive"]
 
     def _metrics_on(
         self,
@@ -1053,12 +1119,13 @@ servers = ["{HOST}:{upstream_port}"]
     ) -> None:
         """Metrics on in process `on` only (a SIGHUP to each), once both have reloaded."""
         for i, proc in enumerate(procs):
-            self.port = ports[i]
             self._tlsproxy_conf(
-                self.upstream_port, f"metrics{i}.toml", admin=admins[i] if i == on else None
+                self.upstream_port,
+                f"metrics{i}.toml",
+                admin=admins[i] if i == on else None,
+                port=ports[i],
             )
             proc.send_signal(signal.SIGHUP)
-        self.port = ports[0]
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             states = []
@@ -1072,6 +1139,82 @@ servers = ["{HOST}:{upstream_port}"]
                 return
             time.sleep(0.05)
         raise BenchError(f"the metrics did not move to process {on} within 20 s")
+
+    def storage_pairs(self) -> dict[str, Any]:
+        """Keep-alive and full handshakes side by side (side_by_side), one process with
+        `[storage] backend = "file"`, one with "redis" on a redis-server started here (issue 16:
+        redis / file >= 0.97, nothing on the hot path). A [storage] change needs a restart, so
+        both processes restart each run with their backends swapped. Redis is seeded once from
+        the file data_dir (`tlsproxy storage copy`), so that both serve the same certificate;
+        each run checks that they do. The redis process keeps its working copy in a data_dir of
+        its own."""
+        workloads = [w for w in self.workloads if w.name in STORAGE_WORKLOADS]
+        workloads = [w for w in workloads if w.name in self.args.workloads]
+        ports = (free_port(), free_port())
+        redis_port = free_port()
+        redis_dir = self.tmp / "redis"
+        redis_dir.mkdir(exist_ok=True)
+        redis = self.procs.start(
+            "redis",
+            ["redis-server", "--port", str(redis_port), "--bind", HOST, "--save", "",
+             "--appendonly", "no", "--dir", str(redis_dir)],
+            self.load_cpus,
+        )  # fmt: skip
+        try:
+            wait_ready(lambda: redis_ping(redis_port), redis, "redis", self.procs)
+            backends = {
+                "file": ('backend = "file"', self.tmp / "tlsproxy-data"),
+                "redis": (
+                    f'backend = "redis"\nurl = "redis://{HOST}:{redis_port}/0"',
+                    self.tmp / "tlsproxy-data-redis",
+                ),
+            }
+            configs = [
+                self._tlsproxy_conf(
+                    self.upstream_port, f"storage-{backend}.toml", storage=storage, data_dir=data
+                )
+                for backend, (storage, data) in backends.items()
+            ]
+            copy = subprocess.run(
+                [self.args.python, "-m", "proxy", "storage", "copy", "-c", str(configs[0]),
+                 "--to-config", str(configs[1])],
+                cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+            if copy.returncode != 0:
+                raise BenchError(f"tlsproxy storage copy failed: {copy.stdout}{copy.stderr}")
+
+            def arrange(on_redis: int, procs: list[subprocess.Popen[bytes]]) -> None:
+                for proc in procs:
+                    self.procs.stop(proc)
+                procs.clear()
+
+                # Both start at once, then are waited for: a restart is most of a quick run's
+                # time. From this thread: PR_SET_PDEATHSIG (_die_with_parent) kills a child when
+                # the thread that started it ends.
+                for i, port in enumerate(ports):
+                    storage, data = backends["redis" if i == on_redis else "file"]
+                    procs.append(
+                        self.start_terminator(
+                            "tlsproxy",
+                            self.upstream_port,
+                            self.terminator_cpus,
+                            name=f"storage{i}",
+                            port=port,
+                            storage=storage,
+                            data_dir=data,
+                            wait=False,
+                        )
+                    )
+                for proc, port in zip(procs, ports, strict=True):
+                    self.wait_terminator(proc, "tlsproxy", port)
+                if len({http_get(port).cert_der for port in ports}) != 1:
+                    raise BenchError("the file and the redis proxy serve different certificates")
+
+            return self.side_by_side(
+                workloads, self.args.storage_pairs, ("file", "redis"), arrange, ports
+            )
+        finally:
+            self.procs.stop(redis)
 
     def _load_both(
         self, ports: Sequence[int], workload: Workload, duration: float
@@ -1243,6 +1386,29 @@ servers = ["{HOST}:{upstream_port}"]
     @staticmethod
     def _say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
+
+
+def storage_pairs_wanted(args: argparse.Namespace) -> bool:
+    return (
+        args.storage_pairs > 0
+        and "tlsproxy" in args.only
+        and bool(set(STORAGE_WORKLOADS) & set(args.workloads))
+    )
+
+
+def redis_ping(port: int) -> bool:
+    with socket.create_connection((HOST, port), timeout=2) as sock:
+        sock.sendall(b"PING\r\n")
+        return sock.recv(64).startswith(b"+PONG")
+
+
+def _geometric_mean(runs: Sequence[dict[str, Any]]) -> float | None:
+    ratios = [r["ratio"] for r in runs if r["ratio"]]
+    return math.exp(sum(math.log(r) for r in ratios) / len(ratios)) if ratios else None
+
+
+def _per_second(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:,.0f}"
 
 
 def _brief(r: dict[str, Any]) -> str:
@@ -1533,30 +1699,69 @@ def counted_requests(admin_port: int) -> int:
     )
 
 
+def pairs_markdown(
+    title: str,
+    unit: str,
+    roles: tuple[str, str],
+    sections: Sequence[tuple[str, dict[str, Any]]],
+    target: float,
+) -> str:
+    """A side-by-side comparison (Bench.side_by_side) as a table: each run's two rates and
+    their ratio, then the geometric mean; `sections` are (row prefix, one workload's result)."""
+    reference, measured = roles
+    lines = [
+        f"| {title} | {unit}, {reference} | {measured} | {measured} / {reference} |",
+        "|---|---|---|---|",
+    ]
+    for prefix, ab in sections:
+        for n, pair in enumerate(ab["pairs"], 1):
+            ratio = f"{pair['ratio']:.3f}" if pair.get("ratio") else "-"
+            lines.append(
+                f"| {prefix}run {n} ({measured}: process {pair[f'{measured}_process']}) "
+                f"| {_per_second(pair[reference])} | {_per_second(pair[measured])} | {ratio} |"
+            )
+        ratio = ab.get("ratio")
+        if ratio is not None:
+            met = "met" if ratio >= target else "NOT met"
+            lines.append(
+                f"| {prefix}geometric mean of the runs | | | **{ratio:.3f}** (target >= "
+                f"{target}: {met}) |"
+            )
+    return "\n".join(lines)
+
+
 def metrics_markdown(results: dict[str, Any]) -> str:
     """Issue 13: keep-alive per core-second with the metrics on, over off, pair by pair."""
     ab = results.get("tlsproxy", {}).get("metrics_ab")
     if not ab or not ab.get("pairs"):
         return ""
-    lines = [
-        "| metrics (`[server] admin`), side by side | keep-alive per core-second, off | on "
-        "| on / off |",
-        "|---|---|---|---|",
+    return pairs_markdown(
+        "metrics (`[server] admin`), side by side",
+        "keep-alive per core-second",
+        ("off", "on"),
+        [("", ab)],
+        TARGET_METRICS_ON_OFF,
+    )
+
+
+def storage_markdown(results: dict[str, Any]) -> str:
+    """Issue 16: keep-alive and full handshakes per core-second with the redis storage
+    backend, over the file backend, pair by pair."""
+    ab = results.get("tlsproxy", {}).get("storage_ab") or {}
+    sections = [
+        (f"{SIDE_BY_SIDE_TITLES[name]}, ", ab[name])
+        for name in STORAGE_WORKLOADS
+        if ab.get(name, {}).get("pairs")
     ]
-    for n, pair in enumerate(ab["pairs"], 1):
-        ratio = f"{pair['ratio']:.3f}" if pair.get("ratio") else "-"
-        lines.append(
-            f"| run {n} (on: process {pair['on_process']}) | {pair['off']:,.0f} "
-            f"| {pair['on']:,.0f} | {ratio} |"
-        )
-    ratio = ab.get("ratio")
-    if ratio is not None:
-        met = "met" if ratio >= TARGET_METRICS_ON_OFF else "NOT met"
-        lines.append(
-            f"| geometric mean of the runs | | | **{ratio:.3f}** (target >= "
-            f"{TARGET_METRICS_ON_OFF}: {met}) |"
-        )
-    return "\n".join(lines)
+    if not sections:
+        return ""
+    return pairs_markdown(
+        "storage (`[storage] backend`), side by side",
+        "per core-second",
+        ("file", "redis"),
+        sections,
+        TARGET_STORAGE_REDIS_FILE,
+    )
 
 
 def access_log_markdown(results: dict[str, Any]) -> str:
@@ -1619,6 +1824,11 @@ def _versions(python: str) -> dict[str, str]:
         "commit": commit,
         "kernel": platform.release(),
     }
+
+
+def _imports(python: str, module: str) -> bool:
+    done = subprocess.run([python, "-c", f"import {module}"], capture_output=True, check=False)
+    return done.returncode == 0
 
 
 def _loadavg() -> float:
@@ -1690,6 +1900,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="keep-alive runs of two tlsproxy processes at once, metrics on in one of them\n"
         "([server] admin), swapped by SIGHUP each run; this many runs, made even (default 4;\n"
         "0 skips them)",
+    )
+    p.add_argument(
+        "--storage-pairs",
+        type=int,
+        default=4,
+        help="keep-alive and full-handshake runs of two tlsproxy processes at once, one with\n"
+        '[storage] backend = "file", one with "redis" (a redis-server started here, seeded\n'
+        "from the file data_dir), swapped by a restart each run; this many runs of each, made\n"
+        "even (default 4; 0 skips them)",
     )
     p.add_argument(
         "--idle-connections",
@@ -1765,13 +1984,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.warmup = 0.0 if args.warmup is None else args.warmup
         args.rounds = args.rounds or 1
         args.metrics_pairs = min(args.metrics_pairs, 2)
+        args.storage_pairs = min(args.storage_pairs, 2)
     args.warmup = 2.0 if args.warmup is None else args.warmup
     args.idle_connections = args.idle_connections or 1000
     args.rounds = max(args.rounds or 3, 1)
     args.only = [t.strip() for t in args.only.split(",") if t.strip()]
     if args.h2:
         args.workloads, args.access_log, args.e2e = ",".join(H2_WORKLOADS), False, False
-        args.metrics_pairs = 0
+        args.metrics_pairs = args.storage_pairs = 0
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     unknown = set(args.workloads) - {*WORKLOADS, "memory"}
     if unknown:
@@ -1811,11 +2031,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     needed = ["nginx", "wrk", "openssl"]
     if {"h2streams", "h2conn"} & set(args.workloads):
         needed.append("h2load")
+    if storage_pairs_wanted(args):
+        needed.append("redis-server")
     missing = [c for c in needed if shutil.which(c) is None]
     if missing:
         print(
             f"missing commands: {', '.join(missing)}"
-            " (apt-get install -y nginx wrk openssl nghttp2-client)",
+            " (apt-get install -y nginx wrk openssl nghttp2-client redis-server;"
+            " --storage-pairs 0 needs no redis-server)",
+            file=sys.stderr,
+        )
+        return 2
+    if storage_pairs_wanted(args) and not _imports(args.python, "redis"):
+        print(
+            f"{args.python} cannot import redis: pip install 'tlsproxy[redis]'"
+            " (or --storage-pairs 0)",
             file=sys.stderr,
         )
         return 2
@@ -1924,6 +2154,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if counted:
         print("\nThe metrics, off and on (two proxies loaded at once, sides swapped each run):")
         print(counted)
+    stored = storage_markdown(results)
+    if stored:
+        print(
+            "\nThe storage backends, file and redis (two proxies loaded at once, sides swapped"
+            " by a restart each run):"
+        )
+        print(stored)
     resumed = {
         f"{t}.{w}": f"{r[w].get('resumed', 0)}/{r[w]['requests']}"
         for t, r in {**results, **({"floor": floor} if floor else {})}.items()

@@ -24,10 +24,11 @@ RESUME_CLIENTS = 6  # bench/run.py's default --resume-clients
 NEW_CONNECTIONS = 50  # bench/run.py's default --connections: h2load -c 50 -n 50 in h2conn
 H2_TABLE = "| HTTP/2, requests per core-second | nginx | tlsproxy | tlsproxy / nginx |"
 
-missing = [c for c in ("nginx", "wrk", "openssl", "h2load") if shutil.which(c) is None]
+missing = [c for c in ("nginx", "wrk", "openssl", "h2load", "redis-server") if not shutil.which(c)]
 pytestmark = pytest.mark.skipif(
     bool(missing),
-    reason=f"the benchmark needs {', '.join(missing)} (apt-get install nginx wrk nghttp2-client)",
+    reason=f"the benchmark needs {', '.join(missing)} (apt-get install nginx wrk nghttp2-client"
+    " redis-server)",
 )
 
 
@@ -130,6 +131,21 @@ def test_keepalive_runs_with_the_metrics_off_and_on(report: dict) -> None:
         assert run["off"] > 0 and run["on"] > 0
         assert run["counted"] >= run["requests"] > 0
     assert min(r["ratio"] for r in runs) <= ab["ratio"] <= max(r["ratio"] for r in runs)
+
+
+def test_the_storage_backends_run_side_by_side(report: dict) -> None:
+    """Issue 16's side-by-side runs: for keep-alive and full handshakes, redis changed places
+    with file (by a restart) each run, and both processes served requests without errors."""
+    ab = report["results"]["tlsproxy"]["storage_ab"]
+    assert set(ab) == {"keepalive", "handshake"}
+    for workload in ab.values():
+        runs = workload["pairs"]
+        assert [run["redis_process"] for run in runs] == [0, 1]
+        for run in runs:
+            assert run["file"] > 0 and run["redis"] > 0  # requests per core-second of each
+            assert run["requests"] > 0 and "errors" not in run
+        ratios = [run["ratio"] for run in runs]
+        assert min(ratios) <= workload["ratio"] <= max(ratios)
 
 
 @pytest.mark.parametrize("terminator", ["nginx", "tlsproxy"])
