@@ -11,7 +11,6 @@ stopped at teardown (SIGTERM, then SIGKILL).
 
 from __future__ import annotations
 
-import shutil
 import signal
 import socket
 import ssl
@@ -40,6 +39,7 @@ from tests.integration.harness import (
     wait_for_port,
     write_config,
 )
+from tests.integration.metrics.spec import require
 from tests.integration.redis_server import RedisServer
 
 # Pebble sleeps a random 0 or 1 s before each validation (PEBBLE_VA_NOSLEEP off, at most
@@ -57,10 +57,7 @@ class Balancer:
     checks every 200 ms and a redispatch on a refused connection keep a dead instance from
     failing a validation, as a production balancer's checks would."""
 
-    def __init__(self, directory: Path) -> None:
-        binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
-        if not Path(binary).exists():
-            raise RuntimeError("haproxy is missing: scripts/test.sh installs it")
+    def __init__(self, binary: str, directory: Path) -> None:
         self.binary = binary
         self.directory = directory
         self.port = free_port()
@@ -252,14 +249,12 @@ url = "{self.redis.url}"
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     skip_without_components()
-    if shutil.which("redis-server") is None:
-        pytest.skip("needs redis-server (apt-get install -y redis-server)")
-    if shutil.which("haproxy") is None and not Path("/usr/sbin/haproxy").exists():
-        pytest.skip("needs haproxy (apt-get install -y haproxy)")
+    require("redis-server", "redis-server")
+    haproxy = require("haproxy", "haproxy")
     root = tmp_path_factory.mktemp("cluster")
     components: list[Components] = []
     redis = RedisServer(root / "redis")
-    balancer = Balancer(root / "haproxy")
+    balancer = Balancer(haproxy, root / "haproxy")
     app = AppProcess(root)
     env: Env | None = None
     try:
