@@ -252,6 +252,7 @@ def test_redis_stopped_and_started_under_load_no_request_fails_and_renewal_resum
                 certs.stdout
             )
         assert PASSWORD not in certs.stdout + certs.stderr
+        print(f"\n`tlsproxy certs` while Redis is down:\n{certs.stdout}", end="")
         time.sleep(2.0)
         env.redis.start()
         time.sleep(3.0)
@@ -259,7 +260,7 @@ def test_redis_stopped_and_started_under_load_no_request_fails_and_renewal_resum
         stop.set()
         for thread in clients:
             thread.join()
-    print(f"\nrequests across the Redis stop/start: {sum(done)} ({done}), failed: {len(failures)}")
+    print(f"requests across the Redis stop/start: {sum(done)} ({done}), failed: {len(failures)}")
     assert not failures, failures[:5]
     # Bounded, not a stress test: a few hundred in all, on each instance before, during and
     # after the outage.
