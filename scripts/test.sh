@@ -4,7 +4,8 @@
 #        nginx + wrk (the benchmark's smoke test), systemd + util-linux + passwd (the deploy
 #        tests: systemd-analyze, systemd-socket-activate, setpriv, useradd), nghttp2-client (nghttp
 #        and h2load: HTTP/2 tests and benchmark), redis-server (the redis storage backend's
-#        tests), prometheus (promtool checks and unit-tests deploy/prometheus's alert rules; its
+#        tests), haproxy (the balancer in front of tests/integration/cluster's three
+#        instances), prometheus (promtool checks and unit-tests deploy/prometheus's alert rules; its
 #        server scrapes a real proxy in tests/integration/metrics); pip: the project with its
 #        [test] extra.
 # Arguments are passed to pytest (e.g. scripts/test.sh tests/unit -x).
@@ -16,7 +17,7 @@ for pair in curl:curl openssl:openssl pebble:pebble named:bind9 dig:bind9-dnsuti
             nginx:nginx wrk:wrk systemd-analyze:systemd systemd-socket-activate:systemd \
             setpriv:util-linux useradd:passwd \
             nghttp:nghttp2-client h2load:nghttp2-client redis-server:redis-server \
-            promtool:prometheus prometheus:prometheus; do
+            haproxy:haproxy promtool:prometheus prometheus:prometheus; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)

@@ -41,7 +41,7 @@ from certs.issuers.acme import AcmeSettings, DnsUpdateSettings
 from tests.integration.certs.conftest import client_context, connect, echo_server
 from tests.integration.harness import ProxyProcess, free_port, stop_process
 
-from .helpers import context_factory
+from .helpers import context_factory, pebble_orders
 
 __all__ = ["client_context", "connect", "echo_server"]
 
@@ -94,7 +94,12 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 @pytest.fixture(scope="session")
 def pebble_tls(tmp_path_factory: pytest.TempPathFactory) -> PebbleTls:
-    directory = tmp_path_factory.mktemp("pebble-tls")
+    return make_pebble_tls(tmp_path_factory.mktemp("pebble-tls"))
+
+
+def make_pebble_tls(directory: Path) -> PebbleTls:
+    """A CA and, under it, Pebble's HTTPS certificate for 127.0.0.1/localhost, in `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pebble test HTTPS CA")])
@@ -294,6 +299,10 @@ class Components:
             stop_process(self.named, 5)
             self.named = None
 
+    def orders(self) -> int:
+        """How many orders this Pebble has taken since it started (see pebble_orders)."""
+        return pebble_orders(self.pebble_log)
+
     def root_pem(self) -> bytes:
         """Pebble's current issuing root (it changes on every pebble start)."""
         ctx = ssl.create_default_context(cafile=str(self.tls.ca))
@@ -310,10 +319,7 @@ StartComponents = Callable[..., Components]
 def components(tmp_path: Path, pebble_tls: PebbleTls) -> Iterator[StartComponents]:
     """start(pebble_env={...}, validity=SECONDS, zones={NAME: TEXT}) -> Components (named +
     pebble, running)."""
-    if PEBBLE is None or NAMED is None:
-        pytest.skip(MISSING)
-    if not (SHARED / "dns" / "named.conf").is_file():
-        pytest.skip(f"no components configs at {SHARED} (set TLSPROXY_COMPONENTS)")
+    skip_without_components()
     started: list[Components] = []
 
     def start(
@@ -322,28 +328,60 @@ def components(tmp_path: Path, pebble_tls: PebbleTls) -> Iterator[StartComponent
         extra_config: dict[str, object] | None = None,
         zones: dict[str, str] | None = None,
     ) -> Components:
-        c = Components(
-            root=tmp_path / f"components{len(started)}",
-            tls=pebble_tls,
-            dns_port=free_port(),
-            acme_port=free_port(),
-            mgmt_port=free_port(),
-            http_port=free_port(),
-            tls_port=free_port(),
-            pebble_env={"PEBBLE_AUTHZREUSE": "0", **(pebble_env or {})},
+        return start_components(
+            tmp_path / f"components{len(started)}",
+            pebble_tls,
+            started,
+            pebble_env=pebble_env,
             validity=validity,
-            extra_config=extra_config or {},
-            zones=zones or {},
+            extra_config=extra_config,
+            zones=zones,
         )
-        c.root.mkdir()
-        started.append(c)
-        c.start_named()
-        c.start_pebble()
-        return c
 
     yield start
     for c in started:
         c.stop()
+
+
+def skip_without_components() -> None:
+    if PEBBLE is None or NAMED is None:
+        pytest.skip(MISSING)
+    if not (SHARED / "dns" / "named.conf").is_file():
+        pytest.skip(f"no components configs at {SHARED} (set TLSPROXY_COMPONENTS)")
+
+
+def start_components(
+    root: Path,
+    tls: PebbleTls,
+    started: list[Components],
+    *,
+    pebble_env: dict[str, str] | None = None,
+    validity: int | None = None,
+    extra_config: dict[str, object] | None = None,
+    zones: dict[str, str] | None = None,
+    http_port: int | None = None,
+) -> Components:
+    """named + pebble in `root`, running, appended to `started` before they start (so that
+    the caller's teardown stops whatever did start). `http_port`: where Pebble sends HTTP-01
+    validation (a free port by default)."""
+    c = Components(
+        root=root,
+        tls=tls,
+        dns_port=free_port(),
+        acme_port=free_port(),
+        mgmt_port=free_port(),
+        http_port=http_port or free_port(),
+        tls_port=free_port(),
+        pebble_env={"PEBBLE_AUTHZREUSE": "0", **(pebble_env or {})},
+        validity=validity,
+        extra_config=extra_config or {},
+        zones=zones or {},
+    )
+    c.root.mkdir(parents=True)
+    started.append(c)
+    c.start_named()
+    c.start_pebble()
+    return c
 
 
 # -- an HTTP-01 responder on Pebble's httpPort -------------------------------------------------

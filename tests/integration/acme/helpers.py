@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,6 +22,31 @@ def context_factory(cert_file: Path, key_file: Path) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert_file, key_file)
     return ctx
+
+
+def pebble_orders(log: Path) -> int:
+    """How many orders Pebble created, read from its log: it prints `Added order "ID" to the
+    db` once for every new-order request it accepts, whether or not that order is ever
+    validated or finalized (an order whose client died half-way counts too). Counted over the
+    whole file: a Pebble restarted onto the same log file adds to the count."""
+    try:
+        text = log.read_text(errors="replace")
+    except FileNotFoundError:
+        return 0
+    return text.count("Added order ")
+
+
+def pebble_validations(log: Path, name: str) -> int:
+    """How many challenges for `name` Pebble set out to validate, from its log (`Pulled a task
+    from the Tasks queue: ... Value:"NAME"`, once per challenge a client asked it to check,
+    however many perspectives it then validates from)."""
+    try:
+        text = log.read_text(errors="replace")
+    except FileNotFoundError:
+        return 0
+    return len(
+        re.findall(rf'Pulled a task from the Tasks queue: .*Value:"{re.escape(name)}"', text)
+    )
 
 
 def acme_spec(*hosts: str, challenge: str | None = None) -> CertSpec:

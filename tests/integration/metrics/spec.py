@@ -63,12 +63,12 @@ def sample_names() -> set[str]:
     return names
 
 
-def require(tool: str) -> str:
+def require(tool: str, package: str = "prometheus") -> str:
     """The path of `tool`. Missing: a skip on a developer's machine, a failure under CI=true,
     where scripts/test.sh has installed it (a missing tool must not pass as a skip there)."""
     path = shutil.which(tool)
     if path is None:
-        message = f"needs {tool} (apt-get install prometheus; scripts/test.sh installs it)"
+        message = f"needs {tool} (apt-get install {package}; scripts/test.sh installs it)"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
