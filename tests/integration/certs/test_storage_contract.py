@@ -3,6 +3,7 @@ real redis-server (with a password) on a free port."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from certs.challenges.http01 import Http01Responder
 from certs.errors import LockTimeout
 from certs.storage import (
     Backend,
@@ -484,3 +486,41 @@ def test_the_file_backend_sees_what_the_managers_store(tmp_path: Path) -> None:
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "tlsproxy.pid").write_text("1")
     assert backend.list("", recursive=False) == ["ca", "certificates"]
+
+
+# -- HTTP-01 tokens shared by the instances ------------------------------------------------------
+def wait_for(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "not within the time"
+        time.sleep(0.02)
+
+
+def test_every_instance_answers_a_token_another_published(
+    redis_server: RedisServer, secret_file: Path
+) -> None:
+    """Two instances' responders on one real Redis: what one publishes the other answers,
+    until it is withdrawn; with encryption on, a token planted in the clear is never served."""
+    prefix = f"tokens{os.getpid()}"
+    secret = read_secret(secret_file)
+    raw = RedisBackend(redis_server.url, prefix)
+    ours, theirs = (
+        Http01Responder(EncryptedBackend(RedisBackend(redis_server.url, prefix), secret))
+        for _ in range(2)
+    )
+    for responder in (ours, theirs):
+        responder.share()
+    try:
+        asyncio.run(ours.publish("tok-1", "tok-1.thumbprint"))
+        wait_for(lambda: theirs.lookup("tok-1") == "tok-1.thumbprint")
+        asyncio.run(ours.withdraw("tok-1"))
+        wait_for(lambda: theirs.lookup("tok-1") is None)
+        # Whoever can write to the Redis without the secret cannot make us answer for them.
+        raw.store(keys.http01_token("planted"), b"planted.their-account")
+        asyncio.run(ours.publish("tok-2", "tok-2.thumbprint"))  # a later change, seen after it
+        wait_for(lambda: theirs.lookup("tok-2") is not None)
+        assert theirs.lookup("planted") is None and ours.lookup("planted") is None
+    finally:
+        for responder in (ours, theirs):
+            responder.close()
+        raw.close()
