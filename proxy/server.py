@@ -306,8 +306,10 @@ class ProxyServer:
         return NegotiatedProtocol(self.state, self.registry.discard, client_ip)
 
     def _new_redirect(self, https_port: int) -> RedirectProtocol:
-        lookup = self.http01.lookup if self.http01 is not None else None
-        return RedirectProtocol(https_port, lookup, self._limits(), self.access_log)
+        http01 = self.http01
+        lookup = http01.lookup if http01 is not None else None
+        stored = http01.lookup_stored if http01 is not None and http01.shared else None
+        return RedirectProtocol(https_port, lookup, self._limits(), self.access_log, stored)
 
     async def _start_http01(self) -> None:
         from certs.challenges.http01 import Http01Responder

@@ -25,6 +25,9 @@ from ..storage.contract import Backend, StorageError, Subscription
 
 log = logging.getLogger("tlsproxy.certs.acme")
 
+# How long a challenge request may wait for the shared store (lookup_stored).
+LOOKUP_TIMEOUT = 2.0
+
 PATH_PREFIX = "/.well-known/acme-challenge/"
 # RFC 8555 section 8.3: a token is base64url without padding; we accept nothing else so that a
 # request path can never name something other than a token.
@@ -84,6 +87,25 @@ class Http01Responder:
                 self._pending.pop(token, None)
             else:
                 self._pending[token] = value.decode()
+
+    @property
+    def shared(self) -> bool:
+        return self._shared is not None
+
+    async def lookup_stored(self, token: str) -> str | None:
+        """The shared store's answer for a token the mirror does not hold (yet): the CA may
+        validate before the change notification reaches this instance. None when it has
+        none, or cannot answer within LOOKUP_TIMEOUT (a challenge fails; the order retries)."""
+        if self._shared is None or not _TOKEN.fullmatch(token):
+            return None
+        try:
+            value = await asyncio.wait_for(
+                asyncio.to_thread(self._shared.load, keys.http01_token(token)), LOOKUP_TIMEOUT
+            )
+        except (StorageError, TimeoutError) as e:
+            log.warning("http-01 token %s: the shared store did not answer: %s", token, e)
+            return None
+        return None if value is None else value.decode()
 
     async def publish(self, token: str, key_authorization: str) -> None:
         """add(), and with a shared store, store it there for the other instances first."""

@@ -15,7 +15,7 @@ a connection that never sent anything is closed silently (browsers pre-connect).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import h11
@@ -44,6 +44,8 @@ class RedirectLimits(Protocol):
 
 
 AcmeResponder = Callable[[str], "str | None"]
+# Several instances: asks the shared store for a token this instance has not heard of yet.
+AcmeStore = Callable[[str], Awaitable["str | None"]]
 
 
 class RedirectProtocol(asyncio.Protocol):
@@ -53,9 +55,14 @@ class RedirectProtocol(asyncio.Protocol):
         acme_responder: AcmeResponder | None,
         limits: RedirectLimits,
         access_log: AccessLog | None = None,
+        acme_store: AcmeStore | None = None,
     ) -> None:
         self._https_port = https_port
         self._acme = acme_responder
+        self._acme_store = acme_store
+        # A challenge request waiting for the shared store's answer: nothing else is read or
+        # answered meanwhile, so that pipelined answers keep their order.
+        self._deferred = False
         self._limits = limits
         self._access = access_log if access_log is not None and access_log.enabled else None
         self._client = "-"
@@ -129,7 +136,7 @@ class RedirectProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._paused = False
-        if self._transport is None or self._closing:
+        if self._transport is None or self._closing or self._deferred:
             return
         self._transport.resume_reading()
         try:
@@ -146,7 +153,7 @@ class RedirectProtocol(asyncio.Protocol):
     # --- request handling -------------------------------------------------------------------
 
     def _process(self) -> None:
-        while not self._closing and not self._paused:
+        while not self._closing and not self._paused and not self._deferred:
             try:
                 event = self._conn.next_event()
             except h11.RemoteProtocolError as exc:
@@ -158,10 +165,14 @@ class RedirectProtocol(asyncio.Protocol):
             if isinstance(event, h11.Request):
                 self._body_bytes = 0
                 response, close = self._response(event)
-                refused = response.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 413 "))
+                refused = response is not None and response.startswith(
+                    (b"HTTP/1.1 400 ", b"HTTP/1.1 413 ")
+                )
                 if self._conn.their_state is h11.SEND_BODY and not refused:
                     self._request = (event, response, close)
                     self._arm(self._limits.body_read_timeout, self._on_body_timeout)
+                elif response is None:
+                    self._ask_store(event, close, next_cycle=False)
                 else:
                     self._answer(event, response, close)
             elif isinstance(event, h11.Data):
@@ -171,6 +182,9 @@ class RedirectProtocol(asyncio.Protocol):
                     return
             elif isinstance(event, h11.EndOfMessage):
                 waiting, self._request = self._request, None
+                if waiting is not None and waiting[1] is None:
+                    self._ask_store(waiting[0], waiting[2], next_cycle=True)
+                    return
                 if waiting is not None:
                     self._answer(*waiting)
                     if self._closing:
@@ -179,6 +193,47 @@ class RedirectProtocol(asyncio.Protocol):
             elif isinstance(event, h11.ConnectionClosed):
                 self._finish(b"", close=True)
                 return
+
+    def _ask_store(self, request: h11.Request, close: bool, *, next_cycle: bool) -> None:
+        """Answer a challenge this instance has no token for once the shared store has said
+        whether another instance published it (the CA may validate before the change
+        notification has brought it here)."""
+        self._deferred = True
+        self._cancel_timer()  # the store answers within a bound of its own
+        if self._transport is not None:
+            self._transport.pause_reading()
+        asyncio.get_running_loop().create_task(self._answer_from_store(request, close, next_cycle))
+
+    async def _answer_from_store(self, request: h11.Request, close: bool, next_cycle: bool) -> None:
+        head = request.method == b"HEAD"
+        assert self._acme_store is not None
+        token = request.target[len(ACME_PREFIX) :].decode("ascii")
+        try:
+            key_authorization = await self._acme_store(token)
+        except Exception:
+            log.exception("http-01 responder failed for token %s", token)
+            response = error_response(500, close=close, head=head)
+        else:
+            if key_authorization is None:
+                response = error_response(404, close=close, head=head)
+            else:
+                body = key_authorization.encode("ascii")
+                response = plain_response(200, body, close=close, head=head)
+        self._deferred = False
+        if self._closing or self._transport is None:
+            return
+        try:
+            self._answer(request, response, close)
+            if self._closing:
+                return
+            if next_cycle:
+                self._next_cycle()
+            if not self._paused and self._transport is not None:
+                self._transport.resume_reading()
+            self._process()
+        except Exception:
+            log.exception("http listener: unexpected error, closing the connection")
+            self._abort()
 
     def _answer(self, request: h11.Request, response: bytes, close: bool) -> None:
         self._finish(response, close)
@@ -198,8 +253,9 @@ class RedirectProtocol(asyncio.Protocol):
                 protocol="http/1.0" if request.http_version == b"1.0" else "http/1.1",
             )
 
-    def _response(self, request: h11.Request) -> tuple[bytes, bool]:
-        """The answer to a request, and whether the connection closes after it."""
+    def _response(self, request: h11.Request) -> tuple[bytes | None, bool]:
+        """The answer to a request, and whether the connection closes after it. None: a
+        challenge to ask the shared store about (_ask_store)."""
         close = request.http_version != b"1.1"
         length: bytes | None = None
         chunked = False
@@ -225,7 +281,7 @@ class RedirectProtocol(asyncio.Protocol):
             return error_response(400, close=True, head=head), True
         return redirect_response(location, close=close), close
 
-    def _challenge(self, target: bytes, head: bool, close: bool) -> bytes:
+    def _challenge(self, target: bytes, head: bool, close: bool) -> bytes | None:
         token = target[len(ACME_PREFIX) :]
         if self._acme is None or not token or not _TOKEN_CHARS.issuperset(token):
             return error_response(404, close=close, head=head)
@@ -235,6 +291,8 @@ class RedirectProtocol(asyncio.Protocol):
             log.exception("http-01 responder failed for token %s", token.decode("ascii"))
             return error_response(500, close=close, head=head)
         if key_authorization is None:
+            if self._acme_store is not None:
+                return None
             return error_response(404, close=close, head=head)
         return plain_response(200, key_authorization.encode("ascii"), close=close, head=head)
 

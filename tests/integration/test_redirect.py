@@ -40,13 +40,15 @@ def run(request) -> Callable[[Coroutine], object]:
 
 
 @contextlib.asynccontextmanager
-async def serve(responder=TOKENS.get, **limits) -> AsyncIterator[int]:
+async def serve(responder=TOKENS.get, store=None, **limits) -> AsyncIterator[int]:
     settings = Limits(
         **{"header_read_timeout": 5.0, "idle_timeout": 5.0, "max_header_bytes": 8192, **limits}
     )
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: RedirectProtocol(HTTPS_PORT, responder, settings), "127.0.0.1", 0
+        lambda: RedirectProtocol(HTTPS_PORT, responder, settings, acme_store=store),
+        "127.0.0.1",
+        0,
     )
     try:
         yield server.sockets[0].getsockname()[1]
@@ -142,6 +144,37 @@ def test_failing_responder_gets_500_and_the_listener_lives_on(run):
             r = await client.get(f"http://127.0.0.1:{port}/.well-known/acme-challenge/abc")
             assert r.status_code == 500
             assert (await client.get(f"http://127.0.0.1:{port}/")).status_code == 308
+
+    run(scenario())
+
+
+def test_a_token_published_elsewhere_is_asked_of_the_shared_store_in_order(run):
+    """Several instances: a token this one has not heard of yet is looked up in the shared
+    store (slowly here), and pipelined answers behind it wait for it, in order."""
+    asked = []
+
+    async def store(token: str) -> str | None:
+        asked.append(token)
+        await asyncio.sleep(0.2)
+        if token == "broken":
+            raise RuntimeError("store unavailable")
+        return {"elsewhere": "elsewhere.thumbprint"}.get(token)
+
+    async def scenario():
+        async with serve(store=store) as port:
+            raw = await talk(
+                port,
+                b"GET /.well-known/acme-challenge/elsewhere HTTP/1.1\r\nHost: a.test\r\n\r\n"
+                b"GET /.well-known/acme-challenge/tok_en-1 HTTP/1.1\r\nHost: a.test\r\n\r\n"
+                b"HEAD /.well-known/acme-challenge/nowhere HTTP/1.1\r\nHost: a.test\r\n\r\n"
+                b"GET /.well-known/acme-challenge/broken HTTP/1.1\r\nHost: a.test\r\n\r\n"
+                b"GET /5 HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+            )
+            got = responses(raw, [b"GET", b"GET", b"HEAD", b"GET", b"GET"])
+            assert [status for status, _, _ in got] == [200, 200, 404, 500, 308]
+            assert got[0][2] == b"elsewhere.thumbprint"
+            assert got[1][2] == b"tok_en-1.thumbprint"  # known here: the store is not asked
+            assert asked == ["elsewhere", "nowhere", "broken"]
 
     run(scenario())
 
