@@ -56,11 +56,12 @@ class Balancer:
     plain-HTTP listeners, as an L4 balancer in front of a cluster forwards port 80. A refused
     connection is retried on the next instance (`option redispatch 1`), so that an instance
     not listening yet, or killed, never fails a validation; 10 retries, because the CA sends
-    three requests at once and round robin hands each the next server: with three retries, one
-    of them could try only the two instances not listening yet (seen: Pebble's "EOF"). No health checks: HAProxy starts
-    before the instances, and a check marks an instance up only some time after it listens,
-    while the first instance to start orders at once; until then HAProxy would have "no
-    server available" for the CA's validation (seen in CI: one extra order)."""
+    three requests at once and round robin hands each the next server: with three retries,
+    one of them could try only the two instances not listening yet (seen: Pebble's "EOF").
+    No health checks: HAProxy starts before the instances, and a check marks an instance up
+    only some time after it listens, while the first instance to start orders at once; until
+    then HAProxy would have "no server available" for the CA's validation (seen in CI: one
+    extra order)."""
 
     def __init__(self, binary: str, directory: Path) -> None:
         self.binary = binary
@@ -74,10 +75,7 @@ class Balancer:
         self.stop()
         self.backends = list(ports)
         self.directory.mkdir(parents=True, exist_ok=True)
-        servers = "\n".join(
-            f"    server i{n} 127.0.0.1:{port}"
-            for n, port in enumerate(ports)
-        )
+        servers = "\n".join(f"    server i{n} 127.0.0.1:{port}" for n, port in enumerate(ports))
         config = self.directory / "haproxy.cfg"
         config.write_text(
             f"""global
