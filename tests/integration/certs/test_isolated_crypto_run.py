@@ -20,7 +20,7 @@ from tests.integration.harness import (
     tlsproxy,
     write_config,
 )
-from tests.integration.proxy.support import Issued, issue, make_ca, proxy_config
+from tests.integration.proxy.support import Issued, curl_to, issue, make_ca, proxy_config
 
 CRYPTO_MARKERS = ("cryptography", "_rust.abi3", "/acme/", "josepy", "/requests/")
 
@@ -53,26 +53,7 @@ def mapped_crypto(pid: int) -> list[str]:
 
 
 def curl(port: int, host: str, cacert: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            "curl",
-            "-sS",
-            "--max-time",
-            "10",
-            "--cacert",
-            str(cacert),
-            "--resolve",
-            f"{host}:{port}:127.0.0.1",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code} %{ssl_verify_result}",
-            f"https://{host}:{port}/",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
+    return curl_to(port, cacert, host, "-o", "/dev/null", "-w", "%{http_code} %{ssl_verify_result}")
 
 
 def test_run_serves_internal_and_files_sites_without_cryptography(

@@ -36,6 +36,7 @@ from tests.integration.proxy.conftest import MakeProxy
 from tests.integration.proxy.support import (
     Issued,
     Proxy,
+    curl_to,
     make_ca,
     s_client,
     served_certificate_in,
@@ -167,26 +168,9 @@ class Env:
         return self.proxy.port
 
     def curl(self, host: str, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [
-                "curl",
-                "-sS",
-                "--max-time",
-                "10",
-                "--cacert",
-                str(self.proxy.ca),
-                "--resolve",
-                f"{host}:{self.port}:127.0.0.1",
-                # curl's default, h2: it sends its preface right after the handshake, before it
-                # reads the alert of a refused certificate (see tls._linger_after_alert).
-                "--http2",
-                *args,
-                f"https://{host}:{self.port}/",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        # curl's default, h2: it sends its preface right after the handshake, before it reads
+        # the alert of a refused certificate (see tls._linger_after_alert).
+        return curl_to(self.port, self.proxy.ca, host, "--http2", *args)
 
     def context(self, cert: tuple[Path, Path] | None = None, *, tls12: bool = False):
         return context_for(self.proxy, cert, tls12=tls12)
