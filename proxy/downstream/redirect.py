@@ -63,6 +63,7 @@ class RedirectProtocol(asyncio.Protocol):
         # A challenge request waiting for the shared store's answer: nothing else is read or
         # answered meanwhile, so that pipelined answers keep their order.
         self._deferred = False
+        self._store_task: asyncio.Task[None] | None = None
         self._limits = limits
         self._access = access_log if access_log is not None and access_log.enabled else None
         self._client = "-"
@@ -202,7 +203,10 @@ class RedirectProtocol(asyncio.Protocol):
         self._cancel_timer()  # the store answers within a bound of its own
         if self._transport is not None:
             self._transport.pause_reading()
-        asyncio.get_running_loop().create_task(self._answer_from_store(request, close, next_cycle))
+        # Held here: the loop keeps only a weak reference to a task.
+        self._store_task = asyncio.get_running_loop().create_task(
+            self._answer_from_store(request, close, next_cycle)
+        )
 
     async def _answer_from_store(self, request: h11.Request, close: bool, next_cycle: bool) -> None:
         head = request.method == b"HEAD"
