@@ -201,7 +201,7 @@ class Storage:
 
     def _shared_failed(self, error: StorageError) -> None:
         if self.last_error is None:
-            log.warning("%s; using data_dir's copy until it is back", error)
+            log.warning("%s; using data_dir's copy meanwhile", error)
         self.last_error = str(error)
 
     def _shared_ok(self) -> None:
